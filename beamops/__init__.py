@@ -1,0 +1,56 @@
+"""beamops: streaming operators for detector data on Apache Beam.
+
+x is a column and y a row everywhere; shapes are (rows, cols).
+"""
+
+from beamops.deadletter import DeadLetter
+from beamops.frames import (
+    DenseFrameBatch,
+    FrameDecodeError,
+    FrameHeader,
+    SparseFrameBatch,
+    decode_batch,
+    encode_batch,
+)
+from beamops.operator import (
+    DEAD_LETTER,
+    BatchOperator,
+    NoParams,
+    Operator,
+    OperatorDefinitionError,
+    OperatorOutputs,
+    OperatorParameterError,
+    OperatorParams,
+    Port,
+    operator,
+)
+from beamops.ports import PortTypeError, register_port_type
+from beamops.results import ComMap, ComPartial
+from beamops.spec import OperatorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEAD_LETTER",
+    "BatchOperator",
+    "ComMap",
+    "ComPartial",
+    "DeadLetter",
+    "DenseFrameBatch",
+    "FrameDecodeError",
+    "FrameHeader",
+    "NoParams",
+    "Operator",
+    "OperatorDefinitionError",
+    "OperatorOutputs",
+    "OperatorParameterError",
+    "OperatorParams",
+    "OperatorSpec",
+    "Port",
+    "PortTypeError",
+    "SparseFrameBatch",
+    "decode_batch",
+    "encode_batch",
+    "operator",
+    "register_port_type",
+]

@@ -1,0 +1,73 @@
+"""Dead letters: what an operator or source could not process, with its bytes.
+
+Nothing is dropped silently: an element that fails goes to the operator's
+``dead_letter`` output as a :class:`DeadLetter`, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One failed element.
+
+    ``payload`` holds the element's original bytes: the raw message for a
+    source, the Arrow encoding for a beamops batch, a pickle otherwise
+    (``payload_format`` says which). ``origin`` says where the element came from
+    (for Kafka: topic, partition, offset).
+    """
+
+    operator: str
+    error_type: str
+    error: str
+    payload: bytes
+    payload_format: str
+    origin: dict[str, Any] | None = None
+    traceback: str = ""
+    timestamp: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_exception(cls, operator: str, element: Any, exc: BaseException) -> DeadLetter:
+        payload, fmt = encode_payload(element)
+        return cls(
+            operator=operator,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            payload=payload,
+            payload_format=fmt,
+            origin=getattr(element, "origin", None),
+            traceback="".join(traceback.format_exception(exc)),
+        )
+
+    @classmethod
+    def from_raw(cls, operator: str, raw: bytes, exc: BaseException, origin: dict[str, Any] | None) -> DeadLetter:
+        return cls(
+            operator=operator,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            payload=bytes(raw),
+            payload_format="raw",
+            origin=origin,
+        )
+
+
+def encode_payload(element: Any) -> tuple[bytes, str]:
+    """The bytes that let someone reprocess ``element`` later."""
+    if isinstance(element, bytes | bytearray | memoryview):
+        return bytes(element), "raw"
+    to_bytes = getattr(element, "to_bytes", None)
+    if callable(to_bytes):
+        try:
+            return to_bytes(), "arrow-ipc"
+        except Exception:  # a half-built element may not encode; fall back to pickle
+            pass
+    try:
+        return pickle.dumps(element), "pickle"
+    except Exception as exc:
+        return repr(element).encode(errors="replace"), f"repr (pickle failed: {type(exc).__name__})"

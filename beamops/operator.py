@@ -1,0 +1,391 @@
+"""Operators: Beam PTransforms that carry an interactEM-compatible spec.
+
+Two ways to write one:
+
+* :func:`operator` turns a function ``batch, params -> result`` into an
+  operator class (the common case: one batch in, one result out);
+* subclass :class:`Operator` and implement :meth:`Operator.build` for
+  stateful or multi-output operators.
+
+Either way the parameters are one pydantic model (a subclass of
+:class:`OperatorParams`); the spec and ``operator.json`` are derived from it.
+Applying an operator returns :class:`OperatorOutputs`: one PCollection per
+output port plus ``dead_letter``. Operators chain (``frames | A() | B()``);
+each one forwards the dead letters of the operators before it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+import typing
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from beamops.deadletter import DeadLetter
+from beamops.ports import check_connection, port_type_name, register_port_type
+from beamops.spec import (
+    OperatorSpec,
+    ParallelConfig,
+    ParallelType,
+    PortSpec,
+    TagSpec,
+    parameters_from_model,
+    stable_operator_id,
+)
+
+DEAD_LETTER = "dead_letter"
+METRICS_NAMESPACE = "beamops"
+DEFAULT_IMAGE = "beamops/worker-pool"
+
+register_port_type(DeadLetter, DEAD_LETTER)
+
+
+class OperatorParams(BaseModel):
+    """Base of every parameter model: unknown names are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NoParams(OperatorParams):
+    """For operators without parameters."""
+
+
+class OperatorParameterError(ValueError):
+    """An unknown or invalid operator parameter, caught when the pipeline is built."""
+
+
+class OperatorDefinitionError(TypeError):
+    """An operator class is declared wrongly (found at import time)."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A typed input or output. ``type`` must be a registered port type."""
+
+    type: type
+    description: str = ""
+    title: str | None = None
+
+
+class OperatorOutputs(dict):
+    """The PCollections an operator produced, by port name, plus ``dead_letter``.
+
+    ``outputs.main`` is the only non-dead-letter output; ``outputs.com_map`` is
+    the output named ``com_map``.
+    """
+
+    def __getattr__(self, name: str) -> pvalue.PCollection:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no output named {name!r}; outputs are {sorted(self)}") from None
+
+    @property
+    def main(self) -> pvalue.PCollection:
+        names = [k for k in self if k != DEAD_LETTER]
+        if len(names) != 1:
+            raise AttributeError(f"'main' is ambiguous for outputs {names}; pick one by name")
+        return self[names[0]]
+
+
+class OperatorMetrics:
+    """Beam metrics in the ``beamops`` namespace, shared by all operator DoFns."""
+
+    def __init__(self) -> None:
+        self.batches = Metrics.counter(METRICS_NAMESPACE, "batches")
+        self.frames_in = Metrics.counter(METRICS_NAMESPACE, "frames_in")
+        self.frames_out = Metrics.counter(METRICS_NAMESPACE, "frames_out")
+        self.errors = Metrics.counter(METRICS_NAMESPACE, "errors")
+        self.latency_us = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_us")
+
+    def observe(self, element: Any, started: float) -> None:
+        self.batches.inc()
+        self.frames_in.inc(_frames(element))
+        self.latency_us.update(int((time.perf_counter() - started) * 1e6))
+
+
+def _frames(element: Any) -> int:
+    """Frames carried by an element: a batch's n_frames, else 1."""
+    return int(getattr(element, "n_frames", 1))
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Operator(beam.PTransform):
+    """Base class of every operator.
+
+    Subclasses declare, as class attributes:
+
+    * ``name``: catalog name, lowercase with underscores;
+    * ``title`` and ``description``: for people;
+    * ``Params``: the pydantic parameter model (default: no parameters);
+    * ``inputs`` / ``outputs``: port name -> :class:`Port`;
+    * optionally ``tags``, ``parallel``, ``operator_id``, ``image``.
+
+    and implement :meth:`build`, which receives the main input PCollection (or
+    the pipeline root for a source) and returns a PCollection per output port
+    and one for ``dead_letter``.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[OperatorParams]] = NoParams
+    inputs: ClassVar[Mapping[str, Port]] = {}
+    outputs: ClassVar[Mapping[str, Port]] = {}
+    tags: ClassVar[tuple[TagSpec, ...]] = ()
+    parallel: ClassVar[ParallelType] = ParallelType.NONE
+    operator_id: ClassVar[uuid.UUID | None] = None
+    image: ClassVar[str] = DEFAULT_IMAGE
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls) or "name" not in cls.__dict__:
+            return  # an intermediate base class
+        where = f"operator class {cls.__qualname__}"
+        if not _NAME.match(cls.name):
+            raise OperatorDefinitionError(f"{where}: name {cls.name!r} must be lowercase letters, digits, '_'")
+        if not (isinstance(cls.Params, type) and issubclass(cls.Params, OperatorParams)):
+            raise OperatorDefinitionError(f"{where}: Params must subclass beamops.OperatorParams")
+        if len(cls.inputs) > 1:
+            raise OperatorDefinitionError(f"{where}: operators take at most one input port")
+        for port_name in [*cls.inputs, *cls.outputs]:
+            if port_name == DEAD_LETTER or not _NAME.match(port_name):
+                raise OperatorDefinitionError(f"{where}: bad port name {port_name!r}")
+        try:
+            cls.spec()
+        except Exception as exc:
+            raise OperatorDefinitionError(f"{where}: cannot derive its spec: {exc}") from exc
+
+    def __init__(self, params: OperatorParams | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        super().__init__()
+        self.params = self.validate_params(params, kwargs)
+
+    def default_label(self) -> str:
+        return type(self).__name__
+
+    # --- parameters and spec ------------------------------------------------
+
+    @classmethod
+    def validate_params(
+        cls, params: OperatorParams | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> OperatorParams:
+        """Validated parameters, or an OperatorParameterError naming what is wrong."""
+        if isinstance(params, cls.Params):
+            values: dict[str, Any] = params.model_dump()
+        elif params is None:
+            values = {}
+        elif isinstance(params, Mapping):
+            values = dict(params)
+        else:
+            raise OperatorParameterError(
+                f"operator {cls.name!r}: parameters must be a {cls.Params.__name__} or a mapping, got {type(params)}"
+            )
+        values.update(overrides or {})
+        unknown = sorted(set(values) - set(cls.Params.model_fields))
+        if unknown:
+            raise OperatorParameterError(
+                f"operator {cls.name!r}: unknown parameter(s) {unknown}; "
+                f"known parameters: {sorted(cls.Params.model_fields) or 'none'}"
+            )
+        try:
+            return cls.Params.model_validate(values)
+        except ValidationError as exc:
+            reasons = "; ".join(
+                f"parameter {'.'.join(str(p) for p in err['loc']) or '(all)'!r}: {err['msg']}"
+                + (f" (got {err['input']!r})" if err["loc"] else "")
+                for err in exc.errors()
+            )
+            raise OperatorParameterError(f"operator {cls.name!r}: {reasons}") from None
+
+    @classmethod
+    def spec(cls) -> OperatorSpec:
+        """The interactEM-compatible spec, derived from the class declaration."""
+
+        def ports(declared: Mapping[str, Port]) -> list[PortSpec] | None:
+            return [
+                PortSpec(
+                    name=name,
+                    label=port.title or name.replace("_", " ").capitalize(),
+                    description=port.description,
+                    type=port_type_name(port.type),
+                )
+                for name, port in declared.items()
+            ] or None
+
+        return OperatorSpec(
+            id=cls.operator_id or stable_operator_id(cls.name),
+            label=cls.title,
+            description=cls.description,
+            image=cls.image,
+            inputs=ports(cls.inputs),
+            outputs=ports(cls.outputs),
+            parameters=parameters_from_model(cls.Params) or None,
+            tags=list(cls.tags) or None,
+            parallel_config=ParallelConfig(type=cls.parallel),
+        )
+
+    # --- building the pipeline ------------------------------------------------
+
+    def build(self, main: pvalue.PValue) -> Mapping[str, pvalue.PCollection]:
+        raise NotImplementedError
+
+    def expand(self, pvalueish: Any) -> OperatorOutputs:
+        main, upstream_dead = self._main_input(pvalueish)
+        built = dict(self.build(main))
+        expected = {*self.outputs, DEAD_LETTER}
+        if set(built) != expected:
+            raise OperatorDefinitionError(
+                f"operator {self.name!r}: build() returned outputs {sorted(built)}, declared {sorted(expected)}"
+            )
+        for port_name, port in self.outputs.items():
+            built[port_name].element_type = port.type
+        if upstream_dead is not None:
+            built[DEAD_LETTER] = (upstream_dead, built[DEAD_LETTER]) | "WithUpstreamDeadLetters" >> beam.Flatten()
+        built[DEAD_LETTER].element_type = DeadLetter
+        return OperatorOutputs(built)
+
+    def _main_input(self, pvalueish: Any) -> tuple[pvalue.PValue, pvalue.PCollection | None]:
+        if not self.inputs:
+            if not isinstance(pvalueish, pvalue.PBegin):
+                raise TypeError(f"operator {self.name!r} is a source: apply it to the pipeline, not to a PCollection")
+            return pvalueish, None
+        upstream_dead = None
+        if isinstance(pvalueish, Mapping):
+            upstream_dead = pvalueish.get(DEAD_LETTER)
+            candidates = {k: v for k, v in pvalueish.items() if k != DEAD_LETTER}
+            if len(candidates) != 1:
+                raise TypeError(
+                    f"operator {self.name!r}: upstream has outputs {sorted(candidates)}; "
+                    f"apply it to one of them by name"
+                )
+            (main,) = candidates.values()
+        else:
+            main = pvalueish
+        if not isinstance(main, pvalue.PCollection):
+            raise TypeError(f"operator {self.name!r}: expected a PCollection, got {type(main).__name__}")
+        ((port_name, port),) = self.inputs.items()
+        upstream = main.producer.full_label if main.producer else "input"
+        if main.tag:
+            upstream = f"{upstream}.{main.tag}"
+        check_connection(upstream, main.element_type, f"{self.label}.{port_name}", port.type)
+        return main, upstream_dead
+
+
+class BatchOperator(Operator):
+    """An operator made by :func:`operator`: one batch in, at most one result out."""
+
+    fn: ClassVar[Callable[[Any, Any], Any]]
+
+    def process(self, batch: Any) -> Any:
+        """Run the kernel on one batch outside Beam (offline use, notebooks, tests)."""
+        return type(self).fn(batch, self.params)
+
+    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
+        ((out_name, _),) = self.outputs.items()
+        results = main | "Process" >> beam.ParDo(_BatchFnDoFn(type(self), self.params)).with_outputs(
+            DEAD_LETTER, main=out_name
+        )
+        return {out_name: results[out_name], DEAD_LETTER: results[DEAD_LETTER]}
+
+
+class _BatchFnDoFn(beam.DoFn):
+    def __init__(self, operator_cls: type[BatchOperator], params: OperatorParams) -> None:
+        self._operator_cls = operator_cls
+        self._params = params
+
+    def setup(self) -> None:
+        self._fn = self._operator_cls.fn
+        self._name = self._operator_cls.name
+        self._metrics = OperatorMetrics()
+
+    def process(self, element: Any) -> Iterator[Any]:
+        started = time.perf_counter()
+        try:
+            result = self._fn(element, self._params)
+        except Exception as exc:  # the element goes to dead letters; the stream goes on
+            self._metrics.errors.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, element, exc))
+            return
+        finally:
+            self._metrics.observe(element, started)
+        if result is None:
+            return
+        for item in result if isinstance(result, Iterator) else (result,):
+            self._metrics.frames_out.inc(_frames(item))
+            yield item
+
+
+def operator(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    title: str | None = None,
+    description: str | None = None,
+    input_name: str = "in",
+    output_name: str = "out",
+    input_description: str = "",
+    output_description: str = "",
+    tags: tuple[TagSpec, ...] = (),
+    parallel: ParallelType | str = ParallelType.EMBARRASSING,
+    operator_id: uuid.UUID | None = None,
+) -> Any:
+    """Make an operator class from ``fn(batch: In, params: P) -> Out | None``.
+
+    The input and output port types come from ``fn``'s annotations, the
+    parameter model from the annotation of its second argument, the description
+    from its docstring. ``fn`` returning None emits nothing for that batch, an
+    ``Iterator[Out]`` emits each item; an exception sends the batch to dead
+    letters.
+    """
+
+    def wrap(func: Callable[..., Any]) -> type[BatchOperator]:
+        hints = typing.get_type_hints(func)
+        arg_names = list(inspect.signature(func).parameters)
+        if not 1 <= len(arg_names) <= 2:
+            raise OperatorDefinitionError(f"{func.__qualname__}: expected fn(batch, params) or fn(batch)")
+        missing = [a for a in [*arg_names, "return"] if a not in hints]
+        if missing:
+            raise OperatorDefinitionError(f"{func.__qualname__}: annotate {missing} (port types come from them)")
+        params_model = hints[arg_names[1]] if len(arg_names) == 2 else NoParams
+        out_type = _strip_none(hints["return"])
+        op_name = name or func.__name__
+        doc = inspect.getdoc(func) or ""
+        attrs = {
+            "name": op_name,
+            "title": title or op_name.replace("_", " ").capitalize(),
+            "description": description or doc.split("\n\n")[0].replace("\n", " "),
+            "Params": params_model,
+            "inputs": {input_name: Port(hints[arg_names[0]], input_description)},
+            "outputs": {output_name: Port(out_type, output_description)},
+            "tags": tuple(tags),
+            "parallel": ParallelType(parallel),
+            "operator_id": operator_id,
+            "fn": staticmethod(func if len(arg_names) == 2 else lambda batch, _params: func(batch)),
+            "__module__": func.__module__,
+            "__doc__": func.__doc__,
+            "__qualname__": func.__qualname__,
+        }
+        return typing.cast(type[BatchOperator], type(func.__name__, (BatchOperator,), attrs))
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _strip_none(annotation: Any) -> Any:
+    """The element type of ``X``, ``X | None``, ``Iterator[X]`` or ``Iterator[X] | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Iterator:
+        (annotation,) = typing.get_args(annotation)
+    return annotation

@@ -1,0 +1,145 @@
+"""Results of the center-of-mass chain: ComPartial and ComMap.
+
+Units are detector pixels; ``x`` is the detector column and ``y`` the row.
+Both types encode to one Arrow IPC stream like the frame batches, so they can
+go to Kafka, to dead letters or to files in one documented format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from beamops.frames import FrameDecodeError, FrameHeader, _write_ipc
+
+_HEADER_KEY = b"beamops.header"
+_KIND_KEY = b"beamops.kind"
+_STATE_KEY = b"beamops.com_map"
+
+
+@dataclass(frozen=True, eq=False)
+class ComPartial:
+    """Per-frame center-of-mass sums, small enough to shuffle.
+
+    For each frame: its flat ``scan_positions`` (uint32), ``sum_x`` and ``sum_y``
+    (float64: sums of the column and row index of the kept events) and
+    ``counts`` (int64: number of kept events). The mean is
+    ``sum_x / counts``; keeping sums, not means, makes the reduction exact
+    when one position's frames arrive in different batches.
+    """
+
+    KIND: ClassVar[str] = "com_partial"
+
+    header: FrameHeader
+    scan_positions: np.ndarray
+    sum_x: np.ndarray
+    sum_y: np.ndarray
+    counts: np.ndarray
+    origin: dict[str, Any] | None = field(default=None, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.scan_positions)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.scan_positions)
+
+    def to_bytes(self) -> bytes:
+        rb = pa.RecordBatch.from_arrays(
+            [
+                pa.array(self.scan_positions, pa.uint32()),
+                pa.array(self.sum_x, pa.float64()),
+                pa.array(self.sum_y, pa.float64()),
+                pa.array(self.counts, pa.int64()),
+            ],
+            names=["scan_position", "sum_x", "sum_y", "count"],
+        )
+        rb = rb.replace_schema_metadata({_KIND_KEY: self.KIND.encode(), _HEADER_KEY: self.header.to_json()})
+        return _write_ipc(rb)
+
+
+@dataclass(frozen=True, eq=False)
+class ComMap:
+    """Center of mass per scan position, in detector pixels.
+
+    ``x`` (column) and ``y`` (row) are float32 arrays of shape
+    ``header.scan_shape``; a position with no counted events is NaN unless the
+    reduction was asked to replace NaNs. ``stacked()`` gives ``[x, y]``, the
+    order of stempy's and interactEM's ``com[0]`` = column.
+
+    ``final`` marks the last map of a scan; ``complete`` says whether every
+    expected frame (or, without ``total_frames``, every position) was seen.
+    A final map that is not complete was flushed by the timeout.
+    """
+
+    KIND: ClassVar[str] = "com_map"
+
+    header: FrameHeader
+    x: np.ndarray
+    y: np.ndarray
+    frames_seen: int
+    positions_seen: int
+    final: bool
+    complete: bool
+
+    @property
+    def scan_number(self) -> int:
+        return self.header.scan_number
+
+    def stacked(self) -> np.ndarray:
+        return np.stack([self.x, self.y])
+
+    def to_bytes(self) -> bytes:
+        """Arrow IPC: columns ``x`` and ``y`` (float32, row-major scan order).
+
+        Schema metadata: ``beamops.kind`` = ``com_map``, ``beamops.header`` (the
+        batch header JSON) and ``beamops.com_map`` (JSON with frames_seen,
+        positions_seen, final, complete).
+        """
+        rb = pa.RecordBatch.from_arrays(
+            [pa.array(self.x.reshape(-1), pa.float32()), pa.array(self.y.reshape(-1), pa.float32())],
+            names=["x", "y"],
+        )
+        state = {
+            "frames_seen": self.frames_seen,
+            "positions_seen": self.positions_seen,
+            "final": self.final,
+            "complete": self.complete,
+        }
+        rb = rb.replace_schema_metadata(
+            {
+                _KIND_KEY: self.KIND.encode(),
+                _HEADER_KEY: self.header.to_json(),
+                _STATE_KEY: json.dumps(state).encode(),
+            }
+        )
+        return _write_ipc(rb)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ComMap:
+        try:
+            reader = pa.ipc.open_stream(pa.py_buffer(data))
+            meta = reader.schema.metadata or {}
+            if meta.get(_KIND_KEY) != cls.KIND.encode():
+                raise FrameDecodeError(f"not a ComMap (kind={meta.get(_KIND_KEY)!r})")
+            header = FrameHeader.from_json(meta[_HEADER_KEY])
+            state = json.loads(meta[_STATE_KEY])
+            rb = reader.read_next_batch()
+            shape = header.scan_shape
+            return cls(
+                header,
+                rb.column("x").to_numpy().reshape(shape),
+                rb.column("y").to_numpy().reshape(shape),
+                int(state["frames_seen"]),
+                int(state["positions_seen"]),
+                bool(state["final"]),
+                bool(state["complete"]),
+            )
+        except FrameDecodeError:
+            raise
+        except Exception as exc:
+            raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc

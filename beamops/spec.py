@@ -1,0 +1,259 @@
+"""Operator specifications, compatible with interactEM's ``operator.json``.
+
+An :class:`OperatorSpec` loads any interactEM spec: interactEM writes every
+default as a string ("255", "true", "-9"), and those are coerced to the
+parameter's declared type. beamops adds two optional fields that interactEM
+ignores: ``minimum``/``maximum`` bounds on numeric parameters.
+
+beamops operators never write a spec by hand: :func:`parameters_from_model`
+derives the parameter list from the operator's pydantic parameter model.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+import typing
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+# Operators without an explicit id get a stable UUID derived from their name.
+BEAMOPS_NAMESPACE = uuid.UUID("6f1c2a52-9a55-4d43-9c53-5b0a3c1e7f21")
+
+
+class ParameterType(str, enum.Enum):
+    STR = "str"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    MOUNT = "mount"
+    STR_ENUM = "str-enum"
+
+
+class ParallelType(str, enum.Enum):
+    NONE = "none"
+    EMBARRASSING = "embarrassing"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortSpec(_Model):
+    """An input or output port. ``type`` is a registered port type name."""
+
+    name: str
+    label: str
+    description: str
+    type: str
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def coerce_value(kind: ParameterType, value: Any, name: str) -> Any:
+    """Coerce ``value`` (often a string from interactEM) to ``kind``."""
+    if value is None:
+        return None
+    try:
+        if kind is ParameterType.INT:
+            if isinstance(value, bool):
+                raise ValueError("a bool is not an int")
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"{value} is not a whole number")
+                return int(value)
+            return int(str(value).strip())
+        if kind is ParameterType.FLOAT:
+            if isinstance(value, bool):
+                raise ValueError("a bool is not a float")
+            return float(str(value).strip()) if isinstance(value, str) else float(value)
+        if kind is ParameterType.BOOL:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(f"{value!r} is not one of {sorted(_TRUE | _FALSE)}")
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+    except ValueError as exc:
+        raise ValueError(f"parameter {name!r}: default {value!r} is not a valid {kind.value}: {exc}") from exc
+
+
+class ParameterSpec(_Model):
+    """One operator parameter, as interactEM describes it."""
+
+    name: str
+    label: str
+    description: str
+    type: ParameterType
+    default: Any = None
+    required: bool
+    options: list[str] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @model_validator(mode="after")
+    def _coerce_and_check(self) -> ParameterSpec:
+        self.default = coerce_value(self.type, self.default, self.name)
+        if self.type is ParameterType.STR_ENUM:
+            if not self.options:
+                raise ValueError(f"parameter {self.name!r}: a str-enum needs a non-empty 'options' list")
+            if self.default is not None and self.default not in self.options:
+                raise ValueError(
+                    f"parameter {self.name!r}: default {self.default!r} is not one of its options {self.options}"
+                )
+        elif self.options is not None:
+            raise ValueError(f"parameter {self.name!r}: only str-enum parameters take 'options'")
+        if self.default is not None and self.type in (ParameterType.INT, ParameterType.FLOAT):
+            if self.minimum is not None and self.default < self.minimum:
+                raise ValueError(f"parameter {self.name!r}: default {self.default} < minimum {self.minimum}")
+            if self.maximum is not None and self.default > self.maximum:
+                raise ValueError(f"parameter {self.name!r}: default {self.default} > maximum {self.maximum}")
+        return self
+
+
+class TagSpec(_Model):
+    value: str
+    description: str | None = None
+
+
+class ParallelConfig(_Model):
+    type: ParallelType = ParallelType.NONE
+
+
+class TriggerSpec(_Model):
+    """An action a user can fire on a running operator (for example 'reset')."""
+
+    name: str
+    label: str
+    description: str
+
+
+class OperatorSpec(_Model):
+    """What an operator is, what it consumes and produces, and its parameters."""
+
+    id: uuid.UUID
+    label: str
+    description: str
+    image: str
+    inputs: list[PortSpec] | None = None
+    outputs: list[PortSpec] | None = None
+    parameters: list[ParameterSpec] | None = None
+    tags: list[TagSpec] | None = None
+    parallel_config: ParallelConfig | None = None
+    triggers: list[TriggerSpec] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _unique_parameter_names(cls, params: list[ParameterSpec] | None) -> list[ParameterSpec] | None:
+        names = [p.name for p in params or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate parameter names: {dupes}")
+        return params
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> OperatorSpec:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+# --- deriving parameter specs from pydantic models -------------------------
+
+
+class _MountMarker:
+    """Marks a str parameter as a directory to mount (interactEM's 'mount' type)."""
+
+
+Mount = Annotated[str, _MountMarker()]
+
+_SCALARS: dict[Any, ParameterType] = {
+    bool: ParameterType.BOOL,
+    int: ParameterType.INT,
+    float: ParameterType.FLOAT,
+    str: ParameterType.STR,
+}
+
+
+def _strip_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        raise TypeError(f"unsupported union parameter type {annotation!r}")
+    if origin is Annotated:
+        return _strip_optional(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _parameter_type(annotation: Any) -> tuple[ParameterType, list[str] | None]:
+    base = _strip_optional(annotation)
+    if typing.get_origin(base) is Literal:
+        options = [str(a) for a in typing.get_args(base)]
+        return ParameterType.STR_ENUM, options
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return ParameterType.STR_ENUM, [str(m.value) for m in base]
+    if base in _SCALARS:
+        return _SCALARS[base], None
+    raise TypeError(f"parameter type {annotation!r} has no interactEM equivalent (use str, int, float, bool, Literal)")
+
+
+def _bounds(info: FieldInfo) -> tuple[float | None, float | None]:
+    low = high = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            low = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            low = m.gt
+        elif isinstance(m, annotated_types.Le):
+            high = m.le
+        elif isinstance(m, annotated_types.Lt):
+            high = m.lt
+    return low, high
+
+
+def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
+    """The interactEM parameter list of a pydantic parameter model."""
+    specs = []
+    for name, info in model.model_fields.items():
+        kind, options = _parameter_type(info.annotation)
+        if any(isinstance(m, _MountMarker) for m in info.metadata):
+            kind = ParameterType.MOUNT
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        if isinstance(default, enum.Enum):
+            default = default.value
+        low, high = _bounds(info)
+        specs.append(
+            ParameterSpec(
+                name=name,
+                label=info.title or name.replace("_", " ").capitalize(),
+                description=info.description or "",
+                type=kind,
+                default=default,
+                required=info.is_required(),
+                options=options,
+                minimum=low,
+                maximum=high,
+            )
+        )
+    return specs
+
+
+def stable_operator_id(name: str) -> uuid.UUID:
+    return uuid.uuid5(BEAMOPS_NAMESPACE, f"beamops/{name}")
+

@@ -1,0 +1,1 @@
+"""Runnable beamops pipelines: ``python -m jobs.<name> --help``."""

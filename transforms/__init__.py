@@ -1,0 +1,1 @@
+"""The beamops operator catalog: one module per operator (kernel, parameters, spec)."""

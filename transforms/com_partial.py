@@ -1,0 +1,176 @@
+"""com_partial: per-frame center-of-mass sums of sparse (counted) frames.
+
+SparseFrameBatch -> ComPartial. For each frame, the sums over its kept events
+of the column (x) and row (y) index, and the number of kept events. Summing,
+not averaging, lets com_reduce compute the exact mean of a scan position
+whose frames arrive in different batches.
+
+Cropping keeps only the events near a centre, which finds the zero beam in
+the presence of scattered electrons:
+
+* box (``crop_to_x``/``crop_to_y``): keep ``cx - wx < x <= cx + wx`` and
+  ``cy - wy < y <= cy + wy``, stempy 3.4.1's semantics, which interactEM uses;
+* circle (``crop_radius``): keep events at distance <= radius from the centre,
+  stempy >= 3.4.2's semantics.
+
+The centre is ``(init_center_x, init_center_y)`` or, when unset, the frame's
+own uncropped center of mass (stempy uses the position's, which is the same
+when a position has one frame).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from pydantic import Field, model_validator
+
+from beamops import OperatorParams, SparseFrameBatch, operator
+from beamops.results import ComPartial
+
+NO_CROP, BOX, CIRCLE = 0, 1, 2
+
+
+class ComCropParams(OperatorParams):
+    """Crop parameters shared by the sparse and dense COM operators (pixels)."""
+
+    init_center_x: float | None = Field(
+        None,
+        title="Initial center X (column)",
+        description=(
+            "Crop centre, detector column in px (beamops x = column; interactEM passes its "
+            "init_center_x to stempy, where it is a row). Unset: each frame's own uncropped COM."
+        ),
+    )
+    init_center_y: float | None = Field(
+        None,
+        title="Initial center Y (row)",
+        description="Crop centre, detector row in px (beamops y = row). Set together with init_center_x.",
+    )
+    crop_to_x: float | None = Field(
+        None,
+        ge=0,
+        title="Crop to X (column half-width)",
+        description="Box crop half-width along columns in px: keep cx - w < x <= cx + w (stempy 3.4.1). Unset: no box.",
+    )
+    crop_to_y: float | None = Field(
+        None,
+        ge=0,
+        title="Crop to Y (row half-width)",
+        description="Box crop half-width along rows in px: keep cy - w < y <= cy + w. Set together with crop_to_x.",
+    )
+    crop_radius: float | None = Field(
+        None,
+        ge=0,
+        title="Crop radius",
+        description="Circular crop radius in px: keep events at distance <= radius from the centre (stempy >= 3.4.2).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ComCropParams:
+        if (self.init_center_x is None) != (self.init_center_y is None):
+            raise ValueError("set both init_center_x and init_center_y, or neither")
+        if (self.crop_to_x is None) != (self.crop_to_y is None):
+            raise ValueError("set both crop_to_x and crop_to_y (a box crop), or neither")
+        if self.crop_to_x is not None and self.crop_radius is not None:
+            raise ValueError("choose a box crop (crop_to_x/_y) or a circular crop (crop_radius), not both")
+        return self
+
+    @property
+    def crop_mode(self) -> int:
+        if self.crop_radius is not None:
+            return CIRCLE
+        return BOX if self.crop_to_x is not None else NO_CROP
+
+    def kernel_args(self) -> tuple[int, bool, float, float, float, float, float]:
+        """(mode, use_init_center, cx, cy, half_width_x, half_width_y, radius²) for the kernels."""
+        use_init = self.init_center_x is not None
+        return (
+            self.crop_mode,
+            use_init,
+            float(self.init_center_x) if use_init else 0.0,
+            float(self.init_center_y) if use_init else 0.0,
+            float(self.crop_to_x or 0.0),
+            float(self.crop_to_y or 0.0),
+            float(self.crop_radius or 0.0) ** 2,
+        )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _split(event: np.uint32, inv_cols: float, cols: int) -> tuple[int, int]:
+    # (event + 0.5) / cols is at least 0.5 / cols away from an integer, far more
+    # than float64 rounding, so this equals event // cols without a division.
+    row = int((event + 0.5) * inv_cols)
+    return event - row * cols, row
+
+
+@njit(cache=True, nogil=True)
+def com_sparse_kernel(
+    events: np.ndarray,
+    offsets: np.ndarray,
+    frame_cols: int,
+    mode: int,
+    use_init: bool,
+    cx: float,
+    cy: float,
+    wx: float,
+    wy: float,
+    r2: float,
+    sum_x: np.ndarray,
+    sum_y: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """Fill per-frame sums of column (x) and row (y) and event counts (CSR input)."""
+    inv_cols = 1.0 / frame_cols
+    for i in range(len(offsets) - 1):
+        start, stop = offsets[i], offsets[i + 1]
+        sx = 0
+        sy = 0
+        for k in range(start, stop):
+            col, row = _split(events[k], inv_cols, frame_cols)
+            sx += col
+            sy += row
+        n = stop - start
+        if mode == NO_CROP or n == 0:
+            sum_x[i], sum_y[i], counts[i] = sx, sy, n
+            continue
+        ccx, ccy = (cx, cy) if use_init else (sx / n, sy / n)
+        kx = 0
+        ky = 0
+        kn = 0
+        # Branchless masks: an `if` per event costs 5-7x here.
+        if mode == CIRCLE:
+            for k in range(start, stop):
+                col, row = _split(events[k], inv_cols, frame_cols)
+                dx = col - ccx
+                dy = row - ccy
+                keep = np.int64(dx * dx + dy * dy <= r2)
+                kx += keep * col
+                ky += keep * row
+                kn += keep
+        else:
+            x_lo, x_hi, y_lo, y_hi = ccx - wx, ccx + wx, ccy - wy, ccy + wy
+            for k in range(start, stop):
+                col, row = _split(events[k], inv_cols, frame_cols)
+                keep = np.int64((col > x_lo) & (col <= x_hi) & (row > y_lo) & (row <= y_hi))
+                kx += keep * col
+                ky += keep * row
+                kn += keep
+        sum_x[i], sum_y[i], counts[i] = kx, ky, kn
+
+
+@operator(
+    output_name="com_partial",
+    title="Partial center of mass",
+    input_description="Counted frames",
+    output_description="Per-frame sums of event columns and rows, and event counts",
+)
+def com_partial(batch: SparseFrameBatch, params: ComCropParams) -> ComPartial:
+    """Per-frame center-of-mass sums (x = column, y = row, in pixels) of sparse frames, with optional crop."""
+    n = batch.n_frames
+    sum_x = np.empty(n, np.float64)
+    sum_y = np.empty(n, np.float64)
+    counts = np.empty(n, np.int64)
+    com_sparse_kernel(
+        batch.events, batch.offsets, batch.header.frame_shape[1], *params.kernel_args(), sum_x, sum_y, counts
+    )
+    return ComPartial(batch.header, batch.scan_positions, sum_x, sum_y, counts, origin=batch.origin)

@@ -1,0 +1,101 @@
+"""write_com_map: ComMap -> files: an ``.npz`` and a PNG picture per scan.
+
+Final maps go to ``scan_<NNNNNN>_com.npz`` / ``.png``. With
+``write_progressive`` each progressive map overwrites
+``scan_<NNNNNN>_com_latest.npz`` / ``.png``, a live preview. Files are written
+to a temporary name and renamed, so a reader never sees half a file.
+
+The ``.npz`` holds ``com`` (float32, ``[x, y]`` stacked, shape
+``(2, scan_rows, scan_cols)``, x = column, the order of stempy's ``com``),
+``x``, ``y`` and the scan's counters. The PNG shows x and y side by side with
+colour bars and the scan number in the title.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from beamops import ComMap, operator
+from beamops.operator import OperatorParams
+from beamops.spec import Mount
+
+
+class WriteComMapParams(OperatorParams):
+    out_dir: Mount = Field("out", title="Output directory", description="Directory for the .npz and .png files.")
+    png: bool = Field(True, title="Write PNG", description="Also write a picture of each map.")
+    write_progressive: bool = Field(
+        False, title="Write progressive maps", description="Overwrite scan_<N>_com_latest.* with each progressive map."
+    )
+
+
+def _atomic_write(path: Path, write: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)  # type: ignore[operator]
+    os.replace(tmp, path)
+
+
+def render_com_png(com: ComMap, path: Path) -> None:
+    """x and y maps side by side with colour bars; scan number and state in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    for ax, data, label in zip(axes, (com.x, com.y), ("x (column)", "y (row)"), strict=True):
+        image = ax.imshow(data, cmap="viridis", interpolation="nearest")
+        ax.set_title(f"COM {label}")
+        ax.set_xlabel("scan column")
+        ax.set_ylabel("scan row")
+        fig.colorbar(image, ax=ax, label="detector px")
+    state = "final" if com.final else "progressive"
+    if com.final and not com.complete:
+        state = "final, INCOMPLETE"
+    fig.suptitle(
+        f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
+        f"{com.positions_seen}/{com.header.n_positions} positions)"
+    )
+    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    plt.close(fig)
+
+
+@operator(
+    output_name="path",
+    title="Write COM map files",
+    input_description="Center-of-mass maps",
+    output_description="Paths of the files written",
+)
+def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | None:
+    """Write each final ComMap (and optionally each progressive one) as .npz and PNG files."""
+    if not com.final and not params.write_progressive:
+        return None
+    out = Path(params.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"scan_{com.scan_number:06d}_com" + ("" if com.final else "_latest")
+    npz = out / f"{stem}.npz"
+    _atomic_write(
+        npz,
+        lambda fh: np.savez(
+            fh,
+            com=com.stacked(),
+            x=com.x,
+            y=com.y,
+            scan_number=com.scan_number,
+            frames_seen=com.frames_seen,
+            positions_seen=com.positions_seen,
+            final=com.final,
+            complete=com.complete,
+        ),
+    )
+    written = [str(npz)]
+    if params.png:
+        png = out / f"{stem}.png"
+        render_com_png(com, png)
+        written.append(str(png))
+    return iter(written)
