@@ -92,9 +92,7 @@ class FrameHeader:
                 frame_shape=_as_shape(d["frame_shape"], "frame_shape"),
                 detector=str(d.get("detector", "")),
                 schema_version=_as_int(d["schema_version"], "schema_version"),
-                total_frames=None
-                if d.get("total_frames") is None
-                else _as_int(d["total_frames"], "total_frames"),
+                total_frames=None if d.get("total_frames") is None else _as_int(d["total_frames"], "total_frames"),
             )
         except FrameDecodeError:
             raise
@@ -106,8 +104,7 @@ class FrameHeader:
     def validate(self) -> None:
         if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
             raise FrameDecodeError(
-                f"unknown schema version {self.schema_version}; "
-                f"this beamops reads {sorted(SUPPORTED_SCHEMA_VERSIONS)}"
+                f"unknown schema version {self.schema_version}; this beamops reads {sorted(SUPPORTED_SCHEMA_VERSIONS)}"
             )
         if self.scan_number < 0:
             raise FrameDecodeError(f"scan_number must be >= 0, got {self.scan_number}")
@@ -166,9 +163,7 @@ class SparseFrameBatch:
         offsets = np.zeros(len(frames) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         events = (
-            np.concatenate([np.asarray(f, dtype=np.uint32) for f in frames])
-            if len(frames)
-            else np.zeros(0, np.uint32)
+            np.concatenate([np.asarray(f, dtype=np.uint32) for f in frames]) if len(frames) else np.zeros(0, np.uint32)
         )
         positions = np.asarray(scan_positions, dtype=np.uint32)
         numbers = (
@@ -278,9 +273,7 @@ class DenseFrameBatch:
         if self.frames.dtype != np.uint16:
             raise FrameDecodeError(f"dense frames must be uint16, got {self.frames.dtype}")
         if self.frames.shape != (n, *self.header.frame_shape):
-            raise FrameDecodeError(
-                f"frames shape {self.frames.shape} does not match ({n}, *{self.header.frame_shape})"
-            )
+            raise FrameDecodeError(f"frames shape {self.frames.shape} does not match ({n}, *{self.header.frame_shape})")
         if len(self.frame_numbers) != n:
             raise FrameDecodeError(f"frame_numbers has {len(self.frame_numbers)} entries for {n} frames")
         _check_positions(self.scan_positions, self.header)
@@ -288,8 +281,10 @@ class DenseFrameBatch:
     def to_arrow(self) -> pa.RecordBatch:
         n = len(self.scan_positions)
         flat = pa.array(np.ascontiguousarray(self.frames).reshape(-1), type=pa.uint16())
-        frames = pa.FixedSizeListArray.from_arrays(flat, self.header.n_pixels) if n else pa.array(
-            [], type=pa.list_(pa.uint16(), self.header.n_pixels)
+        frames = (
+            pa.FixedSizeListArray.from_arrays(flat, self.header.n_pixels)
+            if n
+            else pa.array([], type=pa.list_(pa.uint16(), self.header.n_pixels))
         )
         return pa.RecordBatch.from_arrays(
             [frames, pa.array(self.scan_positions, pa.uint32()), pa.array(self.frame_numbers, pa.uint64())],
@@ -352,9 +347,7 @@ def _expect_columns(rb: pa.RecordBatch, fields: list[pa.Field]) -> None:
 
 def _check_positions(positions: np.ndarray, header: FrameHeader) -> None:
     if len(positions) and int(positions.max()) >= header.n_positions:
-        raise FrameDecodeError(
-            f"scan position {int(positions.max())} out of range for scan_shape {header.scan_shape}"
-        )
+        raise FrameDecodeError(f"scan position {int(positions.max())} out of range for scan_shape {header.scan_shape}")
 
 
 def _write_ipc(rb: pa.RecordBatch) -> bytes:

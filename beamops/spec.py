@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 BEAMOPS_NAMESPACE = uuid.UUID("6f1c2a52-9a55-4d43-9c53-5b0a3c1e7f21")
 
 
-class ParameterType(str, enum.Enum):
+class ParameterType(enum.StrEnum):
     STR = "str"
     INT = "int"
     FLOAT = "float"
@@ -36,7 +36,7 @@ class ParameterType(str, enum.Enum):
     STR_ENUM = "str-enum"
 
 
-class ParallelType(str, enum.Enum):
+class ParallelType(enum.StrEnum):
     NONE = "none"
     EMBARRASSING = "embarrassing"
 
@@ -256,4 +256,3 @@ def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
 
 def stable_operator_id(name: str) -> uuid.UUID:
     return uuid.uuid5(BEAMOPS_NAMESPACE, f"beamops/{name}")
-
