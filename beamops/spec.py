@@ -2,8 +2,10 @@
 
 An :class:`OperatorSpec` loads any interactEM spec: interactEM writes every
 default as a string ("255", "true", "-9"), and those are coerced to the
-parameter's declared type. beamops adds two optional fields that interactEM
-ignores: ``minimum``/``maximum`` bounds on numeric parameters.
+parameter's declared type. beamops adds optional fields that interactEM
+ignores: ``minimum``/``maximum`` and ``exclusive_minimum``/``exclusive_maximum``
+bounds on numeric parameters, and ``null`` defaults for optional parameters
+that are unset by default.
 
 beamops operators never write a spec by hand: :func:`parameters_from_model`
 derives the parameter list from the operator's pydantic parameter model.
@@ -103,6 +105,8 @@ class ParameterSpec(_Model):
     options: list[str] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
 
     @model_validator(mode="after")
     def _coerce_and_check(self) -> ParameterSpec:
@@ -117,10 +121,14 @@ class ParameterSpec(_Model):
         elif self.options is not None:
             raise ValueError(f"parameter {self.name!r}: only str-enum parameters take 'options'")
         if self.default is not None and self.type in (ParameterType.INT, ParameterType.FLOAT):
-            if self.minimum is not None and self.default < self.minimum:
-                raise ValueError(f"parameter {self.name!r}: default {self.default} < minimum {self.minimum}")
-            if self.maximum is not None and self.default > self.maximum:
-                raise ValueError(f"parameter {self.name!r}: default {self.default} > maximum {self.maximum}")
+            for bound, ok in (
+                (self.minimum, lambda b: self.default >= b),
+                (self.maximum, lambda b: self.default <= b),
+                (self.exclusive_minimum, lambda b: self.default > b),
+                (self.exclusive_maximum, lambda b: self.default < b),
+            ):
+                if bound is not None and not ok(bound):
+                    raise ValueError(f"parameter {self.name!r}: default {self.default} is outside its bounds")
         return self
 
 
@@ -213,18 +221,19 @@ def _parameter_type(annotation: Any) -> tuple[ParameterType, list[str] | None]:
     raise TypeError(f"parameter type {annotation!r} has no interactEM equivalent (use str, int, float, bool, Literal)")
 
 
-def _bounds(info: FieldInfo) -> tuple[float | None, float | None]:
-    low = high = None
+def _bounds(info: FieldInfo) -> dict[str, float]:
+    """minimum / maximum / exclusive_minimum / exclusive_maximum from Field(ge=, le=, gt=, lt=)."""
+    bounds = {}
     for m in info.metadata:
         if isinstance(m, annotated_types.Ge):
-            low = m.ge
+            bounds["minimum"] = m.ge
         elif isinstance(m, annotated_types.Gt):
-            low = m.gt
+            bounds["exclusive_minimum"] = m.gt
         elif isinstance(m, annotated_types.Le):
-            high = m.le
+            bounds["maximum"] = m.le
         elif isinstance(m, annotated_types.Lt):
-            high = m.lt
-    return low, high
+            bounds["exclusive_maximum"] = m.lt
+    return bounds
 
 
 def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
@@ -237,7 +246,6 @@ def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         if isinstance(default, enum.Enum):
             default = default.value
-        low, high = _bounds(info)
         specs.append(
             ParameterSpec(
                 name=name,
@@ -247,8 +255,7 @@ def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
                 default=default,
                 required=info.is_required(),
                 options=options,
-                minimum=low,
-                maximum=high,
+                **_bounds(info),
             )
         )
     return specs

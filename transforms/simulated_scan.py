@@ -21,11 +21,11 @@ from beamops.simulate import ScanSimulation
 
 
 class SimulatedScanParams(OperatorParams):
-    scan_rows: int = Field(64, ge=1, description="Scan positions along y (rows).")
-    scan_cols: int = Field(64, ge=1, description="Scan positions along x (columns).")
+    scan_rows: int = Field(128, ge=1, description="Scan positions along y (rows).")
+    scan_cols: int = Field(128, ge=1, description="Scan positions along x (columns).")
     frame_rows: int = Field(576, ge=8, description="Detector rows (px).")
     frame_cols: int = Field(576, ge=8, description="Detector columns (px).")
-    events_per_frame: float = Field(50.0, ge=0, description="Mean electrons per frame (Poisson).")
+    events_per_frame: float = Field(100.0, ge=0, description="Mean electrons per frame (Poisson).")
     frames_per_position: int = Field(1, ge=1, description="Frames recorded at each scan position.")
     disc_radius: float = Field(20.0, gt=0, description="Radius of the bright-field disc (px).")
     shift_amplitude: float = Field(8.0, ge=0, description="Amplitude of the known COM shift field (px).")

@@ -1,0 +1,121 @@
+"""The ``beamops`` command.
+
+beamops operators list
+beamops operators show NAME [--json]
+beamops operators export DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from beamops import __version__
+from beamops.operator import Operator
+from beamops.registry import UnknownOperatorError, discover, get
+from beamops.spec import OperatorSpec, PortSpec
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*headers), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r) for r in rows]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _ports(ports: list[PortSpec] | None) -> str:
+    return ", ".join(f"{p.name}:{p.type}" for p in ports or []) or "-"
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    rows = []
+    for name, op in discover().items():
+        spec = op.spec()
+        rows.append([name, _ports(spec.inputs), _ports(spec.outputs), str(len(spec.parameters or [])), spec.label])
+    print(_table(rows, ["NAME", "INPUTS", "OUTPUTS", "PARAMS", "TITLE"]))
+    return 0
+
+
+def _describe(op: type[Operator]) -> str:
+    spec = op.spec()
+    lines = [
+        f"{op.name}: {spec.label}",
+        f"  id:          {spec.id}",
+        f"  module:      {op.__module__}",
+        f"  parallel:    {spec.parallel_config.type.value if spec.parallel_config else 'none'}",
+        *textwrap.wrap(spec.description, 100, initial_indent="  ", subsequent_indent="  "),
+        "",
+        "ports:",
+    ]
+    for direction, ports in (("in ", spec.inputs), ("out", spec.outputs)):
+        for p in ports or []:
+            lines.append(f"  {direction} {p.name} ({p.type}): {p.description}")
+    lines.append("  out dead_letter (dead_letter): elements that failed, with their bytes and the error")
+    lines += ["", "parameters:"]
+    rows = []
+    for p in spec.parameters or []:
+        allowed = ", ".join(p.options) if p.options else ""
+        low = f"{p.minimum:g} <= " if p.minimum is not None else ""
+        low = f"{p.exclusive_minimum:g} < " if p.exclusive_minimum is not None else low
+        high = f" <= {p.maximum:g}" if p.maximum is not None else ""
+        high = f" < {p.exclusive_maximum:g}" if p.exclusive_maximum is not None else high
+        if low or high:
+            allowed = f"{low}x{high}"
+        default = "(required)" if p.required else ("unset" if p.default is None else str(p.default))
+        rows.append([p.name, p.type.value, default, allowed, p.description])
+    lines.append(
+        textwrap.indent(_table(rows, ["NAME", "TYPE", "DEFAULT", "ALLOWED", "DESCRIPTION"]), "  ") if rows else "  none"
+    )
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    op = get(args.name)
+    print(op.spec().to_json() if args.json else _describe(op), end="" if args.json else "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    ops = discover()
+    for name, op in ops.items():
+        path = out / name / "operator.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(op.spec().to_json())
+        OperatorSpec.load(path)  # what we write must load under the same model
+        print(path)
+    print(f"exported {len(ops)} operators to {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beamops", description="beamops: streaming operators for detector data")
+    parser.add_argument("--version", action="version", version=f"beamops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ops = sub.add_parser("operators", help="the operator catalog").add_subparsers(dest="action", required=True)
+    ops.add_parser("list", help="table of all operators").set_defaults(func=cmd_list)
+    show = ops.add_parser("show", help="one operator: spec, ports, parameters")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print its operator.json instead")
+    show.set_defaults(func=cmd_show)
+    export = ops.add_parser("export", help="write DIR/<name>/operator.json for every operator")
+    export.add_argument("dir")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UnknownOperatorError as exc:
+        print(f"beamops: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The operator catalog: built-in operators from ``transforms`` and plugins.
+
+Built-in operators are the Operator classes defined in the modules of the
+``transforms`` package. Other installed packages add theirs through the
+``beamops.operators`` entry-point group; an entry point names a module (all
+its operators are added) or one Operator class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from importlib.metadata import entry_points
+from types import ModuleType
+
+from beamops.operator import Operator
+
+ENTRY_POINT_GROUP = "beamops.operators"
+BUILTIN_PACKAGE = "transforms"
+
+
+class UnknownOperatorError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _operators_in(module: ModuleType) -> list[type[Operator]]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, Operator)
+        and obj.__module__ == module.__name__
+        and "name" in obj.__dict__
+    ]
+
+
+def _builtin_modules() -> list[ModuleType]:
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    return [
+        importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_")
+    ]
+
+
+def discover() -> dict[str, type[Operator]]:
+    """Every known operator by name; a name defined twice is an error."""
+    found: dict[str, type[Operator]] = {}
+
+    def add(op: type[Operator], where: str) -> None:
+        if op.name in found and found[op.name] is not op:
+            raise ValueError(f"operator name {op.name!r} from {where} is already used by {found[op.name].__module__}")
+        found[op.name] = op
+
+    for module in _builtin_modules():
+        for op in _operators_in(module):
+            add(op, module.__name__)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = ep.load()
+        ops = _operators_in(loaded) if isinstance(loaded, ModuleType) else [loaded]
+        for op in ops:
+            if not (inspect.isclass(op) and issubclass(op, Operator)):
+                raise TypeError(f"entry point {ep.name!r} ({ep.value}) is not an Operator class or a module")
+            add(op, f"entry point {ep.value}")
+    return dict(sorted(found.items()))
+
+
+def get(name: str) -> type[Operator]:
+    ops = discover()
+    try:
+        return ops[name]
+    except KeyError:
+        raise UnknownOperatorError(f"no operator named {name!r}; known: {', '.join(ops)}") from None

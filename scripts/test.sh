@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's second command: install everything (Python packages and the external
+# components in ~/.cache/beamops), start what the tests need, run the whole suite,
+# and stop what it started. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="$(scripts/bootstrap.sh)"
+PYTHON="$PY" scripts/install_components.sh
+
+echo "[test] ruff" >&2
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
+
+echo "[test] pytest" >&2
+set +e
+"$PY" -m pytest "$@"
+status=$?
+set -e
+if [[ $status -eq 5 ]]; then
+    echo "[test] pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit $status

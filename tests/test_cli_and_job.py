@@ -1,0 +1,91 @@
+"""The beamops command and jobs.com_pipeline, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from beamops.cli import main as beamops_main
+from beamops.registry import discover
+from beamops.simulate import ScanSimulation
+from beamops.spec import OperatorSpec
+from jobs import com_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_operators_list_names_every_operator(capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["operators", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "INPUTS", "OUTPUTS", "PARAMS", "TITLE"]
+    for name in ("com_partial", "com_dense", "com_reduce", "simulated_scan", "write_com_map"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+
+
+def test_operators_show_lists_parameters_with_types_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["operators", "show", "com_reduce"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert rows["emit_every"][1:3] == ["int", "10000"]
+    assert rows["timeout_s"][1:3] == ["float", "300.0"]
+    assert rows["replace_nans"][1:3] == ["bool", "False"]
+    assert "in  in (com_partial)" in out and "out com_map (com_map)" in out
+
+
+def test_operators_show_json_is_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["operators", "show", "com_partial", "--json"]) == 0
+    spec = OperatorSpec.model_validate_json(capsys.readouterr().out)
+    assert spec == discover()["com_partial"].spec()
+
+
+def test_unknown_operator_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["operators", "show", "no_such_op"]) == 2
+    err = capsys.readouterr().err
+    assert "no operator named 'no_such_op'" in err and "com_partial" in err
+
+
+def test_export_writes_one_valid_operator_json_each(tmp_path: Path) -> None:
+    assert beamops_main(["operators", "export", str(tmp_path)]) == 0
+    written = sorted(p.parent.name for p in tmp_path.glob("*/operator.json"))
+    assert written == sorted(discover())
+    for path in tmp_path.glob("*/operator.json"):
+        spec = OperatorSpec.load(path)
+        assert spec == discover()[path.parent.name].spec()
+        assert json.loads(path.read_text())["id"] == str(spec.id)
+
+
+def test_job_help_documents_every_operator_parameter() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.com_pipeline", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    for op in com_pipeline.OPERATORS:
+        for name in op.Params.model_fields:
+            assert f"--{name}" in out, name
+    assert "--runner" in out
+
+
+def test_job_rejects_an_invalid_parameter_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert com_pipeline.main(["--crop_radius", "-1", "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "com_partial" in err and "crop_radius" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_job_writes_the_com_map_and_its_picture(tmp_path: Path) -> None:
+    args = ["--scan_rows", "24", "--scan_cols", "20", "--events_per_frame", "300", "--batch_size", "97"]
+    assert com_pipeline.main([*args, "--out_dir", str(tmp_path)]) == 0
+    npz = np.load(tmp_path / "scan_000001_com.npz")
+    assert npz["com"].shape == (2, 24, 20) and bool(npz["complete"])
+    sim = ScanSimulation(scan_shape=(24, 20), events_per_frame=300)
+    ex, ey = sim.expected_com()
+    # 6 standard errors: the largest of 960 Gaussian deviations stays below ~4.
+    assert np.abs(npz["com"][0] - ex).max() < 6 * sim.com_standard_error()
+    assert np.abs(npz["com"][1] - ey).max() < 6 * sim.com_standard_error()
+    png = (tmp_path / "scan_000001_com.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert not (tmp_path / "dead_letters").exists()

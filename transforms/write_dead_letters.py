@@ -1,0 +1,54 @@
+"""write_dead_letters: DeadLetter -> a .json description and a .bin payload per failure.
+
+Files go to ``<out_dir>/dead_letters/``. The ``.bin`` holds the original bytes
+(``payload_format`` says how to read them: ``arrow-ipc`` decodes with
+``beamops.decode_batch``); the ``.json`` says which operator failed, why, and
+where the element came from. Nothing is dropped: a job can be rerun on the
+payloads once the cause is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import Field
+
+from beamops import DeadLetter, OperatorParams, operator
+from beamops.spec import Mount
+
+
+class WriteDeadLettersParams(OperatorParams):
+    out_dir: Mount = Field("out", title="Output directory", description="Dead letters go to <out_dir>/dead_letters/.")
+
+
+@operator(
+    output_name="path",
+    title="Write dead letters",
+    input_description="Failed elements",
+    output_description="Paths of the files written",
+)
+def write_dead_letters(letter: DeadLetter, params: WriteDeadLettersParams) -> Iterator[str]:
+    """Write each dead letter as <operator>-<id>.json (what failed and why) and .bin (its bytes)."""
+    folder = Path(params.out_dir) / "dead_letters"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{letter.operator}-{uuid.uuid4().hex[:12]}"
+    payload = stem.with_suffix(".bin")
+    payload.write_bytes(letter.payload)
+    meta = {
+        "operator": letter.operator,
+        "error_type": letter.error_type,
+        "error": letter.error,
+        "payload_file": payload.name,
+        "payload_format": letter.payload_format,
+        "origin": letter.origin,
+        "timestamp": letter.timestamp,
+        "traceback": letter.traceback,
+    }
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, stem.with_suffix(".json"))
+    return iter([str(payload), str(stem.with_suffix(".json"))])
