@@ -210,6 +210,8 @@ class SparseFrameBatch:
         _check_positions(self.scan_positions, self.header)
 
     def to_arrow(self) -> pa.RecordBatch:
+        if len(self.events) >= 2**31:
+            raise ValueError(f"{len(self.events)} events do not fit one Arrow list<uint32> batch; split the batch")
         events = pa.ListArray.from_arrays(
             pa.array(self.offsets.astype(np.int32, copy=False)), pa.array(self.events, type=pa.uint32())
         )

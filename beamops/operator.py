@@ -84,6 +84,8 @@ class OperatorOutputs(dict):
     """
 
     def __getattr__(self, name: str) -> pvalue.PCollection:
+        if name == "main":  # the property raised AttributeError: say why, not "no output named 'main'"
+            raise AttributeError(self._ambiguous())
         try:
             return self[name]
         except KeyError:
@@ -93,8 +95,11 @@ class OperatorOutputs(dict):
     def main(self) -> pvalue.PCollection:
         names = [k for k in self if k != DEAD_LETTER]
         if len(names) != 1:
-            raise AttributeError(f"'main' is ambiguous for outputs {names}; pick one by name")
+            raise AttributeError(self._ambiguous())
         return self[names[0]]
+
+    def _ambiguous(self) -> str:
+        return f"'main' is ambiguous for outputs {sorted(k for k in self if k != DEAD_LETTER)}; pick one by name"
 
 
 class OperatorMetrics:
@@ -250,6 +255,7 @@ class Operator(beam.PTransform):
             )
         for port_name, port in self.outputs.items():
             built[port_name].element_type = port.type
+            built[port_name].beamops_port = f"{self.label}.{port_name}"
         if upstream_dead is not None:
             built[DEAD_LETTER] = (upstream_dead, built[DEAD_LETTER]) | "WithUpstreamDeadLetters" >> beam.Flatten()
         built[DEAD_LETTER].element_type = DeadLetter
@@ -275,9 +281,7 @@ class Operator(beam.PTransform):
         if not isinstance(main, pvalue.PCollection):
             raise TypeError(f"operator {self.name!r}: expected a PCollection, got {type(main).__name__}")
         ((port_name, port),) = self.inputs.items()
-        upstream = main.producer.full_label if main.producer else "input"
-        if main.tag:
-            upstream = f"{upstream}.{main.tag}"
+        upstream = getattr(main, "beamops_port", None) or (main.producer.full_label if main.producer else "input")
         check_connection(upstream, main.element_type, f"{self.label}.{port_name}", port.type)
         return main, upstream_dead
 
@@ -313,15 +317,15 @@ class _BatchFnDoFn(beam.DoFn):
         started = time.perf_counter()
         try:
             result = self._fn(element, self._params)
+            # A generator runs only when iterated: drain it here so its errors become dead letters too.
+            items = [] if result is None else list(result) if isinstance(result, Iterator) else [result]
         except Exception as exc:  # the element goes to dead letters; the stream goes on
             self._metrics.errors.inc()
             yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, element, exc))
             return
         finally:
             self._metrics.observe(element, started)
-        if result is None:
-            return
-        for item in result if isinstance(result, Iterator) else (result,):
+        for item in items:
             self._metrics.frames_out.inc(_frames(item))
             yield item
 
@@ -350,7 +354,12 @@ def operator(
     """
 
     def wrap(func: Callable[..., Any]) -> type[BatchOperator]:
-        hints = typing.get_type_hints(func)
+        try:
+            hints = typing.get_type_hints(func)
+        except NameError as exc:
+            raise OperatorDefinitionError(
+                f"{func.__qualname__}: cannot resolve its annotations ({exc}); define parameter models at module level"
+            ) from exc
         arg_names = list(inspect.signature(func).parameters)
         if not 1 <= len(arg_names) <= 2:
             raise OperatorDefinitionError(f"{func.__qualname__}: expected fn(batch, params) or fn(batch)")

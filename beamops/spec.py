@@ -197,22 +197,27 @@ _SCALARS: dict[Any, ParameterType] = {
 }
 
 
-def _strip_optional(annotation: Any) -> Any:
+def _strip_optional(annotation: Any) -> tuple[Any, list[Any]]:
+    """The type under ``Optional``/``Annotated`` wrappers, and the Annotated metadata met on the way."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            return _strip_optional(args[0])
         raise TypeError(f"unsupported union parameter type {annotation!r}")
     if origin is Annotated:
-        return _strip_optional(typing.get_args(annotation)[0])
-    return annotation
+        inner, *metadata = typing.get_args(annotation)
+        base, more = _strip_optional(inner)
+        return base, [*metadata, *more]
+    return annotation, []
 
 
 def _parameter_type(annotation: Any) -> tuple[ParameterType, list[str] | None]:
-    base = _strip_optional(annotation)
+    base, _ = _strip_optional(annotation)
     if typing.get_origin(base) is Literal:
-        options = [str(a) for a in typing.get_args(base)]
+        options = list(typing.get_args(base))
+        if not all(isinstance(o, str) for o in options):
+            raise TypeError(f"Literal parameter options must be strings (a str-enum), got {options!r}")
         return ParameterType.STR_ENUM, options
     if isinstance(base, type) and issubclass(base, enum.Enum):
         return ParameterType.STR_ENUM, [str(m.value) for m in base]
@@ -221,10 +226,16 @@ def _parameter_type(annotation: Any) -> tuple[ParameterType, list[str] | None]:
     raise TypeError(f"parameter type {annotation!r} has no interactEM equivalent (use str, int, float, bool, Literal)")
 
 
+def _metadata(info: FieldInfo) -> list[Any]:
+    """Field metadata, including what sits in an Annotated under Optional (``Mount | None``)."""
+    found = [*info.metadata, *_strip_optional(info.annotation)[1]]
+    return [*found, *(m for f in found if isinstance(f, FieldInfo) for m in f.metadata)]
+
+
 def _bounds(info: FieldInfo) -> dict[str, float]:
     """minimum / maximum / exclusive_minimum / exclusive_maximum from Field(ge=, le=, gt=, lt=)."""
     bounds = {}
-    for m in info.metadata:
+    for m in _metadata(info):
         if isinstance(m, annotated_types.Ge):
             bounds["minimum"] = m.ge
         elif isinstance(m, annotated_types.Gt):
@@ -241,7 +252,7 @@ def parameters_from_model(model: type[BaseModel]) -> list[ParameterSpec]:
     specs = []
     for name, info in model.model_fields.items():
         kind, options = _parameter_type(info.annotation)
-        if any(isinstance(m, _MountMarker) for m in info.metadata):
+        if any(isinstance(m, _MountMarker) for m in _metadata(info)):
             kind = ParameterType.MOUNT
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         if isinstance(default, enum.Enum):
