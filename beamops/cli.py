@@ -92,6 +92,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from beamops.services import kafka_broker  # lazy: keeps `beamops operators` fast
+
+    if args.action == "up":
+        return kafka_broker.up(args.port, args.data_dir, timeout=args.timeout)
+    if args.action == "down":
+        return kafka_broker.down(args.port, timeout=args.timeout)
+    return kafka_broker.status(args.port, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beamops", description="beamops: streaming operators for detector data")
     parser.add_argument("--version", action="version", version=f"beamops {__version__}")
@@ -105,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     export = ops.add_parser("export", help="write DIR/<name>/operator.json for every operator")
     export.add_argument("dir")
     export.set_defaults(func=cmd_export)
+
+    kafka = sub.add_parser("kafka", help="a local single-node Kafka broker on 127.0.0.1")
+    actions = kafka.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start it (formatting its data dir the first time) and wait until it serves")
+    up.add_argument("--data-dir", help="where the broker keeps its logs (default: ~/.cache/beamops/run/kafka-PORT)")
+    down = actions.add_parser("down", help="stop it (SIGTERM to its recorded PID)")
+    status = actions.add_parser("status", help="is it running; exit status 3 when not")
+    status.add_argument("--json", action="store_true")
+    for action, timeout in ((up, 60.0), (down, 30.0), (status, None)):
+        action.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1 (default 9092)")
+        if timeout is not None:
+            action.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+        action.set_defaults(func=cmd_kafka)
     return parser
 
 

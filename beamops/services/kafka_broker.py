@@ -1,0 +1,814 @@
+"""A local single-node Apache Kafka 4.x broker (KRaft, combined broker+controller) on 127.0.0.1.
+
+    from beamops.services.kafka_broker import KafkaBroker
+
+    with KafkaBroker(ephemeral=True) as broker:  # a free port; a temp dir removed on stop
+        broker.create_topic("frames", partitions=4)
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+
+    broker = KafkaBroker(9092)  # state in ~/.cache/beamops/run/kafka-9092/, data in its data/
+    broker.start()
+    broker.status()
+    broker.restart()
+    broker.stop()
+
+The broker is a ``java kafka.Kafka`` process run with the machine's Java 17 from the jars that
+``scripts/install_components.sh`` caches (found through ``$BEAMOPS_KAFKA_LIBS`` or
+``~/.cache/beamops/components.env``). Both its client and its controller listener are bound to
+127.0.0.1 only. It runs detached (its own session), so it outlives the Python process that started it;
+the state directory holds ``state.json`` (pid, ports, paths, start time), ``server.properties`` and
+``server.log``. A process is only signalled after ``/proc/<pid>/cmdline`` shows it is this broker's
+``java ... kafka.Kafka <server.properties>``, so a stale state file never gets another process killed.
+
+Environment: ``BEAMOPS_CACHE`` (default ``~/.cache/beamops``), ``BEAMOPS_RUN_DIR`` (state directories,
+default ``$BEAMOPS_CACHE/run``), ``BEAMOPS_KAFKA_LIBS``, ``BEAMOPS_KAFKA_LOG4J_CONFIG``,
+``BEAMOPS_KAFKA_VERSION`` (override ``components.env``), ``JAVA_HOME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from base64 import urlsafe_b64encode
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 9092
+STATE_FILE = "state.json"
+# Written into the data dir: the controller port it was formatted with, reused on restarts.
+DATA_INFO_FILE = "beamops-kafka.json"
+_LOG_TAIL_LINES = 30
+
+Progress = Callable[[str], None]
+
+
+class KafkaBrokerError(RuntimeError):
+    """The broker could not be found, started, reached or stopped."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Components: java and the cached jars
+
+
+@dataclass(frozen=True)
+class KafkaComponents:
+    java: Path
+    libs: Path
+    log4j_config: Path
+    tools_log4j_config: Path
+    version: str
+
+    @property
+    def classpath(self) -> str:
+        return f"{self.libs}/*"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BEAMOPS_CACHE") or Path.home() / ".cache" / "beamops").expanduser()
+
+
+def run_dir() -> Path:
+    """Where each broker's state directory (``kafka-<port>/``) goes."""
+    return Path(os.environ.get("BEAMOPS_RUN_DIR") or cache_dir() / "run").expanduser()
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """``export KEY=value`` lines (values shell-quoted) as written by install_components.sh."""
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if sep:
+            words = shlex.split(value)
+            values[key.strip()] = words[0] if words else ""
+    return values
+
+
+def find_java() -> Path:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(Path(java_home, "bin", "java"), os.X_OK):
+        return Path(java_home, "bin", "java")
+    found = shutil.which("java")
+    if not found:
+        raise KafkaBrokerError("java not found: put Java 17+ on PATH or set JAVA_HOME")
+    return Path(found)
+
+
+def find_components() -> KafkaComponents:
+    """Java and the Kafka jars, from the environment or ``$BEAMOPS_CACHE/components.env``."""
+    env_file = cache_dir() / "components.env"
+    from_file = _read_env_file(env_file) if env_file.is_file() else {}
+
+    def setting(name: str) -> str:
+        return os.environ.get(name) or from_file.get(name, "")
+
+    hint = (
+        "run scripts/install_components.sh (it caches the jars and writes "
+        f"{env_file}), or set BEAMOPS_KAFKA_LIBS to a directory of Kafka broker jars"
+    )
+    libs_setting = setting("BEAMOPS_KAFKA_LIBS")
+    if not libs_setting:
+        raise KafkaBrokerError(f"the Kafka broker jars are not installed: {hint}")
+    libs = Path(libs_setting).expanduser()
+    server_jars = sorted(libs.glob("kafka_2.13-*.jar"))
+    if not server_jars:
+        raise KafkaBrokerError(f"no kafka_2.13-*.jar in {libs}: {hint}")
+    version = setting("BEAMOPS_KAFKA_VERSION") or server_jars[-1].stem.removeprefix("kafka_2.13-")
+    log4j_setting = setting("BEAMOPS_KAFKA_LOG4J_CONFIG")
+    log4j = Path(log4j_setting).expanduser() if log4j_setting else libs.parent / "config" / "log4j2.properties"
+    if not log4j.is_file():
+        # Without a config log4j2 prints only errors, which hides why a broker does not start.
+        raise KafkaBrokerError(f"Kafka's log4j2 config {log4j} is missing: {hint}")
+    tools_log4j = log4j.with_name("tools-log4j2.properties")
+    return KafkaComponents(
+        java=find_java(),
+        libs=libs,
+        log4j_config=log4j,
+        tools_log4j_config=tools_log4j if tools_log4j.is_file() else log4j,
+        version=version,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes and ports
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like the JVM's server sockets, so connections in TIME_WAIT after a stop do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    # A zombie (exited, not yet reaped) has an empty cmdline, so it counts as not running.
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_kafka_process(pid: int, properties: Path | str | None = None) -> bool:
+    """Whether ``pid`` is alive and is ``java ... kafka.Kafka [properties]``."""
+    if pid <= 0:
+        return False
+    args = _cmdline(pid)
+    if not args or not Path(args[0]).name.startswith("java") or "kafka.Kafka" not in args:
+        return False
+    return properties is None or str(properties) in args
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # Field 3, after the parenthesised command name: Z (zombie) and X (dead) are gone.
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _random_cluster_id() -> str:
+    """Like Kafka's ``Uuid.randomUuid()``: url-safe base64 of a v4 UUID, never starting with '-'."""
+    while True:
+        cid = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _quiet_rdkafka_logger() -> logging.Logger:
+    # librdkafka logs every refused connection at ERROR while a broker starts or restarts.
+    logger = logging.getLogger("beamops.kafka.rdkafka")
+    logger.propagate = False
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def _admin(bootstrap: str, quiet: bool = False) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 500,
+    }
+    if quiet:
+        conf["logger"] = _quiet_rdkafka_logger()
+    return AdminClient(conf)
+
+
+def _metadata_ready(md: Any, topics: list[str] | None = None) -> bool:
+    """A broker is registered and every (named) topic exists with a leader for each partition."""
+    if not md.brokers:
+        return False
+    names = topics if topics is not None else list(md.topics)
+    for name in names:
+        topic = md.topics.get(name)
+        if topic is None or topic.error is not None or not topic.partitions:
+            return False
+        if any(p.leader < 0 or p.error is not None for p in topic.partitions.values()):
+            return False
+    return True
+
+
+def wait_until_ready(
+    bootstrap: str,
+    timeout: float = 30.0,
+    topics: list[str] | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Wait until the broker answers metadata requests and the topics' partitions have leaders.
+
+    ``alive``, when given, is asked between attempts; waiting ends as soon as it returns False.
+    """
+    from confluent_kafka import KafkaException
+
+    admin = _admin(bootstrap, quiet=True)
+    deadline = time.monotonic() + timeout
+    last: object = "no answer"
+    while True:
+        if alive is not None and not alive():
+            raise KafkaBrokerError("the broker process exited")
+        try:
+            md = admin.list_topics(timeout=1.0)
+            if _metadata_ready(md, topics):
+                return
+            last = "partitions without a leader"
+        except KafkaException as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise KafkaBrokerError(f"{bootstrap} not ready within {timeout:.0f}s ({last})")
+        time.sleep(0.1)
+
+
+def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int = 1,
+    *,
+    config: Mapping[str, str] | None = None,
+    exist_ok: bool = False,
+    timeout: float = 30.0,
+) -> None:
+    """Create a topic (replication factor 1) and wait until all its partitions have a leader."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    admin = _admin(bootstrap)
+    new = NewTopic(name, num_partitions=partitions, replication_factor=1, config=dict(config or {}))
+    future = admin.create_topics([new], operation_timeout=timeout, request_timeout=timeout)[name]
+    try:
+        future.result(timeout=timeout)
+    except KafkaException as exc:
+        if not (exist_ok and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+            raise KafkaBrokerError(f"cannot create topic {name!r} on {bootstrap}: {exc}") from exc
+    wait_until_ready(bootstrap, timeout, topics=[name])
+
+
+def delete_topic(bootstrap: str, name: str, *, missing_ok: bool = True, timeout: float = 30.0) -> None:
+    """Delete a topic and wait until the broker no longer lists it."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    admin = _admin(bootstrap)
+    future = admin.delete_topics([name], operation_timeout=timeout, request_timeout=timeout)[name]
+    try:
+        future.result(timeout=timeout)
+    except KafkaException as exc:
+        if not (missing_ok and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+            raise KafkaBrokerError(f"cannot delete topic {name!r} on {bootstrap}: {exc}") from exc
+    deadline = time.monotonic() + timeout
+    while name in admin.list_topics(timeout=timeout).topics:
+        if time.monotonic() > deadline:
+            raise KafkaBrokerError(f"topic {name!r} still listed {timeout:g}s after its deletion")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The broker
+
+
+@dataclass(frozen=True)
+class KafkaStatus:
+    running: bool
+    pid: int | None
+    bootstrap: str
+    data_dir: Path
+    uptime: float | None  # seconds since start, when running
+    port: int
+    controller_port: int | None
+    log_path: Path
+    state_file: Path
+    stale: bool = False  # a state file names a PID that is not this broker (it died or the PID was reused)
+
+    def describe(self) -> str:
+        if self.running:
+            return (
+                f"running: pid {self.pid}, bootstrap {self.bootstrap}, controller {HOST}:{self.controller_port}, "
+                f"up {self.uptime:.0f}s, data {self.data_dir}, log {self.log_path}"
+            )
+        stale = f" (stale state file {self.state_file} names pid {self.pid})" if self.stale else ""
+        return f"not running on {self.bootstrap}{stale}"
+
+
+class KafkaBroker:
+    """One Kafka broker+controller on 127.0.0.1:``port``, its data in ``data_dir``.
+
+    ``port``: the client port (a free one when None). ``controller_port``: when None, the one the data dir
+    was last run with, else ``port + 1`` if free, else a free one. ``state_dir`` defaults to
+    ``$BEAMOPS_RUN_DIR/kafka-<port>`` and ``data_dir`` to ``<state_dir>/data``. ``ephemeral=True``
+    puts both in a new temp dir that ``stop()`` deletes (``restart()`` keeps it). ``quick_start``
+    (default: ``ephemeral``) runs the JVM with C1 only, which halves the start-up time (about 4 s
+    instead of 8 s here) at some cost in peak throughput; leave it off for benchmarks.
+    ``jvm_options`` (and ``$BEAMOPS_KAFKA_JVM_OPTS``) are added to the java command line. ``config``
+    adds or overrides server.properties entries (the listeners must stay on 127.0.0.1).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        controller_port: int | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        ephemeral: bool = False,
+        heap: str = "512m",
+        heap_initial: str = "256m",
+        quick_start: bool | None = None,
+        jvm_options: list[str] | None = None,
+        config: Mapping[str, str] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self._requested_controller_port = controller_port
+        self.ephemeral = ephemeral
+        if ephemeral and state_dir is None:
+            state_dir = tempfile.mkdtemp(prefix=f"beamops-kafka-{self.port}-")
+        self.state_dir = Path(state_dir) if state_dir is not None else run_dir() / f"kafka-{self.port}"
+        self.data_dir = Path(data_dir) if data_dir is not None else self.state_dir / "data"
+        self.heap = heap
+        self.heap_initial = heap_initial
+        self.quick_start = ephemeral if quick_start is None else quick_start
+        self.jvm_options = list(jvm_options or []) + shlex.split(os.environ.get("BEAMOPS_KAFKA_JVM_OPTS", ""))
+        self.extra_config = dict(config or {})
+        self.progress = progress
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._components: KafkaComponents | None = None
+
+    # -- paths and state --------------------------------------------------------------------------
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "server.log"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.state_dir / "server.properties"
+
+    @property
+    def components(self) -> KafkaComponents:
+        if self._components is None:
+            self._components = find_components()
+        return self._components
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's PID, or None."""
+        return self._live_pid(self._read_state())
+
+    @property
+    def controller_port(self) -> int | None:
+        state = self._read_state()
+        if state:
+            return state.get("controller_port")
+        return self._requested_controller_port or self._data_info().get("controller_port")
+
+    def _say(self, message: str) -> None:
+        log.info("%s", message)
+        if self.progress is not None:
+            self.progress(message)
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    def _data_info(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.data_dir / DATA_INFO_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _live_pid(self, state: dict[str, Any] | None) -> int | None:
+        """The state file's PID if it is this broker's running java process."""
+        if not state:
+            return None
+        pid = int(state.get("pid") or 0)
+        if self._proc is not None and self._proc.pid == pid and self._proc.poll() is not None:
+            return None  # our child exited; poll() reaped it
+        properties = state.get("properties", str(self.properties_path))
+        return pid if is_kafka_process(pid, properties) else None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop on one state dir across processes (two `up`s at once)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def status(self) -> KafkaStatus:
+        state = self._read_state()
+        pid = self._live_pid(state)
+        running = pid is not None
+        data_dir = Path(state["data_dir"]) if state and state.get("data_dir") else self.data_dir
+        return KafkaStatus(
+            running=running,
+            pid=pid if running else (state or {}).get("pid"),
+            bootstrap=self.bootstrap_servers,
+            data_dir=data_dir,
+            uptime=time.time() - float(state["started_at"]) if running and state else None,
+            port=self.port,
+            controller_port=(state or {}).get("controller_port", self.controller_port),
+            log_path=self.log_path,
+            state_file=self.state_path,
+            stale=state is not None and not running,
+        )
+
+    def is_running(self) -> bool:
+        return self._live_pid(self._read_state()) is not None
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def _choose_controller_port(self) -> int:
+        if self._requested_controller_port is not None:
+            return self._requested_controller_port
+        remembered = self._data_info().get("controller_port")
+        for candidate in (remembered, self.port + 1):
+            if candidate and candidate != self.port and candidate <= 65535 and port_is_free(candidate):
+                return candidate
+        while (port := free_port()) == self.port:
+            pass
+        return port
+
+    def server_properties(self, controller_port: int) -> dict[str, str]:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+            "listeners": f"PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Tests replay by timestamp, often old ones: never delete by age or size.
+            "log.retention.ms": "-1",
+            "log.retention.bytes": "-1",
+            # The cleaner's default 128 MiB buffer is a quarter of the small heap.
+            "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+        }
+        props.update(self.extra_config)
+        for key in ("listeners", "advertised.listeners", "controller.quorum.voters"):
+            if f"//{HOST}:" not in props[key] and f"@{HOST}:" not in props[key]:
+                raise KafkaBrokerError(f"{key}={props[key]!r}: this broker listens on {HOST} only")
+        return props
+
+    def _format_storage(self, comps: KafkaComponents) -> str:
+        meta = self.data_dir / "meta.properties"
+        if meta.is_file():
+            for line in meta.read_text().splitlines():
+                if line.startswith("cluster.id="):
+                    return line.partition("=")[2].strip()
+        cluster_id = _random_cluster_id()
+        t0 = time.monotonic()
+        # Static quorum (controller.quorum.voters), hence no --standalone.
+        cmd = [
+            str(comps.java),
+            "-XX:TieredStopAtLevel=1",  # a short-lived tool: C2 would only cost start-up time
+            f"-Dlog4j2.configurationFile={comps.tools_log4j_config}",
+            "-cp",
+            comps.classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.properties_path),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise KafkaBrokerError(f"formatting {self.data_dir} failed:\n{done.stdout}{done.stderr}")
+        self._say(f"formatted {self.data_dir} (cluster id {cluster_id}) in {time.monotonic() - t0:.1f}s")
+        return cluster_id
+
+    def start(self, timeout: float = 60.0) -> KafkaBroker:
+        """Start the broker (formatting the data dir the first time) and wait until it serves clients.
+
+        Returns once it serves clients if it already runs. Raises KafkaBrokerError with the log's last
+        lines when the process exits or is not ready within ``timeout`` seconds (a broker this call
+        launched is then killed).
+        """
+        t0 = time.monotonic()
+        with self._locked():
+            state = self._read_state()
+            pid = self._live_pid(state)
+            launched = pid is None
+            if pid is not None:
+                self._say(f"already running on {self.bootstrap_servers} (pid {pid})")
+            else:
+                pid = self._launch()
+        try:
+            wait_until_ready(
+                self.bootstrap_servers,
+                timeout=max(1.0, timeout - (time.monotonic() - t0)),
+                alive=lambda: self._live_pid(self._read_state()) == pid,
+            )
+        except KafkaBrokerError as exc:
+            code = self._proc.poll() if self._proc is not None and self._proc.pid == pid else None
+            if launched:  # never kill a broker that someone else started (it may still be starting)
+                self._abort(pid)
+            reason = f"{exc} with status {code}" if code is not None else str(exc)
+            raise KafkaBrokerError(f"Kafka on {self.bootstrap_servers} did not start: {reason}{self._tail()}") from exc
+        self._say(f"ready on {self.bootstrap_servers} (pid {pid}) after {time.monotonic() - t0:.1f}s")
+        return self
+
+    def _launch(self) -> int:
+        comps = self.components
+        if not port_is_free(self.port):
+            raise KafkaBrokerError(f"{HOST}:{self.port} is already in use by another process")
+        controller_port = self._choose_controller_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        props = self.server_properties(controller_port)
+        self.properties_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        cluster_id = self._format_storage(comps)
+        self._write_json(
+            self.data_dir / DATA_INFO_FILE,
+            {"cluster_id": cluster_id, "port": self.port, "controller_port": controller_port},
+        )
+        self._say(
+            f"starting Kafka {comps.version} on {self.bootstrap_servers} "
+            f"(controller {HOST}:{controller_port}), data {self.data_dir}"
+        )
+        cmd = [
+            str(comps.java),
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap_initial}",
+            # C1 only: the broker is ready in about half the time, at some cost in peak throughput.
+            *(["-XX:TieredStopAtLevel=1"] if self.quick_start else []),
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            # Bind IPv4 sockets (they show up in /proc/net/tcp as 127.0.0.1, not as ::ffff:127.0.0.1).
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j2.configurationFile={comps.log4j_config}",
+            *self.jvm_options,
+            "-cp",
+            comps.classpath,
+            "kafka.Kafka",
+            str(self.properties_path),
+        ]
+        with open(self.log_path, "ab") as out:
+            self._log_offset = out.tell()
+            out.write(f"---- beamops: {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+            out.flush()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,  # Ctrl-C in the starting shell does not reach the broker
+                close_fds=True,
+            )
+        self._write_json(
+            self.state_path,
+            {
+                "pid": self._proc.pid,
+                "port": self.port,
+                "controller_port": controller_port,
+                "bootstrap": self.bootstrap_servers,
+                "data_dir": str(self.data_dir),
+                "log_path": str(self.log_path),
+                "properties": str(self.properties_path),
+                "kafka_version": comps.version,
+                "started_at": time.time(),
+            },
+        )
+        # Fail fast when the JVM exits during start-up (bad port, Java too old, corrupt data dir).
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            time.sleep(0.05)
+        if self._proc.poll() is not None:
+            code = self._proc.returncode
+            self.state_path.unlink(missing_ok=True)
+            raise KafkaBrokerError(f"Kafka exited with status {code} at once{self._tail()}")
+        return self._proc.pid
+
+    def _abort(self, pid: int) -> None:
+        if self._proc is not None and self._proc.pid == pid:
+            if self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait(10)
+        elif is_kafka_process(pid, self.properties_path):
+            os.kill(pid, signal.SIGKILL)
+        self.state_path.unlink(missing_ok=True)
+
+    def _tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(getattr(self, "_log_offset", 0))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        tail = text.splitlines()[-lines:]
+        return f"\n--- last {len(tail)} lines of {self.log_path}:\n" + "\n".join(tail) if tail else ""
+
+    # -- stop -------------------------------------------------------------------------------------
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self, timeout: float = 30.0, *, remove_data: bool | None = None) -> bool:
+        """SIGTERM the recorded PID (if it is this broker), SIGKILL after ``timeout``, remove the state file.
+
+        ``remove_data`` (default: ``ephemeral``) then deletes the data dir, and for an ephemeral broker
+        its whole temp dir. Returns whether a running broker was stopped.
+        """
+        stopped = False
+        t0 = time.monotonic()
+        with self._locked():
+            state = self._read_state()
+            pid = self._live_pid(state)
+            if pid is None:
+                if state is not None:
+                    self._say(f"removing stale state file {self.state_path} (pid {state.get('pid')} is not Kafka)")
+            else:
+                self._say(f"stopping Kafka on {self.bootstrap_servers} (pid {pid})")
+                os.kill(pid, signal.SIGTERM)
+                if not self._wait_exit(pid, timeout):
+                    self._say(f"pid {pid} still running after {timeout:g}s: SIGKILL")
+                    os.kill(pid, signal.SIGKILL)
+                    if not self._wait_exit(pid, 10):
+                        raise KafkaBrokerError(f"pid {pid} survived SIGKILL")
+                stopped = True
+                self._say(f"stopped after {time.monotonic() - t0:.1f}s")
+            self.state_path.unlink(missing_ok=True)
+            self._proc = None
+        if remove_data if remove_data is not None else self.ephemeral:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            if self.ephemeral:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+        return stopped
+
+    def restart(self, timeout: float = 60.0) -> KafkaBroker:
+        """Stop and start on the same ports and data (also for an ephemeral broker)."""
+        self.stop(remove_data=False)
+        return self.start(timeout)
+
+    def __enter__(self) -> KafkaBroker:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"KafkaBroker({self.bootstrap_servers}, data_dir={str(self.data_dir)!r}, ephemeral={self.ephemeral})"
+
+    # -- topics -----------------------------------------------------------------------------------
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        *,
+        config: Mapping[str, str] | None = None,
+        exist_ok: bool = False,
+        timeout: float = 30.0,
+    ) -> str:
+        create_topic(self.bootstrap_servers, name, partitions, config=config, exist_ok=exist_ok, timeout=timeout)
+        return name
+
+    def delete_topic(self, name: str, *, missing_ok: bool = True, timeout: float = 30.0) -> None:
+        delete_topic(self.bootstrap_servers, name, missing_ok=missing_ok, timeout=timeout)
+
+    def list_topics(self, timeout: float = 10.0) -> list[str]:
+        md = _admin(self.bootstrap_servers).list_topics(timeout=timeout)
+        return sorted(t for t in md.topics if not t.startswith("__"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Used by the CLI: `beamops kafka up|down|status`; each prints progress and returns an exit status.
+
+
+def _print(message: str) -> None:
+    print(f"kafka: {message}", flush=True)
+
+
+def up(port: int = DEFAULT_PORT, data_dir: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> int:
+    """Start (or find running) a broker on 127.0.0.1:port; 0 when it serves clients."""
+    broker = KafkaBroker(port, data_dir=data_dir, progress=_print)
+    try:
+        broker.start(timeout)
+    except KafkaBrokerError as exc:
+        print(f"kafka: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    st = broker.status()
+    _print(f"bootstrap servers {st.bootstrap}; log {st.log_path}; stop with `beamops kafka down --port {port}`")
+    return 0
+
+
+def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
+    """Stop the broker on 127.0.0.1:port (by its recorded PID); 0 also when none was running."""
+    broker = KafkaBroker(port, progress=_print)
+    try:
+        if not broker.stop(timeout, remove_data=False):
+            _print(f"no broker running on {broker.bootstrap_servers}")
+    except KafkaBrokerError as exc:
+        print(f"kafka: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
+    """Print the broker's status; 0 when running, 3 when not (as LSB init scripts do)."""
+    st = KafkaBroker(port).status()
+    if as_json:
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(st).items()}
+        print(json.dumps(data, indent=2))
+    else:
+        _print(st.describe())
+    return 0 if st.running else 3
