@@ -1,7 +1,7 @@
 """The operator catalog: built-in operators from ``transforms`` and plugins.
 
 Built-in operators are the Operator classes defined in the modules of the
-``transforms`` package. Other installed packages add theirs through the
+``transforms`` package and in the SDK's sources and sinks (``beamops.io``). Other installed packages add theirs through the
 ``beamops.operators`` entry-point group; an entry point names a module (all
 its operators are added) or one Operator class.
 """
@@ -18,6 +18,8 @@ from beamops.operator import Operator
 
 ENTRY_POINT_GROUP = "beamops.operators"
 BUILTIN_PACKAGE = "transforms"
+# Sources and sinks live in the SDK; their operators are built in too.
+BUILTIN_IO_MODULES = ("beamops.io.kafka",)
 
 
 class UnknownOperatorError(KeyError):
@@ -38,11 +40,8 @@ def _operators_in(module: ModuleType) -> list[type[Operator]]:
 
 def _builtin_modules() -> list[ModuleType]:
     package = importlib.import_module(BUILTIN_PACKAGE)
-    return [
-        importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
-        for info in pkgutil.iter_modules(package.__path__)
-        if not info.name.startswith("_")
-    ]
+    names = [f"{BUILTIN_PACKAGE}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
+    return [importlib.import_module(name) for name in [*BUILTIN_IO_MODULES, *names] if "._" not in name]
 
 
 def discover() -> dict[str, type[Operator]]:

@@ -1,0 +1,504 @@
+"""Kafka source and sinks in pure Python, on confluent-kafka.
+
+``read_kafka_frames`` reads a topic of encoded frame batches (one Arrow IPC
+stream per message, key = scan number) as a splittable DoFn with one
+restriction per partition: a partition is the unit of parallelism and the
+restriction's position, the next offset, is the resume state. What happens
+on resume: a runner that checkpoints (Flink) restarts each partition at the
+offset after the last one whose output it committed; without a checkpoint, a
+read with ``start=committed`` resumes at the consumer group's committed offset.
+Offsets are committed to the group only after the bundle that read them is
+finalized, so a crash re-reads (at-least-once), never skips.
+
+Each message becomes a SparseFrameBatch stamped with the message timestamp
+(event time); the watermark of a partition is the largest timestamp read. A
+message that does not decode goes to ``dead_letter`` with its raw bytes,
+topic, partition, offset and the error, and the read goes on.
+
+The sinks write ComMaps and dead letters with an idempotent producer; a
+delivery failure fails the bundle (nothing is dropped silently), and every
+bundle ends with a flush.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+from pydantic import Field, field_validator
+
+from beamops.deadletter import DeadLetter
+from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_batch
+from beamops.io.kafka_config import KafkaClientConfig, ReadPosition, redact
+from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
+from beamops.results import ComMap
+
+log = logging.getLogger(__name__)
+
+UNBOUNDED_STOP = sys.maxsize
+CONTENT_TYPE_HEADER = "content-type"
+SCHEMA_VERSION_HEADER = "beamops-schema-version"
+
+
+@dataclass(frozen=True)
+class PartitionRead:
+    """One partition's part of a read: offsets [start, stop); stop None = unbounded."""
+
+    topic: str
+    partition: int
+    start: int
+    stop: int | None
+
+
+class ReadFromKafkaParams(OperatorParams):
+    topic: str = Field(description="Topic of encoded frame batches.")
+    group_id: str | None = Field(
+        None,
+        description="Consumer group: where start=committed reads from, and where processed offsets are committed.",
+    )
+    start: str = Field(
+        "earliest",
+        description="earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms or ISO-8601).",
+    )
+    stop: str = Field(
+        "latest",
+        description=(
+            "Exclusive end: latest (the end when the read starts) | never (unbounded) | offset:N | "
+            "offset:P=N,... | timestamp:T."
+        ),
+    )
+    commit_offsets: bool = Field(True, description="Commit processed offsets to group_id (ignored without one).")
+    poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for one message (s).")
+    max_read_s: float = Field(
+        2.0, gt=0, description="An unbounded read yields to the runner after this long (s); bounded reads ignore it."
+    )
+
+    @field_validator("start")
+    @classmethod
+    def _start(cls, value: str) -> str:
+        ReadPosition.parse(value, stop=False)
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str) -> str:
+        ReadPosition.parse(value, stop=True)
+        return value
+
+    @property
+    def unbounded(self) -> bool:
+        return ReadPosition.parse(self.stop, stop=True).kind == "never"
+
+
+def _consumer(client: KafkaClientConfig, group_id: str | None) -> Any:
+    from confluent_kafka import Consumer
+
+    return Consumer(
+        client.client(
+            **{
+                # Partitions are assigned, never subscribed, so a group only matters for commits.
+                "group.id": group_id or f"beamops-reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+            }
+        )
+    )
+
+
+class _ResolvePartitionsFn(beam.DoFn):
+    """topic -> one PartitionRead per partition, with concrete start and stop offsets."""
+
+    def __init__(self, client: KafkaClientConfig, params: ReadFromKafkaParams) -> None:
+        self._client = client
+        self._params = params
+
+    def process(self, topic: str) -> Iterator[PartitionRead]:
+        from confluent_kafka import TopicPartition
+
+        p = self._params
+        start = ReadPosition.parse(p.start, stop=False)
+        stop = ReadPosition.parse(p.stop, stop=True)
+        consumer = _consumer(self._client, p.group_id)
+        try:
+            meta = consumer.list_topics(topic, timeout=30)
+            info = meta.topics.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                raise ValueError(f"Kafka topic {topic!r} does not exist on {self._client.bootstrap_servers}")
+            partitions = sorted(info.partitions)
+            ends = {q: consumer.get_watermark_offsets(TopicPartition(topic, q), timeout=30) for q in partitions}
+            committed = {}
+            if start.kind == "committed":
+                if not p.group_id:
+                    raise ValueError("start=committed needs a group_id")
+                found = consumer.committed([TopicPartition(topic, q) for q in partitions], timeout=30)
+                committed = {tp.partition: tp.offset for tp in found}
+
+            def at_time(ms: int) -> dict[int, int]:
+                found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in partitions], timeout=30)
+                # -1: no message at or after that time, so the position is the end.
+                return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition][1] for tp in found}
+
+            start_times = at_time(start.timestamp_ms) if start.kind == "timestamp" else {}
+            stop_times = at_time(stop.timestamp_ms) if stop.kind == "timestamp" else {}
+        finally:
+            consumer.close()
+
+        for q in partitions:
+            low, high = ends[q]
+            begin = {
+                "earliest": low,
+                "latest": high,
+                "committed": committed.get(q, -1) if committed.get(q, -1) >= 0 else low,
+                "offset": start.offset_for(q),
+                "timestamp": start_times.get(q),
+            }[start.kind]
+            end = {
+                "never": None,
+                "latest": high,
+                "offset": stop.offset_for(q),
+                "timestamp": stop_times.get(q),
+            }[stop.kind]
+            if begin is None:
+                continue  # offset:P=N lists only some partitions
+            if stop.kind == "offset" and end is None:
+                end = begin  # the stop map does not name this partition: read nothing from it
+            log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, end, low, high)
+            yield PartitionRead(topic, q, max(begin, 0), end)
+
+
+class _PartitionRestrictions(RestrictionProvider):
+    def initial_restriction(self, read: PartitionRead) -> OffsetRange:
+        stop = UNBOUNDED_STOP if read.stop is None else max(read.stop, read.start)
+        return OffsetRange(read.start, stop)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, read: PartitionRead, restriction: OffsetRange) -> int:
+        return restriction.size()
+
+    def split(self, read: PartitionRead, restriction: OffsetRange) -> Iterator[OffsetRange]:
+        yield restriction  # a partition is the unit of parallelism
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """Reads one partition's restriction; decodes each message into a frame batch."""
+
+    def __init__(self, name: str, client: KafkaClientConfig, params: ReadFromKafkaParams) -> None:
+        self._name = name
+        self._client = client
+        self._params = params
+
+    def setup(self) -> None:
+        self._consumers: dict[tuple[str, int], Any] = {}
+        self._metrics = OperatorMetrics()
+        self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
+        self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
+        self._last_lag_check = 0.0
+        log.info("kafka reader for %r with %r", self._params.topic, redact(self._client.client()))
+
+    def teardown(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+
+    def _consumer_for(self, read: PartitionRead) -> Any:
+        key = (read.topic, read.partition)
+        if key not in self._consumers:
+            self._consumers[key] = _consumer(self._client, self._params.group_id)
+        return self._consumers[key]
+
+    def process(
+        self,
+        read: PartitionRead,
+        # Beam passes the finalizer positionally and the SDF parameters by name: keep this order.
+        finalizer: Any = beam.DoFn.BundleFinalizerParam,
+        tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_PartitionRestrictions()),
+        watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(
+            ManualWatermarkEstimator.default_provider()
+        ),
+    ) -> Iterator[Any]:
+        from confluent_kafka import KafkaError, TopicPartition
+
+        restriction = tracker.current_restriction()
+        if restriction.start >= restriction.stop:
+            return
+        consumer = self._consumer_for(read)
+        tp = TopicPartition(read.topic, read.partition, restriction.start)
+        consumer.assign([tp])
+        unbounded = restriction.stop == UNBOUNDED_STOP
+        deadline = time.monotonic() + self._params.max_read_s
+        last_done = None
+        try:
+            while True:
+                if unbounded and time.monotonic() > deadline:
+                    tracker.defer_remainder(Duration(seconds=0.05))
+                    return
+                msg = consumer.poll(self._params.poll_timeout_s)
+                if msg is None:
+                    continue
+                if msg.error() is not None:
+                    err = msg.error()
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        self._report_lag(read, msg.offset(), msg.offset())
+                        if msg.offset() >= restriction.stop:
+                            # Control records or compaction can leave no message at stop - 1.
+                            tracker.try_claim(restriction.stop - 1)
+                            return
+                        continue
+                    if err.fatal():
+                        raise RuntimeError(f"Kafka consumer for {read.topic}[{read.partition}] failed: {err}")
+                    log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
+                    continue
+                offset = msg.offset()
+                if not tracker.try_claim(offset):
+                    return
+                yield from self._decode(msg, read, watermark)
+                last_done = offset
+                if offset + 1 >= restriction.stop:
+                    return
+        finally:
+            if last_done is not None:
+                self._report_lag(read, None, last_done + 1)
+                if self._params.group_id and self._params.commit_offsets:
+                    finalizer.register(_Committer(consumer, read.topic, read.partition, last_done + 1))
+
+    def _decode(self, msg: Any, read: PartitionRead, watermark: ManualWatermarkEstimator) -> Iterator[Any]:
+        started = time.perf_counter()
+        kind, ts_ms = msg.timestamp()
+        event_time = Timestamp(micros=ts_ms * 1000) if kind != 0 and ts_ms >= 0 else Timestamp.now()
+        current = watermark.current_watermark()
+        if current is None or event_time > current:
+            watermark.set_watermark(event_time)
+        origin = {"topic": read.topic, "partition": read.partition, "offset": msg.offset(), "timestamp_ms": ts_ms}
+        raw = msg.value() or b""
+        self._messages.inc()
+        self._bytes.inc(len(raw))
+        try:
+            _check_headers(msg.headers())
+            batch = decode_batch(raw)
+            if not isinstance(batch, SparseFrameBatch):
+                raise FrameDecodeError(f"expected sparse frames, got a {type(batch).__name__}")
+        except FrameDecodeError as exc:
+            self._metrics.errors.inc()
+            letter = DeadLetter.from_raw(self._name, raw, exc, origin)
+            yield pvalue.TaggedOutput(DEAD_LETTER, TimestampedValue(letter, event_time))
+            return
+        self._metrics.observe(batch, started)
+        self._metrics.frames_out.inc(batch.n_frames)
+        yield TimestampedValue(batch.with_origin(origin), event_time)
+
+    def _report_lag(self, read: PartitionRead, high: int | None, position: int) -> None:
+        now = time.monotonic()
+        if high is None:
+            if now - self._last_lag_check < 5.0:
+                return
+            try:
+                consumer = self._consumers[(read.topic, read.partition)]
+                from confluent_kafka import TopicPartition
+
+                _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), timeout=5)
+            except Exception:  # lag is informative; never fail a read for it
+                return
+        self._last_lag_check = now
+        Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
+
+
+def _check_headers(headers: list[tuple[str, bytes]] | None) -> None:
+    for key, value in headers or []:
+        if key == CONTENT_TYPE_HEADER and value and value.decode(errors="replace") != CONTENT_TYPE:
+            raise FrameDecodeError(f"content-type {value!r} is not {CONTENT_TYPE}")
+        if key == SCHEMA_VERSION_HEADER and value and value.decode(errors="replace") != str(SCHEMA_VERSION):
+            raise FrameDecodeError(f"unknown schema version {value!r} in the message headers")
+
+
+class _Committer:
+    """Commits a partition's next offset once the runner has committed the bundle that read it."""
+
+    def __init__(self, consumer: Any, topic: str, partition: int, offset: int) -> None:
+        self._consumer, self._topic, self._partition, self._offset = consumer, topic, partition, offset
+
+    def __call__(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(self._topic, self._partition, self._offset)], asynchronous=False
+            )
+        except Exception as exc:  # a later commit covers it; re-reading is the at-least-once fallback
+            log.warning("commit of %s[%d]@%d failed: %s", self._topic, self._partition, self._offset, exc)
+
+
+@beam.DoFn.unbounded_per_element()
+class _ReadUnboundedPartitionFn(_ReadPartitionFn):
+    """The same reader, declared unbounded so streaming runners treat it as a stream."""
+
+
+class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
+    """Encoded sparse frame batches from a Kafka topic, one restriction per partition."""
+
+    name = "read_kafka_frames"
+    title = "Read frames from Kafka"
+    description = (
+        "Reads a topic of Arrow-encoded sparse frame batches from a start to a stop position (offsets, "
+        "timestamps, the group's committed offsets, or unbounded); undecodable messages go to dead letters."
+    )
+    Params = ReadFromKafkaParams
+    outputs = {"frames": Port(SparseFrameBatch, "Decoded frame batches, stamped with the message time")}
+
+    def __init__(
+        self, params: OperatorParams | Mapping[str, Any] | None = None, /, *, client: KafkaClientConfig, **kwargs: Any
+    ) -> None:
+        super().__init__(params, **kwargs)
+        self.client = client
+
+    def build(self, root: pvalue.PBegin) -> Mapping[str, pvalue.PCollection]:
+        p = self.params
+        reader = (_ReadUnboundedPartitionFn if p.unbounded else _ReadPartitionFn)(self.name, self.client, p)
+        results = (
+            root
+            | "Topic" >> beam.Create([p.topic])
+            | "Partitions" >> beam.ParDo(_ResolvePartitionsFn(self.client, p))
+            | "SpreadPartitions" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(reader).with_outputs(DEAD_LETTER, main="frames")
+        )
+        return {"frames": results.frames, DEAD_LETTER: results[DEAD_LETTER]}
+
+
+# --- sinks -------------------------------------------------------------------
+
+Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+
+
+def com_map_record(com: ComMap) -> Record:
+    """Key = scan number; value = ComMap Arrow IPC (see ComMap.to_bytes); headers say what it is."""
+    headers = [
+        (CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()),
+        (SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode()),
+        ("beamops-kind", b"com_map"),
+        ("beamops-final", b"1" if com.final else b"0"),
+        ("beamops-complete", b"1" if com.complete else b"0"),
+    ]
+    return str(com.scan_number).encode(), com.to_bytes(), headers
+
+
+def dead_letter_record(letter: DeadLetter) -> Record:
+    """Key = operator; value = the original bytes; headers = what failed, why, and where it came from."""
+    headers = [
+        ("beamops-operator", letter.operator.encode()),
+        ("beamops-error-type", letter.error_type.encode()),
+        ("beamops-error", letter.error[:4000].encode(errors="replace")),
+        ("beamops-payload-format", letter.payload_format.encode()),
+        ("beamops-origin", json.dumps(letter.origin, default=str).encode()),
+    ]
+    return letter.operator.encode(), letter.payload, headers
+
+
+class KafkaWriteParams(OperatorParams):
+    topic: str = Field(description="Topic to write to.")
+    flush_timeout_s: float = Field(120.0, gt=0, description="Longest wait for delivery at the end of a bundle (s).")
+
+
+class _WriteFn(beam.DoFn):
+    def __init__(self, client: KafkaClientConfig, params: KafkaWriteParams, encode: Callable[[Any], Record]) -> None:
+        self._client = client
+        self._params = params
+        self._encode = encode
+
+    def setup(self) -> None:
+        from confluent_kafka import Producer
+
+        self._producer = Producer(
+            self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        )
+        self._written = Metrics.counter(METRICS_NAMESPACE, "messages_out")
+
+    def start_bundle(self) -> None:
+        self._pending: list[tuple[Any, Timestamp, Any]] = []
+        self._failures: list[str] = []
+        self._delivered: list[tuple[str, Timestamp, Any]] = []
+
+    def process(
+        self, element: Any, timestamp: Timestamp = beam.DoFn.TimestampParam, window: Any = beam.DoFn.WindowParam
+    ) -> None:
+        key, value, headers = self._encode(element)
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None:
+                self._failures.append(str(err))
+            else:
+                self._delivered.append((f"{msg.topic()}:{msg.partition()}:{msg.offset()}", timestamp, window))
+
+        while True:
+            try:
+                self._producer.produce(self._params.topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain, then retry
+                self._producer.poll(0.5)
+        self._producer.poll(0)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        remaining = self._producer.flush(self._params.flush_timeout_s)
+        if self._failures or remaining:
+            raise RuntimeError(
+                f"Kafka delivery to {self._params.topic!r} failed for {len(self._failures)} messages "
+                f"({'; '.join(sorted(set(self._failures))[:3])}), {remaining} still undelivered"
+            )
+        self._written.inc(len(self._delivered))
+        for where, timestamp, window in self._delivered:
+            yield WindowedValue(where, timestamp, [window or GlobalWindow()])
+
+
+class _KafkaSink(Operator):
+    Params = KafkaWriteParams
+    encode: Callable[[Any], Record]
+
+    def __init__(
+        self, params: OperatorParams | Mapping[str, Any] | None = None, /, *, client: KafkaClientConfig, **kwargs: Any
+    ) -> None:
+        super().__init__(params, **kwargs)
+        self.client = client
+
+    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
+        written = main | "Produce" >> beam.ParDo(_WriteFn(self.client, self.params, type(self).encode))
+        # Delivery failures fail the bundle (Beam retries it), so nothing reaches dead letters here.
+        nothing = main.pipeline | "NoDeadLetters" >> beam.Create([]).with_output_types(DeadLetter)
+        return {"written": written, DEAD_LETTER: nothing}
+
+
+class write_com_maps_kafka(_KafkaSink):  # noqa: N801
+    """ComMaps (progressive and final) to a Kafka topic, key = scan number, value = Arrow IPC."""
+
+    name = "write_com_maps_kafka"
+    title = "Write COM maps to Kafka"
+    description = "Writes each ComMap as one Arrow IPC message keyed by scan number, with an idempotent producer."
+    inputs = {"in": Port(ComMap, "Center-of-mass maps")}
+    outputs = {"written": Port(str, "topic:partition:offset of each delivered message")}
+    encode = staticmethod(com_map_record)
+
+
+class write_dead_letters_kafka(_KafkaSink):  # noqa: N801
+    """Dead letters to a Kafka topic: the original bytes, with the error and origin in headers."""
+
+    name = "write_dead_letters_kafka"
+    title = "Write dead letters to Kafka"
+    description = "Writes each dead letter's original bytes, with operator, error and origin in the message headers."
+    inputs = {"in": Port(DeadLetter, "Failed elements")}
+    outputs = {"written": Port(str, "topic:partition:offset of each delivered message")}
+    encode = staticmethod(dead_letter_record)
