@@ -1,9 +1,10 @@
 """The operator catalog: built-in operators from ``transforms`` and plugins.
 
 Built-in operators are the Operator classes defined in the modules of the
-``transforms`` package and in the SDK's sources and sinks (``beamops.io``). Other installed packages add theirs through the
-``beamops.operators`` entry-point group; an entry point names a module (all
-its operators are added) or one Operator class.
+``transforms`` package and in the SDK's sources and sinks (``beamops.io``).
+Other installed packages add theirs through the ``beamops.operators``
+entry-point group; an entry point names a module (all its operators are
+added) or one Operator class.
 """
 
 from __future__ import annotations

@@ -198,6 +198,10 @@ class _PartitionRestrictions(RestrictionProvider):
         yield restriction  # a partition is the unit of parallelism
 
 
+_RESTRICTION_PARAM = beam.DoFn.RestrictionParam(_PartitionRestrictions())
+_WATERMARK_PARAM = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
+
+
 class _ReadPartitionFn(beam.DoFn):
     """Reads one partition's restriction; decodes each message into a frame batch."""
 
@@ -229,10 +233,8 @@ class _ReadPartitionFn(beam.DoFn):
         read: PartitionRead,
         # Beam passes the finalizer positionally and the SDF parameters by name: keep this order.
         finalizer: Any = beam.DoFn.BundleFinalizerParam,
-        tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_PartitionRestrictions()),
-        watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(
-            ManualWatermarkEstimator.default_provider()
-        ),
+        tracker: OffsetRestrictionTracker = _RESTRICTION_PARAM,
+        watermark: ManualWatermarkEstimator = _WATERMARK_PARAM,
     ) -> Iterator[Any]:
         from confluent_kafka import KafkaError, TopicPartition
 
@@ -424,9 +426,7 @@ class _WriteFn(beam.DoFn):
     def setup(self) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer(
-            self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5})
-        )
+        self._producer = Producer(self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5}))
         self._written = Metrics.counter(METRICS_NAMESPACE, "messages_out")
 
     def start_bundle(self) -> None:
@@ -447,7 +447,9 @@ class _WriteFn(beam.DoFn):
 
         while True:
             try:
-                self._producer.produce(self._params.topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                self._producer.produce(
+                    self._params.topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
                 break
             except BufferError:  # the local queue is full: let deliveries drain, then retry
                 self._producer.poll(0.5)
