@@ -60,3 +60,29 @@ def add_operator_arguments(parser: Any, operators: Iterable[type[Operator]]) -> 
 def operator_params(values: dict[str, Any], op: type[Operator]) -> dict[str, Any]:
     """The parameters of ``op`` that were given on the command line."""
     return {name: values[name] for name in op.Params.model_fields if values.get(name) is not None}
+
+
+def add_kafka_arguments(parser: Any, *, live: bool) -> None:
+    """Kafka input/output options of a job; ``live=False`` (replay) has no consumer group."""
+    from beamops.io.kafka import ReadFromKafkaParams
+
+    fields = ReadFromKafkaParams.model_fields
+    group = parser.add_argument_group("Kafka (without --bootstrap_servers the job uses the simulated source)")
+    group.add_argument("--bootstrap_servers", help="Kafka brokers, host:port[,host:port...]")
+    group.add_argument("--input_topic", help=fields["topic"].description)
+    group.add_argument("--output_topic", help="Topic for ComMaps (progressive and final), key = scan number.")
+    group.add_argument(
+        "--dead_letter_topic", help="Topic for dead letters; without it they go to <out_dir>/dead_letters/."
+    )
+    if live:
+        group.add_argument("--group_id", help=fields["group_id"].description)
+    group.add_argument("--start", help=fields["start"].description)
+    group.add_argument("--stop", help=fields["stop"].description)
+    group.add_argument("--kafka_config_file", help="librdkafka settings: key=value lines or a JSON object.")
+    group.add_argument(
+        "--kafka_config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="One librdkafka setting (repeatable), e.g. security.protocol=SASL_SSL; overrides the file.",
+    )

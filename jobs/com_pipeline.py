@@ -1,8 +1,15 @@
-"""Center-of-mass pipeline: frames -> com_partial -> com_reduce -> files.
+"""Center-of-mass pipeline: frames -> com_partial -> com_reduce -> Kafka and/or files.
 
     python -m jobs.com_pipeline                      # built-in simulated scan, writes out/
     python -m jobs.com_pipeline --scan_rows 256 --scan_cols 256 --events_per_frame 500
+    python -m jobs.com_pipeline --bootstrap_servers 127.0.0.1:9092 --input_topic frames \\
+        --output_topic com --group_id com-live --start committed --stop never --streaming
     python -m jobs.com_pipeline --help
+
+Without ``--bootstrap_servers`` the frames come from the built-in simulated
+scan and the maps go to files. With it they come from ``--input_topic`` and
+the maps go to ``--output_topic`` and/or to files under ``--out_dir``.
+Dead letters go to ``--dead_letter_topic`` or to ``<out_dir>/dead_letters/``.
 
 Without ``--runner`` the job runs on Beam's in-process batch engine (the
 DirectRunner's FnApiRunner), named explicitly so that it never tries to
@@ -22,7 +29,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops import OperatorParameterError
-from beamops.options import add_operator_arguments, operator_params
+from beamops.io.kafka import read_kafka_frames, write_com_maps_kafka, write_dead_letters_kafka
+from beamops.io.kafka_config import KafkaClientConfig
+from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.simulated_scan import simulated_scan
@@ -31,58 +40,102 @@ from transforms.write_dead_letters import write_dead_letters
 
 OPERATORS = (simulated_scan, com_partial, com_reduce, write_com_map)
 DEFAULT_RUNNER = "FnApiRunner"
+DEFAULT_OUT_DIR = "out"
 log = logging.getLogger("jobs.com_pipeline")
 
 
 class ComPipelineOptions(PipelineOptions):
-    """The job's options: one per parameter of its operators."""
+    """The job's options: one per parameter of its operators, plus Kafka input and output."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
+        add_kafka_arguments(parser, live=True)
         add_operator_arguments(parser, OPERATORS)
 
 
+def kafka_client(values: dict[str, Any]) -> KafkaClientConfig:
+    return KafkaClientConfig.load(values["bootstrap_servers"], values.get("kafka_config_file"), values["kafka_config"])
+
+
 def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
-    """Wire source -> com_partial -> com_reduce -> sinks with the given parameter values."""
-    frames = pipeline | simulated_scan(operator_params(values, simulated_scan))
+    """Wire source -> com_partial -> com_reduce -> sinks with the given option values."""
+    from_kafka = bool(values.get("bootstrap_servers"))
+    out_dir = values.get("out_dir") or DEFAULT_OUT_DIR
+    if from_kafka:
+        if not values.get("input_topic"):
+            raise OperatorParameterError("--bootstrap_servers needs --input_topic")
+        if not values.get("output_topic") and not values.get("out_dir"):
+            raise OperatorParameterError("--bootstrap_servers needs --output_topic or --out_dir for the maps")
+        client = kafka_client(values)
+        source = read_kafka_frames(
+            {
+                "topic": values["input_topic"],
+                "group_id": values.get("group_id"),
+                **{k: values[k] for k in ("start", "stop") if values.get(k)},
+            },
+            client=client,
+        )
+    else:
+        source = simulated_scan(operator_params(values, simulated_scan))
+    frames = pipeline | source
     maps = frames | com_partial(operator_params(values, com_partial)) | com_reduce(operator_params(values, com_reduce))
-    written = maps | write_com_map(operator_params(values, write_com_map))
-    written.main | "LogWritten" >> beam.Map(lambda path: log.info("wrote %s", path))
-    written.dead_letter | write_dead_letters(out_dir=values.get("out_dir") or "out")
+    dead_letters = [maps.dead_letter]
+    if from_kafka and values.get("output_topic"):
+        sent = maps.com_map | write_com_maps_kafka(client=client, topic=values["output_topic"])
+        dead_letters.append(sent.dead_letter)
+    if not from_kafka or values.get("out_dir"):
+        written = maps.com_map | write_com_map(operator_params(values, write_com_map))
+        written.main | "LogWritten" >> beam.Map(lambda path: log.info("wrote %s", path))
+        dead_letters.append(written.dead_letter)
+    all_dead = dead_letters | "AllDeadLetters" >> beam.Flatten()
+    if from_kafka and values.get("dead_letter_topic"):
+        all_dead | write_dead_letters_kafka(client=client, topic=values["dead_letter_topic"])
+    else:
+        all_dead | write_dead_letters(out_dir=out_dir)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+def parse_args(argv: Sequence[str], prog: str = "python -m jobs.com_pipeline") -> tuple[dict[str, Any], list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.com_pipeline",
-        description="Center-of-mass map of 4D-STEM scans; writes scan_<N>_com.npz and .png per scan.",
+        prog=prog,
+        description="Center-of-mass map of 4D-STEM scans, from a simulated scan or a Kafka topic.",
         epilog=(
             "Any Beam pipeline option is also accepted and passed to Beam, e.g. --runner "
-            f"(default here: {DEFAULT_RUNNER}, the DirectRunner's in-process engine) or --direct_num_workers."
+            f"(default here: {DEFAULT_RUNNER}, the DirectRunner's in-process engine), --streaming, "
+            "--direct_num_workers."
         ),
     )
     ComPipelineOptions._add_argparse_args(parser)
     known, beam_args = parser.parse_known_args(argv)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
-        beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     return vars(known), beam_args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(values: dict[str, Any], beam_args: list[str], build_fn: Any = build) -> int:
+    """Build and run the pipeline; a bad option is a one-line error (exit 2) before anything runs."""
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     started = time.monotonic()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     try:
-        build(pipeline, values)
-    except OperatorParameterError as exc:
-        print(f"python -m jobs.com_pipeline: error: {exc}", file=sys.stderr)
+        build_fn(pipeline, values)
+    except (OperatorParameterError, ValueError, OSError) as exc:
+        print(f"{sys.argv[0] if sys.argv else 'job'}: error: {exc}", file=sys.stderr)
         return 2
     log.info("running on %s", pipeline.options.get_all_options()["runner"])
     result = pipeline.run()
     result.wait_until_finish()
     log.info("done in %.1f s", time.monotonic() - started)
     return 0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(values, beam_args)
 
 
 if __name__ == "__main__":

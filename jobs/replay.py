@@ -1,0 +1,62 @@
+"""Replay: reprocess a range of a frames topic into a separate output.
+
+    python -m jobs.replay --bootstrap_servers 127.0.0.1:9092 --input_topic frames \\
+        --start offset:0 --stop latest --output_topic com-replay [--crop_radius 30 ...]
+    python -m jobs.replay ... --start timestamp:2026-11-23T10:00:00Z --stop timestamp:2026-11-23T11:00:00Z \\
+        --out_dir replay/
+
+The range is given by offsets (``offset:N`` or per partition ``offset:0=N,1=M``)
+or timestamps; the stop is exclusive and must be bounded. Operator parameters
+may differ from the live run's. A replay never joins, reads or moves a
+consumer group: it reads with a throw-away group and commits nothing, so the
+live job's position is untouched. Its output must be a topic other than the
+input, or a directory. On the same range with the same parameters, a replay
+writes byte-identical ComMaps to those of the live run: the reduction sums
+integers exactly, so the order in which partitions are read does not matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+
+from beamops import OperatorParameterError
+from beamops.options import add_kafka_arguments, add_operator_arguments
+from jobs import com_pipeline
+
+
+def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
+    for required in ("bootstrap_servers", "input_topic", "start", "stop"):
+        if not values.get(required):
+            raise OperatorParameterError(f"a replay needs --{required}")
+    if values["stop"].strip() == "never":
+        raise OperatorParameterError("a replay needs a bounded --stop (latest, offset:..., timestamp:...)")
+    if values.get("output_topic") == values["input_topic"]:
+        raise OperatorParameterError("--output_topic must differ from --input_topic")
+    com_pipeline.build(pipeline, {**values, "group_id": None})
+
+
+def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.replay",
+        description="Reprocess a range of a frames topic into a separate topic or directory, without a consumer group.",
+        epilog="Beam pipeline options (--runner, ...) are passed to Beam, as for jobs.com_pipeline.",
+    )
+    add_kafka_arguments(parser, live=False)
+    add_operator_arguments(parser, com_pipeline.OPERATORS[1:])
+    known, beam_args = parser.parse_known_args(argv)
+    return vars(known), beam_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    com_pipeline.setup_logging()
+    values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+    return com_pipeline.run(values, beam_args, build_fn=build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
