@@ -27,7 +27,9 @@ class ComPartial:
 
     For each frame: its flat ``scan_positions`` (uint32), ``sum_x`` and ``sum_y``
     (float64: sums of the column and row index of the kept events) and
-    ``counts`` (int64: number of kept events). The mean is
+    ``counts`` (int64: number of kept events), and the frames'
+    ``frame_numbers`` when known (they let the reduction drop redelivered
+    frames). The mean is
     ``sum_x / counts``; keeping sums, not means, makes the reduction exact
     when one position's frames arrive in different batches.
     """
@@ -39,6 +41,7 @@ class ComPartial:
     sum_x: np.ndarray
     sum_y: np.ndarray
     counts: np.ndarray
+    frame_numbers: np.ndarray | None = None
     origin: dict[str, Any] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
@@ -49,15 +52,15 @@ class ComPartial:
         return len(self.scan_positions)
 
     def to_bytes(self) -> bytes:
-        rb = pa.RecordBatch.from_arrays(
-            [
-                pa.array(self.scan_positions, pa.uint32()),
-                pa.array(self.sum_x, pa.float64()),
-                pa.array(self.sum_y, pa.float64()),
-                pa.array(self.counts, pa.int64()),
-            ],
-            names=["scan_position", "sum_x", "sum_y", "count"],
-        )
+        columns = {
+            "scan_position": pa.array(self.scan_positions, pa.uint32()),
+            "sum_x": pa.array(self.sum_x, pa.float64()),
+            "sum_y": pa.array(self.sum_y, pa.float64()),
+            "count": pa.array(self.counts, pa.int64()),
+        }
+        if self.frame_numbers is not None:
+            columns["frame_number"] = pa.array(self.frame_numbers, pa.uint64())
+        rb = pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
         rb = rb.replace_schema_metadata({_KIND_KEY: self.KIND.encode(), _HEADER_KEY: self.header.to_json()})
         return _write_ipc(rb)
 

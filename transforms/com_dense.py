@@ -82,4 +82,6 @@ def com_dense(batch: DenseFrameBatch, params: ComCropParams) -> ComPartial:
     sum_y = np.empty(n, np.float64)
     counts = np.empty(n, np.int64)
     com_dense_kernel(batch.frames, *params.kernel_args(), sum_x, sum_y, counts)
-    return ComPartial(batch.header, batch.scan_positions, sum_x, sum_y, counts, origin=batch.origin)
+    return ComPartial(
+        batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
+    )

@@ -35,6 +35,7 @@ class ComCropParams(OperatorParams):
 
     init_center_x: float | None = Field(
         None,
+        allow_inf_nan=False,
         title="Initial center X (column)",
         description=(
             "Crop centre, detector column in px (beamops x = column; interactEM passes its "
@@ -43,23 +44,27 @@ class ComCropParams(OperatorParams):
     )
     init_center_y: float | None = Field(
         None,
+        allow_inf_nan=False,
         title="Initial center Y (row)",
         description="Crop centre, detector row in px (beamops y = row). Set together with init_center_x.",
     )
     crop_to_x: float | None = Field(
         None,
+        allow_inf_nan=False,
         ge=0,
         title="Crop to X (column half-width)",
         description="Box crop half-width along columns in px: keep cx - w < x <= cx + w (stempy 3.4.1). Unset: no box.",
     )
     crop_to_y: float | None = Field(
         None,
+        allow_inf_nan=False,
         ge=0,
         title="Crop to Y (row half-width)",
         description="Box crop half-width along rows in px: keep cy - w < y <= cy + w. Set together with crop_to_x.",
     )
     crop_radius: float | None = Field(
         None,
+        allow_inf_nan=False,
         ge=0,
         title="Crop radius",
         description="Circular crop radius in px: keep events at distance <= radius from the centre (stempy >= 3.4.2).",
@@ -173,4 +178,6 @@ def com_partial(batch: SparseFrameBatch, params: ComCropParams) -> ComPartial:
     com_sparse_kernel(
         batch.events, batch.offsets, batch.header.frame_shape[1], *params.kernel_args(), sum_x, sum_y, counts
     )
-    return ComPartial(batch.header, batch.scan_positions, sum_x, sum_y, counts, origin=batch.origin)
+    return ComPartial(
+        batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
+    )

@@ -18,8 +18,12 @@ What it emits, per scan:
   watermark reaches the end at end of input, so an incomplete scan is flushed
   then.
 
-Frames of a scan that arrive after its final map go to dead letters until
-the timeout has passed again; after that they start a new (partial) scan.
+Frames of a scan that arrive after its final map go to dead letters for
+``finished_retention_s`` of event time; after that the scan number may start
+a new scan. When the header gives ``total_frames``, the state also keeps one
+bit per frame, so a redelivered frame (Kafka is at-least-once) is counted
+once: it is skipped and counted in the ``duplicate_frames`` metric. Without
+``total_frames`` redeliveries cannot be told apart and are counted again.
 """
 
 from __future__ import annotations
@@ -60,6 +64,15 @@ class ComReduceParams(OperatorParams):
         title="Timeout (s)",
         description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
     )
+    finished_retention_s: float = Field(
+        3600.0,
+        gt=0,
+        title="Finished scan retention (s)",
+        description=(
+            "For this many seconds of event time after a scan's final map, its frames are late (dead letters); "
+            "after that its number may start a new scan."
+        ),
+    )
     replace_nans: bool = Field(
         False,
         title="Replace NaNs",
@@ -77,21 +90,39 @@ def _accumulate(
     part_x: np.ndarray,
     part_y: np.ndarray,
     part_n: np.ndarray,
+    frame_numbers: np.ndarray,
+    seen_frames: np.ndarray,
+    dedup: bool,
     sum_x: np.ndarray,
     sum_y: np.ndarray,
     counts: np.ndarray,
     frames: np.ndarray,
-) -> int:
-    """Scatter-add per-frame sums into per-position sums; return newly seen positions."""
+) -> tuple[int, int]:
+    """Scatter-add per-frame sums into per-position sums.
+
+    With ``dedup``, a frame whose bit is already set in ``seen_frames`` is a
+    redelivery and is skipped. Returns (newly seen positions, duplicates).
+    """
     new_positions = 0
+    duplicates = 0
     for i in range(len(positions)):
+        if dedup:
+            f = frame_numbers[i]
+            byte, bit = f >> 3, np.uint8(1 << (f & 7))
+            if seen_frames[byte] & bit:
+                duplicates += 1
+                continue
+            seen_frames[byte] |= bit
         p = positions[i]
         new_positions += frames[p] == 0
         frames[p] += 1
         sum_x[p] += part_x[i]
         sum_y[p] += part_y[i]
         counts[p] += part_n[i]
-    return new_positions
+    return new_positions, duplicates
+
+
+_NO_FRAMES = np.zeros(0, np.uint64)
 
 
 @dataclass
@@ -103,12 +134,15 @@ class ScanAccumulator:
     sum_y: np.ndarray
     counts: np.ndarray
     frames: np.ndarray
+    seen_frames: np.ndarray
     frames_seen: int = 0
     positions_seen: int = 0
+    duplicates: int = 0
     next_emit: int = 0
 
     @classmethod
     def empty(cls, header: FrameHeader, emit_every: int) -> ScanAccumulator:
+        """Per-position sums, plus one bit per expected frame when the header gives total_frames."""
         p = header.n_positions
         return cls(
             header,
@@ -116,21 +150,47 @@ class ScanAccumulator:
             np.zeros(p, np.float64),
             np.zeros(p, np.int64),
             np.zeros(p, np.uint32),
+            np.zeros(-(-(header.total_frames or 0) // 8), np.uint8),
             next_emit=emit_every,
         )
 
-    def add(self, partial: ComPartial) -> None:
+    def add(self, partial: ComPartial) -> int:
+        """Accumulate ``partial``; return how many of its frames were redeliveries (skipped).
+
+        Raises ValueError, before touching any sum, for a batch that does not
+        belong to this scan's shape or whose positions or frame numbers are out
+        of range.
+        """
         h, mine = partial.header, self.header
-        if (h.scan_shape, h.frame_shape) != (mine.scan_shape, mine.frame_shape):
+        if (h.scan_shape, h.frame_shape, h.total_frames) != (mine.scan_shape, mine.frame_shape, mine.total_frames):
             raise ValueError(
                 f"scan {h.scan_number}: batch has scan_shape {h.scan_shape}, frame_shape {h.frame_shape}, "
-                f"but the scan started with {mine.scan_shape}, {mine.frame_shape}"
+                f"total_frames {h.total_frames}, but the scan started with {mine.scan_shape}, "
+                f"{mine.frame_shape}, {mine.total_frames}"
             )
-        self.positions_seen += _accumulate(
+        n = partial.n_frames
+        if not (len(partial.sum_x) == len(partial.sum_y) == len(partial.counts) == n):
+            raise ValueError(f"scan {h.scan_number}: ComPartial columns have different lengths")
+        if n and int(partial.scan_positions.max()) >= mine.n_positions:
+            raise ValueError(
+                f"scan {h.scan_number}: scan position {int(partial.scan_positions.max())} out of range "
+                f"for scan_shape {mine.scan_shape}"
+            )
+        dedup = mine.total_frames is not None and partial.frame_numbers is not None
+        if dedup and n and int(partial.frame_numbers.max()) >= mine.total_frames:
+            raise ValueError(
+                f"scan {h.scan_number}: frame number {int(partial.frame_numbers.max())} out of range "
+                f"for a scan of {mine.total_frames} frames"
+            )
+        new_positions, duplicates = _accumulate(
             partial.scan_positions, partial.sum_x, partial.sum_y, partial.counts,
+            partial.frame_numbers if dedup else _NO_FRAMES, self.seen_frames, dedup,
             self.sum_x, self.sum_y, self.counts, self.frames,
         )  # fmt: skip
-        self.frames_seen += partial.n_frames
+        self.positions_seen += new_positions
+        self.frames_seen += n - duplicates
+        self.duplicates += duplicates
+        return duplicates
 
     @property
     def complete(self) -> bool:
@@ -172,6 +232,7 @@ class _ComReduceFn(beam.DoFn):
         self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
         self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
         self._snapshots = Metrics.counter(METRICS_NAMESPACE, "progressive_maps")
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
 
     def process(
         self,
@@ -188,7 +249,7 @@ class _ComReduceFn(beam.DoFn):
             if finished_state.read():
                 raise LateFrameError(f"scan {scan_number} already emitted its final map; {len(partial)} frames late")
             acc = scan_state.read() or ScanAccumulator.empty(partial.header, self._params.emit_every)
-            acc.add(partial)
+            duplicates = acc.add(partial)
         except Exception as exc:  # the batch goes to dead letters; the scan goes on
             self._metrics.errors.inc()
             yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, partial, exc))
@@ -196,11 +257,16 @@ class _ComReduceFn(beam.DoFn):
         finally:
             self._metrics.observe(partial, started)
 
+        if duplicates:
+            self._duplicates.inc(duplicates)
+            log.warning("scan %d: skipped %d frames already reduced (redelivered)", scan_number, duplicates)
         latest = max(timestamp, max_ts_state.read() or timestamp)
         max_ts_state.write(latest)
-        timeout.set(latest + Duration.of(self._params.timeout_s))
 
         if acc.complete:
+            # Keep the scan marked finished for a while, so stragglers become dead letters
+            # instead of a second, incomplete "final" map that would replace this one.
+            timeout.set(latest + Duration.of(self._params.finished_retention_s))
             scan_state.clear()
             finished_state.write(True)
             self._completed.inc()
@@ -208,6 +274,7 @@ class _ComReduceFn(beam.DoFn):
             log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
             yield acc.com_map(final=True, replace_nans=self._params.replace_nans)
             return
+        timeout.set(latest + Duration.of(self._params.timeout_s))
         if self._params.emit_every and acc.frames_seen >= acc.next_emit:
             every = self._params.emit_every
             acc.next_emit = (acc.frames_seen // every + 1) * every

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.<name> [--quick]``. They print tables; they are not tests."""

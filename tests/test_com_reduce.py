@@ -1,0 +1,505 @@
+"""com_reduce: exact event-weighted reduction, progressive/final maps, timeouts, dead letters.
+
+Batch cases run on FnApiRunner (``run_operator``); cases that depend on the
+order of elements or on the watermark use a TestStream on
+BundleBasedDirectRunner. Under TestStream the watermark is advanced past the
+last timer before ``advance_watermark_to_infinity()`` (DESIGN.md section 6),
+otherwise ``assert_that`` misses what those timers emit.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
+from apache_beam.testing.test_stream import TestStream as BeamTestStream
+from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from beamops import ComMap, ComPartial, FrameHeader, SparseFrameBatch
+from beamops.testing import ScanSimulation, assert_com_close, matches_com, run_operator
+from transforms.com_partial import com_partial
+from transforms.com_reduce import com_reduce
+
+STREAM_RUNNER = "--runner=BundleBasedDirectRunner"
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def reference_com(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Plain numpy event-weighted COM per position (x = column, y = row), no crop."""
+    header = batches[0].header
+    sx = np.zeros(header.n_positions)
+    sy = np.zeros(header.n_positions)
+    n = np.zeros(header.n_positions)
+    for b in batches:
+        for i in range(b.n_frames):
+            row, col = np.divmod(b.frame(i).astype(np.int64), header.frame_shape[1])
+            p = int(b.scan_positions[i])
+            sx[p] += col.sum()
+            sy[p] += row.sum()
+            n[p] += len(col)
+    with np.errstate(invalid="ignore"):
+        return (sx / n).reshape(header.scan_shape), (sy / n).reshape(header.scan_shape)
+
+
+def events(frame_cols: int, cols, rows) -> np.ndarray:
+    return (np.asarray(rows) * frame_cols + np.asarray(cols)).astype(np.uint32)
+
+
+def small_sim(**overrides) -> ScanSimulation:
+    params = {
+        "scan_shape": (6, 8),
+        "frame_shape": (64, 64),
+        "events_per_frame": 20.0,
+        "disc_radius": 8.0,
+        "shift_amplitude": 4.0,
+        "seed": 1,
+        "scan_number": 1,
+    }
+    params.update(overrides)
+    return ScanSimulation(**params)
+
+
+def reduce_chain(**reduce_params):
+    return lambda frames: frames | com_partial() | com_reduce(**reduce_params)
+
+
+def stream_of(*steps) -> BeamTestStream:
+    """A TestStream from (timestamp, element) pairs and ("watermark", t) steps.
+
+    The watermark is finally moved to 1e6 s, past every timer these tests set,
+    and then to infinity.
+    """
+    stream = BeamTestStream()
+    for step in steps:
+        if step[0] == "watermark":
+            stream = stream.advance_watermark_to(step[1])
+        else:
+            ts, element = step
+            stream = stream.add_elements([TimestampedValue(element, ts)])
+    return stream.advance_watermark_to(1e6).advance_watermark_to_infinity()
+
+
+def summary(m: ComMap) -> tuple[int, int, bool, bool]:
+    return (m.scan_number, m.frames_seen, m.final, m.complete)
+
+
+def check(fn):
+    """An assert_that matcher from a function that uses plain asserts."""
+
+    def _match(actual):
+        try:
+            fn(actual)
+        except AssertionError as exc:
+            raise BeamAssertException(str(exc)) from exc
+
+    return _match
+
+
+# --- exact reduction ------------------------------------------------------------------
+
+
+def test_event_weighted_mean_across_batches():
+    # Position 0: frame A (1 event at column 10, row 4) in batch 1, frame B
+    # (3 events at column 20, row 8) in batch 2. The event-weighted mean is
+    # (10 + 3*20)/4 = 17.5 (not 15, the mean of the frame means); rows: (4 + 24)/4 = 7.
+    w = 32
+    header = FrameHeader(scan_number=5, scan_shape=(1, 2), frame_shape=(16, w), total_frames=3)
+    batch1 = SparseFrameBatch.from_frames(header, [events(w, [10], [4])], [0], [0])
+    batch2 = SparseFrameBatch.from_frames(
+        header, [events(w, [20, 20, 20], [8, 8, 8]), events(w, [3, 5], [1, 2])], [0, 1], [1, 2]
+    )
+    result = run_operator(reduce_chain(emit_every=0), [batch1, batch2])
+    assert result.dead_letters == []
+    final = result.final_maps()[5]
+    assert (final.frames_seen, final.positions_seen, final.final, final.complete) == (3, 2, True, True)
+    assert final.x[0, 0] == pytest.approx(17.5) and final.y[0, 0] == pytest.approx(7.0)
+    assert final.x[0, 1] == pytest.approx(4.0) and final.y[0, 1] == pytest.approx(1.5)
+
+
+def test_event_weighted_mean_from_hand_built_partials():
+    # The same reduction fed directly with ComPartials (sums and counts), in
+    # three elements, with a frame of position 1 that kept no events.
+    header = FrameHeader(scan_number=2, scan_shape=(2, 2), frame_shape=(64, 64), total_frames=6)
+
+    def partial(positions, sum_x, sum_y, counts):
+        return ComPartial(
+            header,
+            np.asarray(positions, np.uint32),
+            np.asarray(sum_x, np.float64),
+            np.asarray(sum_y, np.float64),
+            np.asarray(counts, np.int64),
+        )
+
+    partials = [
+        partial([0, 1], [10.0, 0.0], [4.0, 0.0], [1, 0]),
+        partial([0, 2], [60.0, 90.0], [24.0, 30.0], [3, 3]),
+        partial([3, 1], [7.0, 44.0], [11.0, 2.0], [1, 2]),
+    ]
+    result = run_operator(com_reduce(emit_every=0), partials)
+    assert result.dead_letters == []
+    final = result.final_maps()[2]
+    assert final.complete and final.frames_seen == 6 and final.positions_seen == 4
+    np.testing.assert_allclose(final.x, [[17.5, 22.0], [30.0, 7.0]])
+    np.testing.assert_allclose(final.y, [[7.0, 1.0], [10.0, 11.0]])
+
+
+def test_several_frames_of_one_position_in_one_batch():
+    w = 40
+    header = FrameHeader(scan_number=1, scan_shape=(2, 2), frame_shape=(32, w))
+    rng = np.random.default_rng(3)
+    positions = [0, 0, 1, 0, 2, 3, 3, 1]
+    frames = [events(w, rng.integers(0, w, k), rng.integers(0, 32, k)) for k in (1, 5, 2, 3, 4, 6, 1, 7)]
+    batch = SparseFrameBatch.from_frames(header, frames, positions)
+    result = run_operator(reduce_chain(emit_every=0), [batch])
+    assert result.dead_letters == []
+    final = result.final_maps()[1]
+    assert final.frames_seen == 8 and final.positions_seen == 4 and final.complete
+    want = reference_com([batch])
+    assert_com_close(final, want, atol=1e-5)
+    # a last-write-wins scatter (numpy fancy-index +=) would keep only frame 3 at position 0
+    assert not np.isclose(final.x[0, 0], (frames[3] % w).mean())
+
+
+# --- progressive and final maps ----------------------------------------------------------
+
+
+def test_progressive_snapshots_then_final_map_under_test_stream():
+    sim = small_sim()  # 48 positions, one frame each, total_frames = 48
+    batches = list(sim.batches(10))  # 10, 10, 10, 10, 8 frames
+    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+
+    def expect(maps):
+        maps = sorted(maps, key=lambda m: m.frames_seen)
+        # emit_every=16: a snapshot when frames_seen first reaches 16, 32 (at 20 and
+        # 40 frames), none at 48 because the final map replaces it.
+        assert [(m.frames_seen, m.final, m.complete) for m in maps] == [
+            (20, False, False),
+            (40, False, False),
+            (48, True, True),
+        ]
+        assert [m.positions_seen for m in maps] == [20, 40, 48]
+        # a snapshot holds the exact map of the frames seen so far, NaN elsewhere
+        assert_com_close(maps[0], reference_com(_pad(batches[:2], batches)), atol=1e-4)
+        assert_com_close(maps[-1], reference_com(batches), atol=1e-4)
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=16)
+        assert_that(out.com_map, check(expect))
+        assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
+
+
+def _pad(seen, all_batches):
+    """``seen`` plus the remaining frames emptied (so reference_com gives NaN there)."""
+    rest = [b for b in all_batches if b not in seen]
+    empty = [
+        SparseFrameBatch.from_frames(b.header, [np.zeros(0, np.uint32)] * b.n_frames, b.scan_positions, b.frame_numbers)
+        for b in rest
+    ]
+    return list(seen) + empty
+
+
+def split(batch: SparseFrameBatch, sizes: list[int]) -> list[SparseFrameBatch]:
+    """``batch``'s frames, in order, cut into batches of the given sizes."""
+    assert sum(sizes) == batch.n_frames
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [
+        SparseFrameBatch.from_frames(
+            batch.header,
+            [batch.frame(i) for i in range(a, b)],
+            batch.scan_positions[a:b],
+            batch.frame_numbers[a:b],
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def test_progressive_snapshots_count_frames_with_uneven_batches():
+    # 3 frames per position, total_frames = 144. Every position is seen after 48
+    # frames, but only total_frames completes the scan. With emit_every=40, the
+    # first batch overshoots two thresholds (90 frames): the next snapshot is due
+    # at the next multiple of 40 (120, reached at 130), not at 80 or 100.
+    sim = small_sim(frames_per_position=3, events_per_frame=10.0)
+    batches = split(sim.batch(0, sim.n_frames), [90, 10, 10, 20, 14])
+    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=40)
+        assert_that(
+            out.com_map | beam.Map(lambda m: (*summary(m), m.positions_seen)),
+            equal_to([(1, 90, False, False, 48), (1, 130, False, False, 48), (1, 144, True, True, 48)]),
+        )
+
+
+def test_completion_by_total_frames():
+    # header.total_frames = 3 * positions: all positions are seen after the first
+    # third of the frames, but the scan is complete only when every frame is in.
+    sim = small_sim(frames_per_position=3)
+    batches = list(sim.batches(24))
+    assert sim.header.total_frames == sim.n_frames == 144
+    result = run_operator(reduce_chain(emit_every=0), batches)
+    assert result.dead_letters == []
+    assert [summary(m) for m in result.outputs] == [(1, 144, True, True)]
+    final = result.outputs[0]
+    assert final.positions_seen == sim.n_positions
+    assert_com_close(final, reference_com(batches), atol=1e-4)
+
+
+def test_total_frames_unknown_completes_when_every_position_is_seen():
+    # Without total_frames the scan is complete once every position has a frame
+    # (DESIGN.md section 5); frames that come after the final map are late.
+    sim = small_sim(frames_per_position=3, declare_total_frames=False)
+    batches = list(sim.batches(24))  # 6 batches; positions all seen after batch 2
+    assert sim.header.total_frames is None
+    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0)
+        assert_that(
+            out.com_map,
+            check(lambda maps: _check_final_first_pass(maps, batches[:2])),
+        )
+        assert_that(
+            out.dead_letter | beam.Map(lambda d: (d.error_type, _rows(d.payload))),
+            equal_to([("LateFrameError", 24)] * 4),
+            label="LateFrames",
+        )
+
+
+def _check_final_first_pass(maps, first_batches):
+    assert [summary(m) for m in maps] == [(1, 48, True, True)]
+    assert maps[0].positions_seen == 48
+    assert_com_close(maps[0], reference_com(first_batches), atol=1e-4)
+
+
+def _rows(payload: bytes) -> int:
+    """Number of frames in a dead letter's Arrow IPC payload."""
+    return pa.ipc.open_stream(payload).read_all().num_rows
+
+
+def test_incomplete_scan_is_flushed_at_end_of_bounded_run():
+    sim = small_sim()
+    batches = list(sim.batches(10))
+    kept = [batches[0], batches[2], batches[4]]  # 28 of 48 frames
+    result = run_operator(reduce_chain(emit_every=0), kept)
+    assert result.dead_letters == []
+    assert [summary(m) for m in result.outputs] == [(1, 28, True, False)]
+    final = result.outputs[0]
+    assert final.positions_seen == 28
+    seen = np.zeros(sim.n_positions, bool)
+    for b in kept:
+        seen[b.scan_positions] = True
+    seen = seen.reshape(sim.scan_shape)
+    assert np.isnan(final.x[~seen]).all() and np.isnan(final.y[~seen]).all()
+    assert np.isfinite(final.x[seen]).all()
+    assert_com_close(final, reference_com(_pad(kept, batches)), atol=1e-4)
+    assert result.counter("scans_timed_out") == 1 and result.counter("scans_completed") == 0
+
+
+def test_timeout_in_event_time_flushes_before_later_elements():
+    sim1 = small_sim(scan_number=1)
+    sim2 = small_sim(scan_number=2, seed=9)
+    b1 = list(sim1.batches(16))  # 3 batches of 16
+    b2 = list(sim2.batches(16))
+    stream = stream_of(
+        (0.0, b1[0]),
+        (1.0, b1[1]),
+        ("watermark", 1.0 + 10.0 + 0.5),  # timeout_s = 10 after the last scan-1 element
+        (20.0, b2[0]),
+        (21.0, b2[1]),
+        (22.0, b1[2]),  # the rest of scan 1 comes after its flush
+        (23.0, b2[2]),
+    )
+
+    def expect(stamped):
+        got = sorted((summary(m), ts) for ts, m in stamped)
+        assert [s for s, _ in got] == [
+            (1, 16, True, False),  # the third batch alone, flushed at the end
+            (1, 32, True, False),  # flushed by the timeout, before the later elements
+            (2, 48, True, True),
+        ]
+        flushed_at = got[1][1]
+        assert 11.0 <= flushed_at < 20.0  # the timer's event time, before the next element
+        first_flush = next(m for _, m in stamped if m.scan_number == 1 and m.frames_seen == 32)
+        assert first_flush.positions_seen == 32
+        assert np.isnan(first_flush.x.ravel()[32:]).all() and np.isfinite(first_flush.x.ravel()[:32]).all()
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0)
+        stamped = out.com_map | beam.Map(lambda m, ts=beam.DoFn.TimestampParam: (float(ts), m))
+        assert_that(stamped, check(expect))
+        assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
+
+
+def test_timeout_counts_from_the_latest_event_time_seen():
+    # An element with an earlier timestamp (out of order, not late) must not pull
+    # the timeout back: the timer stays at max(event time) + timeout_s = 20.
+    sim = small_sim()
+    b = list(sim.batches(12))
+    stream = stream_of(
+        (0.0, b[0]),
+        (10.0, b[1]),
+        (1.0, b[2]),
+        ("watermark", 15.0),  # past 1 + 10, before 10 + 10
+        (16.0, b[3]),
+    )
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0)
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True)]))
+
+
+def test_late_frames_of_finished_scan_go_to_dead_letters():
+    sim = small_sim()
+    batches = list(sim.batches(12))  # 4 batches of 12
+    late = sim.batch(1, 12)  # a repeat of batch 1 after the scan completed
+    other = small_sim(scan_number=7, seed=4)
+    other_batches = list(other.batches(48))
+    stream = stream_of(
+        *[(float(i), b) for i, b in enumerate(batches)],
+        (5.0, late),
+        (6.0, other_batches[0]),
+    )
+
+    def expect_dead(dead):
+        assert len(dead) == 1
+        (d,) = dead
+        assert d.error_type == "LateFrameError" and d.operator == "com_reduce"
+        assert "scan 1" in d.error
+        assert d.payload_format == "arrow-ipc"
+        table = pa.ipc.open_stream(d.payload).read_all()
+        np.testing.assert_array_equal(table.column("scan_position").to_numpy(), late.scan_positions)
+        assert d.origin == late.origin
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0)
+        # nothing else is lost: both scans complete, with their exact maps
+        assert_that(
+            out.com_map,
+            matches_com({1: reference_com(batches), 7: reference_com(other_batches)}, atol=1e-4, final_only=False),
+        )
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True), (7, 48, True, True)]), label="Maps")
+        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+
+
+def test_late_frames_stay_dead_letters_during_the_retention_then_start_a_new_scan():
+    # A straggler must not produce a second, incomplete "final" map that would
+    # replace the complete one: within finished_retention_s it is a dead letter
+    # (even after timeout_s has passed); after the retention the scan number is free again.
+    sim = small_sim()
+    batches = list(sim.batches(12))
+    stream = stream_of(
+        *[(float(i), b) for i, b in enumerate(batches)],  # complete at t=3; retention until t=103
+        (5.0, sim.batch(1, 12)),  # late: dead letter
+        ("watermark", 20.0),
+        (30.0, sim.batch(2, 12)),  # after timeout_s but within the retention: still a dead letter
+        ("watermark", 200.0),
+        (300.0, sim.batch(3, 12)),  # after the retention: a new partial scan 1
+    )
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0, finished_retention_s=100.0)
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True), (1, 12, True, False)]))
+        assert_that(
+            out.dead_letter | beam.Map(lambda d: d.error_type),
+            equal_to(["LateFrameError", "LateFrameError"]),
+            label="Dead",
+        )
+
+
+def test_redelivered_frames_are_counted_once():
+    # Kafka is at-least-once: a batch delivered twice must not count twice.
+    sim = small_sim()
+    batches = list(sim.batches(12))
+    redelivered = [*batches[:2], batches[1], *batches[2:]]
+    result = run_operator(lambda f: f | com_partial() | com_reduce(emit_every=0), redelivered)
+    final = result.final_maps()[sim.scan_number]
+    assert (final.frames_seen, final.complete) == (48, True)
+    assert_com_close(final, reference_com(batches), atol=1e-4)  # the map is float32
+    assert result.counter("duplicate_frames") == 12
+    assert result.dead_letters == []
+
+
+def test_out_of_range_positions_and_frame_numbers_are_dead_letters():
+    sim = small_sim()
+    batches = list(sim.batches(12))
+    header = batches[0].header
+    bad_position = ComPartial(
+        header, np.array([10_000], np.uint32), np.ones(1), np.ones(1), np.ones(1, np.int64), np.array([0], np.uint64)
+    )
+    bad_frame = ComPartial(
+        header, np.array([0], np.uint32), np.ones(1), np.ones(1), np.ones(1, np.int64), np.array([10_000], np.uint64)
+    )
+    partials = [com_partial().process(b) for b in batches]
+    result = run_operator(com_reduce(emit_every=0), [partials[0], bad_position, bad_frame, *partials[1:]])
+    assert sorted(d.error.split(":")[1].split()[0] for d in result.dead_letters) == ["frame", "scan"]
+    final = result.final_maps()[sim.scan_number]
+    assert_com_close(final, reference_com(batches), atol=1e-4)
+
+
+def test_batch_with_other_scan_shape_goes_to_dead_letters():
+    sim = small_sim()
+    batches = list(sim.batches(16))
+    wrong = small_sim(scan_shape=(4, 4), events_per_frame=5.0).batch(0, 16)
+    assert wrong.header.scan_number == sim.scan_number
+    stream = stream_of((0.0, batches[0]), (1.0, wrong), (2.0, batches[1]), (3.0, batches[2]))
+
+    def expect_dead(dead):
+        assert [d.error_type for d in dead] == ["ValueError"]
+        assert "(4, 4)" in dead[0].error and "(6, 8)" in dead[0].error
+        assert _rows(dead[0].payload) == 16
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0)
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True)]), label="Maps")
+        assert_that(out.com_map, matches_com({1: reference_com(batches)}), label="Values")
+        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+
+
+def test_two_interleaved_scans_are_reduced_independently():
+    # Same scan shape, different events and frame counts; batches alternate.
+    sim_a = small_sim(scan_number=3, seed=11, frames_per_position=2)
+    sim_b = small_sim(scan_number=4, seed=12, frame_shape=(80, 72))
+    a = list(sim_a.batches(20))
+    b = list(sim_b.batches(20))
+    interleaved = [x for pair in zip(a, b, strict=False) for x in pair] + a[len(b) :]
+    assert len(interleaved) == len(a) + len(b)
+    result = run_operator(reduce_chain(emit_every=0), interleaved)
+    assert result.dead_letters == []
+    finals = result.final_maps()
+    assert sorted(finals) == [3, 4]
+    assert [summary(finals[s]) for s in (3, 4)] == [(3, 96, True, True), (4, 48, True, True)]
+    assert_com_close(finals[3], reference_com(a), atol=1e-4)
+    assert_com_close(finals[4], reference_com(b), atol=1e-4)
+    with pytest.raises(AssertionError):  # the two scans really differ
+        assert_com_close(finals[3], finals[4], atol=1e-2)
+
+
+def test_replace_nans_fills_each_axis_with_its_nanmean():
+    w = 50
+    header = FrameHeader(scan_number=8, scan_shape=(2, 3), frame_shape=(40, w))
+    frames = [
+        events(w, [10, 12], [30, 30]),  # (11, 30)
+        np.zeros(0, np.uint32),  # empty frame: NaN
+        events(w, [20], [2]),  # (20, 2)
+        events(w, [41, 43, 45], [5, 7, 9]),  # (43, 7)
+        np.zeros(0, np.uint32),
+        events(w, [1, 1], [0, 4]),  # (1, 2)
+    ]
+    batch = SparseFrameBatch.from_frames(header, frames, range(6))
+    mean_x, mean_y = np.mean([11, 20, 43, 1]), np.mean([30, 2, 7, 2])
+    assert mean_x != mean_y
+
+    plain = run_operator(reduce_chain(emit_every=0), [batch]).final_maps()[8]
+    filled = run_operator(reduce_chain(emit_every=0, replace_nans=True), [batch]).final_maps()[8]
+    assert plain.complete and filled.complete
+    np.testing.assert_array_equal(np.isnan(plain.x), [[False, True, False], [False, True, False]])
+    np.testing.assert_array_equal(np.isnan(plain.y), np.isnan(plain.x))
+    np.testing.assert_allclose(filled.x, [[11, mean_x, 20], [43, mean_x, 1]], rtol=1e-6)
+    np.testing.assert_allclose(filled.y, [[30, mean_y, 2], [7, mean_y, 2]], rtol=1e-6)
