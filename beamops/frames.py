@@ -20,6 +20,7 @@ without copying them.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -84,6 +85,10 @@ class FrameHeader:
 
     @classmethod
     def from_json(cls, raw: bytes) -> FrameHeader:
+        return _parse_header(bytes(raw))
+
+    @classmethod
+    def _from_json(cls, raw: bytes) -> FrameHeader:
         try:
             d = json.loads(raw)
             header = cls(
@@ -115,6 +120,12 @@ class FrameHeader:
             raise FrameDecodeError(f"frame_shape {self.frame_shape} does not fit uint32 indices")
         if self.total_frames is not None and self.total_frames < 1:
             raise FrameDecodeError(f"total_frames must be >= 1, got {self.total_frames}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_header(raw: bytes) -> FrameHeader:
+    # Every batch of a scan carries the same header bytes: parse them once.
+    return FrameHeader._from_json(raw)
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -188,8 +199,12 @@ class SparseFrameBatch:
     def with_origin(self, origin: dict[str, Any]) -> SparseFrameBatch:
         return replace(self, origin=origin)
 
-    def validate(self) -> None:
-        """Check every invariant an operator relies on; raise FrameDecodeError."""
+    def validate(self, offsets_checked: bool = False) -> None:
+        """Check every invariant an operator relies on; raise FrameDecodeError.
+
+        ``offsets_checked``: Arrow's full validation already proved the offsets
+        monotonic and within the events.
+        """
         self.header.validate()
         n = len(self.scan_positions)
         if self.offsets.ndim != 1 or len(self.offsets) != n + 1:
@@ -201,7 +216,7 @@ class SparseFrameBatch:
                 f"offsets must run from 0 to len(events) = {len(self.events)}, "
                 f"got {self.offsets[0]}..{self.offsets[-1]}"
             )
-        if n and np.any(np.diff(self.offsets) < 0):
+        if n and not offsets_checked and np.any(np.diff(self.offsets) < 0):
             raise FrameDecodeError("offsets are not monotonic")
         if len(self.events) and int(self.events.max()) >= self.header.n_pixels:
             raise FrameDecodeError(
@@ -237,7 +252,7 @@ class SparseFrameBatch:
             rb.column(1).to_numpy(zero_copy_only=True),
             rb.column(2).to_numpy(zero_copy_only=True),
         )
-        batch.validate()
+        batch.validate(offsets_checked=True)
         return batch
 
     def to_bytes(self) -> bytes:
@@ -325,6 +340,7 @@ _SPARSE_FIELDS = [
 ]
 
 
+@functools.lru_cache(maxsize=64)
 def _dense_fields(n_pixels: int) -> list[pa.Field]:
     return [
         pa.field("frames", pa.list_(pa.uint16(), n_pixels), nullable=False),
@@ -338,13 +354,18 @@ def _schema(fields: list[pa.Field], kind: str, header: FrameHeader) -> pa.Schema
 
 
 def _expect_columns(rb: pa.RecordBatch, fields: list[pa.Field]) -> None:
-    got = [(f.name, f.type) for f in rb.schema]
-    want = [(f.name, f.type) for f in fields]
-    if got != want:
+    if not rb.schema.equals(_bare_schema(tuple(fields)), check_metadata=False):
+        got = [(f.name, str(f.type)) for f in rb.schema]
+        want = [(f.name, str(f.type)) for f in fields]
         raise FrameDecodeError(f"unexpected columns {got}; expected {want}")
     for i in range(rb.num_columns):
         if rb.column(i).null_count:
             raise FrameDecodeError(f"column {rb.schema.field(i).name!r} has nulls")
+
+
+@functools.lru_cache(maxsize=64)
+def _bare_schema(fields: tuple[pa.Field, ...]) -> pa.Schema:
+    return pa.schema(fields)
 
 
 def _check_positions(positions: np.ndarray, header: FrameHeader) -> None:

@@ -32,31 +32,42 @@ def com_dense_kernel(
 ) -> None:
     """Fill intensity-weighted sums of column (x) and row (y), and total intensity, per frame."""
     n, rows, cols = frames.shape
+    reach = np.sqrt(r2) if mode == CIRCLE else 0.0
     for i in range(n):
-        sx = 0
-        sy = 0
-        total = 0
-        for r in range(rows):
-            row_sum = 0
-            row_x = 0
-            for c in range(cols):
-                v = np.int64(frames[i, r, c])
-                row_sum += v
-                row_x += v * c
-            sx += row_x
-            sy += row_sum * r
-            total += row_sum
-        if mode == NO_CROP or total == 0:
-            sum_x[i], sum_y[i], counts[i] = sx, sy, total
-            continue
-        ccx, ccy = (cx, cy) if use_init else (sx / total, sy / total)
+        if mode == NO_CROP or not use_init:
+            sx = 0
+            sy = 0
+            total = 0
+            for r in range(rows):
+                row_sum = 0
+                row_x = 0
+                for c in range(cols):
+                    v = np.int64(frames[i, r, c])
+                    row_sum += v
+                    row_x += v * c
+                sx += row_x
+                sy += row_sum * r
+                total += row_sum
+            if mode == NO_CROP or total == 0:
+                sum_x[i], sum_y[i], counts[i] = sx, sy, total
+                continue
+            ccx, ccy = sx / total, sy / total
+        else:
+            ccx, ccy = cx, cy
+        # Visit only the crop's bounding box (one pixel wider, so rounding of the
+        # bounds cannot drop a pixel); the exact test decides inside it.
+        half_x, half_y = (reach, reach) if mode == CIRCLE else (wx, wy)
+        r_lo = max(int(np.floor(ccy - half_y)) - 1, 0)
+        r_hi = min(int(np.ceil(ccy + half_y)) + 1, rows - 1)
+        c_lo = max(int(np.floor(ccx - half_x)) - 1, 0)
+        c_hi = min(int(np.ceil(ccx + half_x)) + 1, cols - 1)
         kx = 0
         ky = 0
         kn = 0
-        for r in range(rows):
+        for r in range(r_lo, r_hi + 1):
             dy = r - ccy
             row_in = (r > ccy - wy) & (r <= ccy + wy)
-            for c in range(cols):
+            for c in range(c_lo, c_hi + 1):
                 dx = c - ccx
                 if mode == CIRCLE:
                     keep = np.int64(dx * dx + dy * dy <= r2)

@@ -128,17 +128,21 @@ def com_sparse_kernel(
     inv_cols = 1.0 / frame_cols
     for i in range(len(offsets) - 1):
         start, stop = offsets[i], offsets[i + 1]
-        sx = 0
-        sy = 0
-        for k in range(start, stop):
-            col, row = _split(events[k], inv_cols, frame_cols)
-            sx += col
-            sy += row
         n = stop - start
-        if mode == NO_CROP or n == 0:
-            sum_x[i], sum_y[i], counts[i] = sx, sy, n
-            continue
-        ccx, ccy = (cx, cy) if use_init else (sx / n, sy / n)
+        if mode == NO_CROP or not use_init or n == 0:
+            # The uncropped sums: the result without a crop, else the frame's own centre.
+            sx = 0
+            sy = 0
+            for k in range(start, stop):
+                col, row = _split(events[k], inv_cols, frame_cols)
+                sx += col
+                sy += row
+            if mode == NO_CROP or n == 0:
+                sum_x[i], sum_y[i], counts[i] = sx, sy, n
+                continue
+            ccx, ccy = sx / n, sy / n
+        else:
+            ccx, ccy = cx, cy
         kx = 0
         ky = 0
         kn = 0

@@ -37,7 +37,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
-from apache_beam.coders import BooleanCoder, PickleCoder
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -217,10 +217,21 @@ class ScanAccumulator:
         )
 
 
+@dataclass
+class _ScanState:
+    """Everything com_reduce keeps for one scan number, in one state cell.
+
+    One cell, not three: the SDK's state cache weighs every cell it commits,
+    at a fixed cost of milliseconds each.
+    """
+
+    acc: ScanAccumulator | None = None
+    finished: bool = False
+    latest: Timestamp | None = None
+
+
 class _ComReduceFn(beam.DoFn):
-    SCAN = ReadModifyWriteStateSpec("scan", PickleCoder())
-    FINISHED = ReadModifyWriteStateSpec("finished", BooleanCoder())
-    MAX_TS = ReadModifyWriteStateSpec("max_ts", PickleCoder())
+    STATE = ReadModifyWriteStateSpec("scan", PickleCoder())
     TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
 
     def __init__(self, name: str, params: ComReduceParams) -> None:
@@ -238,17 +249,16 @@ class _ComReduceFn(beam.DoFn):
         self,
         element: tuple[int, ComPartial],
         timestamp: Timestamp = beam.DoFn.TimestampParam,
-        scan_state: Any = beam.DoFn.StateParam(SCAN),
-        finished_state: Any = beam.DoFn.StateParam(FINISHED),
-        max_ts_state: Any = beam.DoFn.StateParam(MAX_TS),
+        state_cell: Any = beam.DoFn.StateParam(STATE),
         timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
     ) -> Iterator[Any]:
         scan_number, partial = element
         started = time.perf_counter()
+        state = state_cell.read() or _ScanState()
         try:
-            if finished_state.read():
+            if state.finished:
                 raise LateFrameError(f"scan {scan_number} already emitted its final map; {len(partial)} frames late")
-            acc = scan_state.read() or ScanAccumulator.empty(partial.header, self._params.emit_every)
+            acc = state.acc or ScanAccumulator.empty(partial.header, self._params.emit_every)
             duplicates = acc.add(partial)
         except Exception as exc:  # the batch goes to dead letters; the scan goes on
             self._metrics.errors.inc()
@@ -260,41 +270,37 @@ class _ComReduceFn(beam.DoFn):
         if duplicates:
             self._duplicates.inc(duplicates)
             log.warning("scan %d: skipped %d frames already reduced (redelivered)", scan_number, duplicates)
-        latest = max(timestamp, max_ts_state.read() or timestamp)
-        max_ts_state.write(latest)
+        state.latest = max(timestamp, state.latest or timestamp)
 
         if acc.complete:
             # Keep the scan marked finished for a while, so stragglers become dead letters
             # instead of a second, incomplete "final" map that would replace this one.
-            timeout.set(latest + Duration.of(self._params.finished_retention_s))
-            scan_state.clear()
-            finished_state.write(True)
+            timeout.set(state.latest + Duration.of(self._params.finished_retention_s))
+            state_cell.write(_ScanState(finished=True, latest=state.latest))
             self._completed.inc()
             self._metrics.frames_out.inc(acc.frames_seen)
             log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
             yield acc.com_map(final=True, replace_nans=self._params.replace_nans)
             return
-        timeout.set(latest + Duration.of(self._params.timeout_s))
+        timeout.set(state.latest + Duration.of(self._params.timeout_s))
         if self._params.emit_every and acc.frames_seen >= acc.next_emit:
             every = self._params.emit_every
             acc.next_emit = (acc.frames_seen // every + 1) * every
             self._snapshots.inc()
             log.info("scan %d: %d frames, %d positions so far", scan_number, acc.frames_seen, acc.positions_seen)
             yield acc.com_map(final=False, replace_nans=self._params.replace_nans)
-        scan_state.write(acc)
+        state.acc = acc
+        state_cell.write(state)
 
     @on_timer(TIMEOUT)
     def flush(
         self,
         key: int = beam.DoFn.KeyParam,
-        scan_state: Any = beam.DoFn.StateParam(SCAN),
-        finished_state: Any = beam.DoFn.StateParam(FINISHED),
-        max_ts_state: Any = beam.DoFn.StateParam(MAX_TS),
+        state_cell: Any = beam.DoFn.StateParam(STATE),
     ) -> Iterator[ComMap]:
-        acc = scan_state.read()
-        scan_state.clear()
-        finished_state.clear()
-        max_ts_state.clear()
+        state = state_cell.read()
+        state_cell.clear()
+        acc = state.acc if state else None
         if acc is not None:
             self._timed_out.inc()
             self._metrics.frames_out.inc(acc.frames_seen)
