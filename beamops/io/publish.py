@@ -129,7 +129,7 @@ class PublishStats:
 class FramePublisher:
     """An idempotent Kafka producer of encoded frame batches (see the module docstring).
 
-    ``partitions``: ``"round-robin"`` or ``"by-scan"``. ``rate``: frames/s, None or 0 for as
+    ``partitioner``: ``"round-robin"`` or ``"by-scan"``. ``rate``: frames/s, None or 0 for as
     fast as possible. ``message_timeout_ms``: how long librdkafka keeps retrying a message
     (default: the client's ``message.timeout.ms``, else 300000). ``producer_settings`` are
     added to the client's settings; ``enable.idempotence`` and ``acks`` are always forced.
@@ -142,7 +142,7 @@ class FramePublisher:
         client: KafkaClientConfig,
         topic: str,
         *,
-        partitions: Partitioner | str = "round-robin",
+        partitioner: Partitioner | str = "round-robin",
         rate: float | None = None,
         message_timeout_ms: int | None = None,
         producer_settings: dict[str, Any] | None = None,
@@ -152,11 +152,11 @@ class FramePublisher:
     ) -> None:
         from confluent_kafka import Producer
 
-        if partitions not in PARTITIONERS:
-            raise ValueError(f"partitions must be one of {', '.join(PARTITIONERS)}, got {partitions!r}")
+        if partitioner not in PARTITIONERS:
+            raise ValueError(f"partitioner must be one of {', '.join(PARTITIONERS)}, got {partitioner!r}")
         self.client = client
         self.topic = topic
-        self.partitioner = partitions
+        self.partitioner = partitioner
         self._clock = clock
         self.limiter = RateLimiter(rate, clock=clock, sleep=sleep)
         settings: dict[str, Any] = {

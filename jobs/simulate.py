@@ -1,0 +1,270 @@
+"""Publish simulated (or recorded) 4D-STEM scans to a Kafka topic, like a detector would.
+
+    python -m jobs.simulate --bootstrap_servers 127.0.0.1:9092 --topic frames
+    python -m jobs.simulate --topic frames --scan_rows 256 --scan_cols 256 --rate 87000 --n_scans 3
+    python -m jobs.simulate --topic frames --hdf5 scan_15_electrons.h5 --create_topic --partitions 8
+    python -m jobs.simulate --help
+
+Each batch of frames becomes one message (Arrow IPC, key = scan number), sent by an idempotent
+producer (beamops.io.publish.FramePublisher). Simulated scans come from
+beamops.simulate.ScanSimulation and are numbered --first_scan_number onwards; --hdf5 publishes a
+stempy electron-counted file instead, once per scan number. Progress goes to stderr (a bar on a
+terminal, else a log line every few seconds); the summary goes to stdout. Exit status: 0 when
+every message was delivered, 1 when the topic is missing or delivery failed, 2 for bad arguments
+or a bad input file, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+from beamops.frames import SparseFrameBatch
+from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
+from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, TopicNotFoundError
+from beamops.simulate import ScanSimulation
+
+PROG = "python -m jobs.simulate"
+log = logging.getLogger("jobs.simulate")
+
+
+class Progress:
+    """A one-line progress bar redrawn with \\r on a terminal; periodic log lines otherwise."""
+
+    def __init__(
+        self,
+        total_frames: int,
+        *,
+        stream: TextIO | None = None,
+        mode: str = "auto",
+        log_every_s: float = 5.0,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.total = total_frames
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
+        self.mode = mode
+        self.every_s = 0.1 if mode == "bar" else log_every_s
+        self._clock = clock
+        self._start = clock()
+        self._last = self._start
+        self.frames = 0
+        self.bytes = 0
+        self._width = 0
+
+    def update(self, frames: int, nbytes: int) -> None:
+        self.frames += frames
+        self.bytes += nbytes
+        now = self._clock()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._show(now)
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.frames / elapsed
+        fraction = self.frames / self.total if self.total else 1.0
+        eta = (self.total - self.frames) / rate if rate > 0 else float("inf")
+        eta_text = "--:--" if eta == float("inf") else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
+        return (
+            f"{self.frames:,}/{self.total:,} frames {fraction:6.1%}  {rate:,.0f} frames/s  "
+            f"{self.bytes / 1e6 / elapsed:.1f} MB/s  ETA {eta_text}"
+        )
+
+    def _show(self, now: float) -> None:
+        if self.mode == "bar":
+            width = 30
+            filled = int(width * min(self.frames / self.total, 1.0)) if self.total else width
+            bar = "#" * filled + "." * (width - filled)
+            line = f"[{bar}] {self._line(now)}"
+            self.stream.write(f"\r{line:<{self._width}}")
+            self._width = max(self._width, len(line))
+            self.stream.flush()
+        elif self.mode == "log":
+            log.info("published %s", self._line(now))
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self._show(self._clock())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Publish simulated or recorded 4D-STEM scans to Kafka as Arrow-encoded sparse frame batches.",
+    )
+    kafka = parser.add_argument_group("Kafka")
+    kafka.add_argument("--bootstrap_servers", default="127.0.0.1:9092", help="Kafka bootstrap servers.")
+    kafka.add_argument("--topic", required=True, help="Topic to publish to.")
+    kafka.add_argument(
+        "--partitioner",
+        choices=PARTITIONERS,
+        default="round-robin",
+        help="round-robin: spread every scan over all partitions (default); by-scan: one partition per scan.",
+    )
+    kafka.add_argument("--kafka_config_file", help="librdkafka settings: key=value lines or a JSON object.")
+    kafka.add_argument(
+        "--kafka_config",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="librdkafka settings overriding the file, e.g. message.timeout.ms=600000 linger.ms=20.",
+    )
+    kafka.add_argument("--create_topic", action="store_true", help="Create the topic if it does not exist.")
+    kafka.add_argument("--partitions", type=int, default=4, help="Partitions of a topic --create_topic creates.")
+    kafka.add_argument(
+        "--replication_factor", type=int, default=-1, help="Replication of a created topic (-1: broker default)."
+    )
+
+    scan = parser.add_argument_group("scan (simulated unless --hdf5)")
+    scan.add_argument("--scan_rows", type=int, default=64)
+    scan.add_argument("--scan_cols", type=int, default=64)
+    scan.add_argument("--frame_rows", type=int, default=576)
+    scan.add_argument("--frame_cols", type=int, default=576)
+    scan.add_argument("--events_per_frame", type=float, default=50.0, help="Mean (Poisson) electrons per frame.")
+    scan.add_argument("--frames_per_position", type=int, default=1)
+    scan.add_argument("--disc_radius", type=float, default=20.0, help="Bright-field disc radius, px.")
+    scan.add_argument("--shift_amplitude", type=float, default=8.0, help="Largest COM shift, px.")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--hdf5", metavar="FILE", help="Publish this stempy electron-counted file instead.")
+
+    run = parser.add_argument_group("publishing")
+    run.add_argument("--batch_size", type=int, default=1000, help="Frames per message.")
+    run.add_argument("--n_scans", type=int, default=1, help="Scans to publish, one after the other.")
+    run.add_argument("--first_scan_number", type=int, default=1)
+    run.add_argument("--rate", type=float, default=0.0, help="Target frames/s (0: as fast as possible).")
+    run.add_argument(
+        "--progress",
+        choices=("auto", "bar", "log", "off"),
+        default="auto",
+        help="auto: a bar when stderr is a terminal, else a log line every few seconds.",
+    )
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "n_scans", "partitions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.first_scan_number < 0:
+        parser.error("--first_scan_number must be >= 0")
+    if args.rate < 0:
+        parser.error("--rate must be >= 0 (0: as fast as possible)")
+    return args
+
+
+def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
+    """(total frames, batches of every scan); checks the parameters or the file before returning."""
+    numbers = range(args.first_scan_number, args.first_scan_number + args.n_scans)
+    if args.hdf5:
+        info = inspect_stempy_hdf5(args.hdf5)
+        log.info(
+            "publishing %s: stempy v%d, scan %dx%d, frames %dx%d, %d frames",
+            args.hdf5,
+            info.version,
+            *info.scan_shape,
+            *info.frame_shape,
+            info.n_frames,
+        )
+        batches = (b for n in numbers for b in read_stempy_hdf5(args.hdf5, args.batch_size, scan_number=n))
+        return info.n_frames * args.n_scans, batches
+    sims = [
+        ScanSimulation(
+            scan_shape=(args.scan_rows, args.scan_cols),
+            frame_shape=(args.frame_rows, args.frame_cols),
+            events_per_frame=args.events_per_frame,
+            frames_per_position=args.frames_per_position,
+            disc_radius=args.disc_radius,
+            shift_amplitude=args.shift_amplitude,
+            seed=args.seed,
+            scan_number=n,
+        )
+        for n in numbers
+    ]
+    return sum(s.n_frames for s in sims), (b for s in sims for b in s.batches(args.batch_size))
+
+
+def _create_topic(client: KafkaClientConfig, topic: str, partitions: int, replication: int) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(client.client())
+    future = admin.create_topics([NewTopic(topic, partitions, replication)], operation_timeout=30)[topic]
+    try:
+        future.result(timeout=60)
+        log.info("created topic %r with %d partitions", topic, partitions)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise PublishError(f"cannot create topic {topic!r} on {client.bootstrap_servers}: {exc}") from exc
+        log.info("topic %r already exists", topic)
+
+
+def _error(message: str, status: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Connection failures while a broker restarts come once through the error callback instead.
+    logging.getLogger("beamops.io.publish.rdkafka").setLevel(logging.CRITICAL)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        client = KafkaClientConfig.load(args.bootstrap_servers, args.kafka_config_file, args.kafka_config)
+        total, batches = _scans(args)
+    except (OSError, ValueError) as exc:  # StempyFormatError is a ValueError
+        return _error(str(exc), 2)
+
+    progress = Progress(total, mode=args.progress)
+    publisher: FramePublisher | None = None
+    try:
+        if args.create_topic:
+            _create_topic(client, args.topic, args.partitions, args.replication_factor)
+        # Leaving the block flushes: on success it waits for every delivery and raises on a failure; after an
+        # error or Ctrl-C it still delivers what is queued (for up to 10 s).
+        with FramePublisher(client, args.topic, partitioner=args.partitioner, rate=args.rate or None) as publisher:
+            log.info(
+                "publishing %d frames to %r (%d partitions, %s) on %s, %s",
+                total,
+                args.topic,
+                len(publisher.partition_ids),
+                args.partitioner,
+                args.bootstrap_servers,
+                f"{args.rate:,.0f} frames/s" if args.rate else "as fast as possible",
+            )
+            for batch in batches:
+                before = publisher.stats().bytes
+                publisher.publish(batch)
+                progress.update(batch.n_frames, publisher.stats().bytes - before)
+    except KeyboardInterrupt:
+        progress.close()
+        if publisher is not None:
+            log.error("interrupted after %s", publisher.stats().describe())
+        return 130
+    except PublishError as exc:
+        progress.close()
+        hint = "; create it or pass --create_topic" if isinstance(exc, TopicNotFoundError) else ""
+        return _error(f"{exc}{hint}", 1)
+    except StempyFormatError as exc:
+        progress.close()
+        return _error(str(exc), 2)
+    progress.close()
+    assert publisher is not None
+    stats = publisher.stats()
+    print(
+        f"published {stats.frames} frames in {stats.batches} batches to {args.topic!r}: "
+        f"{stats.bytes / 1e6:.1f} MB in {stats.elapsed_s:.2f} s, {stats.frames_per_s:,.0f} frames/s"
+        f"{f' (target {args.rate:,.0f})' if args.rate else ''}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

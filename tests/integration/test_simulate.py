@@ -1,0 +1,273 @@
+"""jobs.simulate and FramePublisher against a real Kafka broker (the session's ``kafka_broker``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from stempy.io import SparseArray, load_electron_counts
+
+from beamops import FrameDecodeError, SparseFrameBatch, decode_batch
+from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION
+from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.publish import FramePublisher, RateLimiter, TopicNotFoundError
+from beamops.simulate import ScanSimulation
+from jobs import simulate
+
+pytestmark = pytest.mark.integration
+
+SIM = ScanSimulation(
+    scan_shape=(8, 10),
+    frame_shape=(64, 72),
+    events_per_frame=20,
+    frames_per_position=2,
+    disc_radius=10,
+    shift_amplitude=3,
+    seed=11,
+)
+SIM_ARGS = [
+    "--scan_rows=8",
+    "--scan_cols=10",
+    "--frame_rows=64",
+    "--frame_cols=72",
+    "--events_per_frame=20",
+    "--frames_per_position=2",
+    "--disc_radius=10",
+    "--shift_amplitude=3",
+    "--seed=11",
+    "--progress=off",
+]
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every message of the topic, read partition by partition up to the current end."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        wanted = {p: high for p, (low, high) in ends.items() if high > low}
+        consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in wanted])
+        messages = []
+        deadline = time.monotonic() + 30
+        while wanted and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            messages.append(msg)
+            if msg.offset() + 1 >= wanted.get(msg.partition(), 0):
+                wanted.pop(msg.partition(), None)
+        assert not wanted, f"partitions {sorted(wanted)} of {topic} not read to their end in 30 s"
+        # Exactly what the log holds: no message missing and none written twice.
+        assert len(messages) == sum(high - low for low, high in ends.values())
+        return messages
+    finally:
+        consumer.close()
+
+
+def decoded(messages: list) -> list[SparseFrameBatch]:
+    batches = []
+    for msg in messages:
+        headers = dict(msg.headers() or [])
+        assert headers["content-type"] == CONTENT_TYPE.encode()
+        assert headers["beamops-schema-version"] == str(SCHEMA_VERSION).encode()
+        batch = decode_batch(msg.value())
+        assert isinstance(batch, SparseFrameBatch)
+        assert msg.key() == str(batch.header.scan_number).encode()
+        batches.append(batch)
+    return batches
+
+
+def frames_by_number(batches: list[SparseFrameBatch]) -> dict[tuple[int, int], tuple[int, np.ndarray]]:
+    """(scan, frame number) -> (scan position, events); fails on a duplicate frame."""
+    frames = {}
+    for batch in batches:
+        for i in range(batch.n_frames):
+            key = (batch.header.scan_number, int(batch.frame_numbers[i]))
+            assert key not in frames, f"frame {key} published twice"
+            frames[key] = (int(batch.scan_positions[i]), batch.frame(i))
+    return frames
+
+
+def run(kafka_broker, topic: str, *args: str) -> int:
+    return simulate.main(["--bootstrap_servers", kafka_broker.bootstrap_servers, "--topic", topic, *args])
+
+
+def test_simulated_scans_arrive_whole_and_spread_over_all_partitions(kafka_broker, capsys):
+    topic = kafka_broker.new_topic(partitions=4)
+    status = run(kafka_broker, topic, *SIM_ARGS, "--batch_size=16", "--n_scans=2", "--first_scan_number=5")
+    assert status == 0
+    assert "published 320 frames in 20 batches" in capsys.readouterr().out
+
+    messages = read_topic(kafka_broker.bootstrap_servers, topic)
+    assert len(messages) == 20
+    assert {m.partition() for m in messages} == {0, 1, 2, 3}
+    batches = decoded(messages)
+    assert {m.key() for m in messages} == {b"5", b"6"}
+    frames = frames_by_number(batches)
+    assert len(frames) == 2 * SIM.n_frames
+    for scan in (5, 6):
+        sim = replace(SIM, scan_number=scan)
+        assert all(b.header == sim.header for b in batches if b.header.scan_number == scan)
+        for index in range(sim.n_batches(16)):
+            want = sim.batch(index, 16)
+            for i in range(want.n_frames):
+                position, events = frames[(scan, int(want.frame_numbers[i]))]
+                assert position == want.scan_positions[i]
+                np.testing.assert_array_equal(events, want.frame(i))
+
+
+def test_by_scan_keeps_each_scan_in_one_partition(kafka_broker):
+    topic = kafka_broker.new_topic(partitions=4)
+    assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=40", "--n_scans=3", "--partitioner=by-scan") == 0
+    messages = read_topic(kafka_broker.bootstrap_servers, topic)
+    assert len(messages) == 3 * 4
+    partitions_of = {}
+    for msg in messages:
+        partitions_of.setdefault(msg.key(), set()).add(msg.partition())
+    assert sorted(partitions_of) == [b"1", b"2", b"3"]
+    assert all(len(p) == 1 for p in partitions_of.values()), partitions_of
+
+
+def test_a_stempy_file_is_published_event_for_event(kafka_broker, tmp_path):
+    rng = np.random.default_rng(5)
+    scan_shape, frame_shape, per_position = (6, 5), (40, 48), 3
+    data = np.empty((30, per_position), dtype=object)
+    for index in np.ndindex(data.shape):
+        data[index] = np.sort(rng.integers(0, 40 * 48, rng.integers(0, 25))).astype(np.uint32)
+    path = tmp_path / "scan_electrons.h5"
+    SparseArray(data, scan_shape, frame_shape).write_to_hdf5(str(path))  # stempy's own writer
+
+    topic = kafka_broker.new_topic(partitions=4)
+    assert run(kafka_broker, topic, "--hdf5", str(path), "--batch_size=7", "--first_scan_number=15") == 0
+
+    batches = decoded(read_topic(kafka_broker.bootstrap_servers, topic))
+    assert {(b.header.scan_number, b.header.scan_shape, b.header.frame_shape) for b in batches} == {
+        (15, scan_shape, frame_shape)
+    }
+    frames = frames_by_number(batches)
+    assert len(frames) == data.size == batches[0].header.total_frames
+    stempy_view = load_electron_counts(str(path))
+    for (_, row), (position, events) in frames.items():
+        assert position == row // per_position
+        np.testing.assert_array_equal(events, stempy_view.data[position, row % per_position])
+
+
+def test_the_rate_limit_is_respected(kafka_broker, capsys):
+    topic = kafka_broker.new_topic(partitions=2)
+    args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=50", "--batch_size=100", "--rate=4000"]
+    started = time.monotonic()
+    assert run(kafka_broker, topic, *args) == 0
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 10, elapsed  # 2000 frames at 4000 frames/s: 0.5 s
+    summary = capsys.readouterr().out
+    assert "published 2000 frames in 20 batches" in summary and "(target 4,000)" in summary
+    achieved = float(summary.split(" s, ")[1].split(" frames/s")[0].replace(",", ""))
+    assert achieved <= 4000 * 1.1, summary
+    assert len(read_topic(kafka_broker.bootstrap_servers, topic)) == 20
+
+
+def test_rate_limiter_schedule():
+    """No broker needed: a batch is due n/rate after the previous one; catching up is capped."""
+    now = [0.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    limiter = RateLimiter(1000, max_lag_s=0.5, clock=lambda: now[0], sleep=sleep)
+    for _ in range(4):
+        limiter.wait(100)
+    assert slept == [0.1] * 4 and now[0] == pytest.approx(0.4)
+    now[0] += 2.0  # the publisher stalled for 2 s: it may burst 0.5 s worth (500 frames), no more
+    slept.clear()
+    for _ in range(6):
+        limiter.wait(100)
+    assert slept == [0.1]  # five batches go at once, the sixth waits
+    assert RateLimiter(None).wait(10**6) == 0.0 and RateLimiter(0).rate is None
+
+
+def test_a_missing_topic_is_a_clear_error_and_is_not_created(kafka_broker, capsys):
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    assert run(kafka_broker, missing, *SIM_ARGS) == 1
+    err = capsys.readouterr().err
+    assert f"Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}" in err
+    assert "--create_topic" in err
+    consumer = Consumer({"bootstrap.servers": kafka_broker.bootstrap_servers, "group.id": "probe"})
+    try:
+        assert missing not in consumer.list_topics(timeout=10).topics
+    finally:
+        consumer.close()
+
+    try:
+        assert run(kafka_broker, missing, *SIM_ARGS, "--create_topic", "--partitions=3", "--batch_size=10") == 0
+        messages = read_topic(kafka_broker.bootstrap_servers, missing)
+        assert len(messages) == 16 and {m.partition() for m in messages} == {0, 1, 2}
+    finally:
+        kafka_broker.delete_topic(missing)
+
+
+def test_a_delivery_failure_fails_the_job(kafka_broker, capsys):
+    topic = kafka_broker.new_topic(partitions=1, config={"max.message.bytes": "2000"})
+    assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=50") == 1
+    err = capsys.readouterr().err
+    assert f"Kafka delivery to {topic!r} failed" in err and "messages failed" in err
+
+
+def test_publisher_raw_messages_and_metrics(kafka_broker):
+    topic = kafka_broker.new_topic(partitions=3)
+    client = KafkaClientConfig.load(kafka_broker.bootstrap_servers, overrides=["linger.ms=1"])
+    with FramePublisher(client, topic) as publisher:
+        publisher.publish_raw(b"not arrow", key="9", headers=[("content-type", "text/plain")])
+        publisher.publish_all(SIM.batches(50))
+        publisher.publish_raw(b"\xff" * 10, partition=2)
+    stats = publisher.stats()
+    assert (stats.frames, stats.batches, stats.messages) == (SIM.n_frames, 4, 6)
+    assert stats.delivered_messages == 6 and stats.failed_messages == 0 and stats.queued_messages == 0
+    assert stats.bytes == stats.delivered_bytes > 0 and stats.frames_per_s > 0
+
+    messages = read_topic(kafka_broker.bootstrap_servers, topic)
+    raw = [m for m in messages if m.value() in (b"not arrow", b"\xff" * 10)]
+    assert len(raw) == 2
+    assert {m.key() for m in raw} == {b"9", None} and [m.partition() for m in raw if m.key() is None] == [2]
+    for msg in raw:
+        with pytest.raises(FrameDecodeError):
+            decode_batch(msg.value())
+    assert {m.partition() for m in messages} == {0, 1, 2}
+
+    with pytest.raises(TopicNotFoundError, match="does not exist"):
+        FramePublisher(client, f"missing-{uuid.uuid4().hex[:8]}")
+
+
+def test_a_broker_restart_while_publishing_loses_and_duplicates_nothing(kafka_broker):
+    if kafka_broker.external:
+        pytest.skip("restarts only a broker the fixture started")
+    topic = kafka_broker.new_topic(partitions=4)
+    sim = replace(SIM, scan_shape=(20, 40), frames_per_position=1)  # 800 frames
+    args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=40", "--frames_per_position=1", "--batch_size=20"]
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("status", run(kafka_broker, topic, *args, "--rate=800")))
+    job.start()
+    try:
+        time.sleep(0.3)  # a few batches out, most still to come
+        kafka_broker.restart()
+    finally:
+        job.join(timeout=120)
+    assert result.get("status") == 0
+
+    messages = read_topic(kafka_broker.bootstrap_servers, topic)
+    assert len(messages) == sim.n_batches(20)
+    frames = frames_by_number(decoded(messages))  # fails on a duplicate
+    assert sorted(number for _, number in frames) == list(range(sim.n_frames))
