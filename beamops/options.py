@@ -78,6 +78,11 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> None:
         group.add_argument("--group_id", help=fields["group_id"].description)
     group.add_argument("--start", help=fields["start"].description)
     group.add_argument("--stop", help=fields["stop"].description)
+    group.add_argument(
+        "--create_topics",
+        action="store_true",
+        help="Create --output_topic and --dead_letter_topic (1 partition) if they do not exist.",
+    )
     group.add_argument("--kafka_config_file", help="librdkafka settings: key=value lines or a JSON object.")
     group.add_argument(
         "--kafka_config",

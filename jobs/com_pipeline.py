@@ -29,7 +29,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops import OperatorParameterError
-from beamops.io.kafka import read_kafka_frames, write_com_maps_kafka, write_dead_letters_kafka
+from beamops.io.kafka import ensure_topic, read_kafka_frames, write_com_maps_kafka, write_dead_letters_kafka
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
 from transforms.com_partial import com_partial
@@ -67,6 +67,10 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         if not values.get("output_topic") and not values.get("out_dir"):
             raise OperatorParameterError("--bootstrap_servers needs --output_topic or --out_dir for the maps")
         client = kafka_client(values)
+        if values.get("create_topics"):
+            for topic in (values.get("output_topic"), values.get("dead_letter_topic")):
+                if topic:
+                    ensure_topic(client, topic)
         source = read_kafka_frames(
             {
                 "topic": values["input_topic"],
@@ -117,7 +121,7 @@ def run(values: dict[str, Any], beam_args: list[str], build_fn: Any = build) -> 
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     try:
         build_fn(pipeline, values)
-    except (OperatorParameterError, ValueError, OSError) as exc:
+    except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
         print(f"{sys.argv[0] if sys.argv else 'job'}: error: {exc}", file=sys.stderr)
         return 2
     log.info("running on %s", pipeline.options.get_all_options()["runner"])

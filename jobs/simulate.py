@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from beamops.frames import SparseFrameBatch
 from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
+from beamops.io.kafka import ensure_topic
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, TopicNotFoundError
 from beamops.simulate import ScanSimulation
@@ -190,21 +191,6 @@ def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
     return sum(s.n_frames for s in sims), (b for s in sims for b in s.batches(args.batch_size))
 
 
-def _create_topic(client: KafkaClientConfig, topic: str, partitions: int, replication: int) -> None:
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(client.client())
-    future = admin.create_topics([NewTopic(topic, partitions, replication)], operation_timeout=30)[topic]
-    try:
-        future.result(timeout=60)
-        log.info("created topic %r with %d partitions", topic, partitions)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise PublishError(f"cannot create topic {topic!r} on {client.bootstrap_servers}: {exc}") from exc
-        log.info("topic %r already exists", topic)
-
-
 def _error(message: str, status: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
@@ -223,9 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     progress = Progress(total, mode=args.progress)
     publisher: FramePublisher | None = None
+    if args.create_topic:
+        try:
+            ensure_topic(client, args.topic, args.partitions, args.replication_factor)
+        except RuntimeError as exc:
+            return _error(str(exc), 1)
     try:
-        if args.create_topic:
-            _create_topic(client, args.topic, args.partitions, args.replication_factor)
         # Leaving the block flushes: on success it waits for every delivery and raises on a failure; after an
         # error or Ctrl-C it still delivers what is queued (for up to 10 s).
         with FramePublisher(client, args.topic, partitioner=args.partitioner, rate=args.rate or None) as publisher:

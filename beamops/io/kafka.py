@@ -122,6 +122,14 @@ def _consumer(client: KafkaClientConfig, group_id: str | None) -> Any:
     )
 
 
+def _offsets_at(consumer: Any, topic: str, ends: dict[int, tuple[int, int]], ms: int) -> dict[int, int]:
+    """Per partition, the first offset whose timestamp is >= ``ms`` (the end if there is none)."""
+    from confluent_kafka import TopicPartition
+
+    found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in ends], timeout=30)
+    return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition][1] for tp in found}
+
+
 class _ResolvePartitionsFn(beam.DoFn):
     """topic -> one PartitionRead per partition, with concrete start and stop offsets."""
 
@@ -150,13 +158,8 @@ class _ResolvePartitionsFn(beam.DoFn):
                 found = consumer.committed([TopicPartition(topic, q) for q in partitions], timeout=30)
                 committed = {tp.partition: tp.offset for tp in found}
 
-            def at_time(ms: int) -> dict[int, int]:
-                found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in partitions], timeout=30)
-                # -1: no message at or after that time, so the position is the end.
-                return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition][1] for tp in found}
-
-            start_times = at_time(start.timestamp_ms) if start.kind == "timestamp" else {}
-            stop_times = at_time(stop.timestamp_ms) if stop.kind == "timestamp" else {}
+            start_times = _offsets_at(consumer, topic, ends, start.timestamp_ms) if start.kind == "timestamp" else {}
+            stop_times = _offsets_at(consumer, topic, ends, stop.timestamp_ms) if stop.kind == "timestamp" else {}
         finally:
             consumer.close()
 
@@ -381,6 +384,23 @@ class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase l
             | "Read" >> beam.ParDo(reader).with_outputs(DEAD_LETTER, main="frames")
         )
         return {"frames": results.frames, DEAD_LETTER: results[DEAD_LETTER]}
+
+
+def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, replication: int = -1) -> bool:
+    """Create ``topic`` unless it exists (replication -1: the broker's default). True if created."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(client.client())
+    future = admin.create_topics([NewTopic(topic, partitions, replication)], operation_timeout=30)[topic]
+    try:
+        future.result(timeout=60)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise RuntimeError(f"cannot create topic {topic!r} on {client.bootstrap_servers}: {exc}") from exc
+        return False
+    log.info("created topic %r with %d partitions", topic, partitions)
+    return True
 
 
 # --- sinks -------------------------------------------------------------------
