@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from beamops import __version__
 from beamops.operator import Operator
@@ -102,6 +103,31 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return kafka_broker.status(args.port, as_json=args.json)
 
 
+def cmd_flink(args: argparse.Namespace) -> int:
+    from beamops.services import flink_cluster  # lazy: keeps `beamops operators` fast
+
+    if args.action == "up":
+        return flink_cluster.up(args.port, timeout=args.timeout)
+    if args.action == "down":
+        return flink_cluster.down(args.port, timeout=args.timeout)
+    return flink_cluster.status(args.port, as_json=args.json)
+
+
+def _service_parser(sub: Any, name: str, help_text: str, port: int, func: Any, start_timeout: float) -> Any:
+    """``beamops NAME up|down|status [--port]`` for a local server."""
+    actions = sub.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start it and wait until it serves")
+    down = actions.add_parser("down", help="stop it (SIGTERM to its recorded PIDs)")
+    status = actions.add_parser("status", help="is it running; exit status 3 when not")
+    status.add_argument("--json", action="store_true")
+    for action, timeout in ((up, start_timeout), (down, 30.0), (status, None)):
+        action.add_argument("--port", type=int, default=port, help=f"port on 127.0.0.1 (default {port})")
+        if timeout is not None:
+            action.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+        action.set_defaults(func=func)
+    return up
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beamops", description="beamops: streaming operators for detector data")
     parser.add_argument("--version", action="version", version=f"beamops {__version__}")
@@ -116,18 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir")
     export.set_defaults(func=cmd_export)
 
-    kafka = sub.add_parser("kafka", help="a local single-node Kafka broker on 127.0.0.1")
-    actions = kafka.add_subparsers(dest="action", required=True)
-    up = actions.add_parser("up", help="start it (formatting its data dir the first time) and wait until it serves")
-    up.add_argument("--data-dir", help="where the broker keeps its logs (default: ~/.cache/beamops/run/kafka-PORT)")
-    down = actions.add_parser("down", help="stop it (SIGTERM to its recorded PID)")
-    status = actions.add_parser("status", help="is it running; exit status 3 when not")
-    status.add_argument("--json", action="store_true")
-    for action, timeout in ((up, 60.0), (down, 30.0), (status, None)):
-        action.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1 (default 9092)")
-        if timeout is not None:
-            action.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
-        action.set_defaults(func=cmd_kafka)
+    kafka_up = _service_parser(sub, "kafka", "a local single-node Kafka broker on 127.0.0.1", 9092, cmd_kafka, 60.0)
+    kafka_up.add_argument(
+        "--data-dir", help="where the broker keeps its data (default: ~/.cache/beamops/run/kafka-PORT)"
+    )
+    _service_parser(
+        sub, "flink", "a local Flink 1.20 cluster (1 JobManager, 1 TaskManager, 2 slots) on 127.0.0.1", 8081,
+        cmd_flink, 120.0,
+    )  # fmt: skip
     return parser
 
 
