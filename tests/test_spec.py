@@ -334,8 +334,11 @@ def test_derived_spec_matches_the_params_model(op: type[Operator]) -> None:
 def test_com_partial_spec_details() -> None:
     spec = com_partial.spec()
     params = {p.name: p for p in spec.parameters or []}
-    assert list(params) == ["init_center_x", "init_center_y", "crop_to_x", "crop_to_y", "crop_radius"]
-    assert all(p.type is ParameterType.FLOAT and p.default is None and not p.required for p in params.values())
+    assert list(params) == ["init_center_x", "init_center_y", "crop_to_x", "crop_to_y", "crop_radius", "device"]
+    crop = [p for name, p in params.items() if name != "device"]
+    assert all(p.type is ParameterType.FLOAT and p.default is None and not p.required for p in crop)
+    device = params["device"]
+    assert (device.type, device.options, device.default) == (ParameterType.STR_ENUM, ["cpu", "cuda", "auto"], "auto")
     for name in ("crop_to_x", "crop_to_y", "crop_radius"):
         assert params[name].minimum == 0
     assert params["init_center_x"].minimum is None

@@ -13,7 +13,9 @@ from numba import njit
 
 from beamops import DenseFrameBatch, operator
 from beamops.results import ComPartial
-from transforms.com_partial import CIRCLE, NO_CROP, ComCropParams
+from transforms._crop_modes import CIRCLE, NO_CROP
+from transforms._cuda_kernels import com_dense_cuda, resolve_device
+from transforms.com_partial import ComCropParams
 
 
 @njit(cache=True, nogil=True)
@@ -57,6 +59,8 @@ def com_dense_kernel(
         # Visit only the crop's bounding box (one pixel wider, so rounding of the
         # bounds cannot drop a pixel); the exact test decides inside it.
         half_x, half_y = (reach, reach) if mode == CIRCLE else (wx, wy)
+        # A crop wider than the frame is the whole frame; clamping keeps the bounds in int range.
+        half_x, half_y = min(half_x, cols), min(half_y, rows)
         r_lo = max(int(np.floor(ccy - half_y)) - 1, 0)
         r_hi = min(int(np.ceil(ccy + half_y)) + 1, rows - 1)
         c_lo = max(int(np.floor(ccx - half_x)) - 1, 0)
@@ -92,7 +96,8 @@ def com_dense(batch: DenseFrameBatch, params: ComCropParams) -> ComPartial:
     sum_x = np.empty(n, np.float64)
     sum_y = np.empty(n, np.float64)
     counts = np.empty(n, np.int64)
-    com_dense_kernel(batch.frames, *params.kernel_args(), sum_x, sum_y, counts)
+    kernel = com_dense_cuda if resolve_device(params.device) == "cuda" else com_dense_kernel
+    kernel(batch.frames, *params.kernel_args(), sum_x, sum_y, counts)
     return ComPartial(
         batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
     )

@@ -20,14 +20,16 @@ when a position has one frame).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from numba import njit
 from pydantic import Field, model_validator
 
 from beamops import OperatorParams, SparseFrameBatch, operator
 from beamops.results import ComPartial
-
-NO_CROP, BOX, CIRCLE = 0, 1, 2
+from transforms._crop_modes import BOX, CIRCLE, NO_CROP
+from transforms._cuda_kernels import com_sparse_cuda, resolve_device
 
 
 class ComCropParams(OperatorParams):
@@ -68,6 +70,12 @@ class ComCropParams(OperatorParams):
         ge=0,
         title="Crop radius",
         description="Circular crop radius in px: keep events at distance <= radius from the centre (stempy >= 3.4.2).",
+    )
+
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto",
+        title="Device",
+        description="Where the kernel runs: cpu, cuda (a GPU, or an error), or auto (cuda when numba sees a GPU).",
     )
 
     @model_validator(mode="after")
@@ -179,9 +187,8 @@ def com_partial(batch: SparseFrameBatch, params: ComCropParams) -> ComPartial:
     sum_x = np.empty(n, np.float64)
     sum_y = np.empty(n, np.float64)
     counts = np.empty(n, np.int64)
-    com_sparse_kernel(
-        batch.events, batch.offsets, batch.header.frame_shape[1], *params.kernel_args(), sum_x, sum_y, counts
-    )
+    kernel = com_sparse_cuda if resolve_device(params.device) == "cuda" else com_sparse_kernel
+    kernel(batch.events, batch.offsets, batch.header.frame_shape[1], *params.kernel_args(), sum_x, sum_y, counts)
     return ComPartial(
         batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
     )
