@@ -89,3 +89,24 @@ def test_job_writes_the_com_map_and_its_picture(tmp_path: Path) -> None:
     png = (tmp_path / "scan_000001_com.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert not (tmp_path / "dead_letters").exists()
+
+
+def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jar = tmp_path / "beam-runners-flink-1.20-job-server-2.73.0.jar"
+    jar.write_bytes(b"PK")
+    monkeypatch.setenv("BEAMOPS_FLINK_JOB_SERVER_JAR", str(jar))
+    args = com_pipeline.flink_defaults(["--runner=FlinkRunner", "--environment_type=EXTERNAL"])
+    assert f"--flink_job_server_jar={jar}" in args
+    assert "--flink_version=1.20" in args and "--flink_master=localhost:8081" in args
+    assert "--checkpointing_interval=10000" in args and "--streaming" in args
+    assert "--environment_type=EXTERNAL" in args and "--environment_type=LOOPBACK" not in args
+
+
+def test_flink_runner_without_a_job_server_jar_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BEAMOPS_FLINK_JOB_SERVER_JAR", str(tmp_path / "missing.jar"))
+    assert com_pipeline.main(["--runner=FlinkRunner", "--out_dir", str(tmp_path)]) == 2
+    assert "BEAMOPS_FLINK_JOB_SERVER_JAR" in capsys.readouterr().err
