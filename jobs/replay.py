@@ -33,6 +33,8 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     for required in ("bootstrap_servers", "input_topic", "start", "stop"):
         if not values.get(required):
             raise OperatorParameterError(f"a replay needs --{required}")
+    if values["start"].strip() == "committed":
+        raise OperatorParameterError("a replay has no consumer group: start from offsets or a timestamp")
     if values["stop"].strip() == "never":
         raise OperatorParameterError("a replay needs a bounded --stop (latest, offset:..., timestamp:...)")
     if values.get("output_topic") == values["input_topic"]:
@@ -48,7 +50,10 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     )
     add_kafka_arguments(parser, live=False)
     add_operator_arguments(parser, com_pipeline.OPERATORS[1:])
+    parser.add_argument("--group_id", help=argparse.SUPPRESS)
     known, beam_args = parser.parse_known_args(argv)
+    if known.group_id is not None:
+        parser.error("a replay never uses a consumer group; --group_id is not accepted")
     return vars(known), beam_args
 
 

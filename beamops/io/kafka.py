@@ -40,7 +40,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_batch
@@ -99,6 +99,12 @@ class ReadFromKafkaParams(OperatorParams):
     def _stop(cls, value: str) -> str:
         ReadPosition.parse(value, stop=True)
         return value
+
+    @model_validator(mode="after")
+    def _committed_needs_a_group(self) -> ReadFromKafkaParams:
+        if self.start.strip() == "committed" and not self.group_id:
+            raise ValueError("start=committed needs a group_id (the group whose committed offsets to start from)")
+        return self
 
     @property
     def unbounded(self) -> bool:
@@ -218,7 +224,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._metrics = OperatorMetrics()
         self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
-        self._last_lag_check = 0.0
+        self._last_lag_check: dict[tuple[str, int], float] = {}
         log.info("kafka reader for %r with %r", self._params.topic, redact(self._client.client()))
 
     def teardown(self) -> None:
@@ -263,8 +269,10 @@ class _ReadPartitionFn(beam.DoFn):
                     if err.code() == KafkaError._PARTITION_EOF:
                         self._report_lag(read, msg.offset(), msg.offset())
                         if msg.offset() >= restriction.stop:
-                            # Control records or compaction can leave no message at stop - 1.
-                            tracker.try_claim(restriction.stop - 1)
+                            # Control records or compaction can leave no message at stop - 1:
+                            # claim it anyway, so the commit covers the whole range.
+                            if tracker.try_claim(restriction.stop - 1):
+                                last_done = restriction.stop - 1
                             return
                         continue
                     if err.fatal():
@@ -311,8 +319,9 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _report_lag(self, read: PartitionRead, high: int | None, position: int) -> None:
         now = time.monotonic()
+        key = (read.topic, read.partition)
         if high is None:
-            if now - self._last_lag_check < 5.0:
+            if now - self._last_lag_check.get(key, 0.0) < 5.0:
                 return
             try:
                 consumer = self._consumers[(read.topic, read.partition)]
@@ -321,7 +330,7 @@ class _ReadPartitionFn(beam.DoFn):
                 _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), timeout=5)
             except Exception:  # lag is informative; never fail a read for it
                 return
-        self._last_lag_check = now
+        self._last_lag_check[key] = now
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
 
 

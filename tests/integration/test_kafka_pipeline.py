@@ -1,0 +1,911 @@
+"""The COM pipeline on a real Kafka broker (the session's ``kafka_broker``), run on Beam's FnApiRunner.
+
+Every result is checked against a ground truth computed without Kafka: ``run_operator`` over the same
+simulated batches (com_partial | com_reduce), whose sums are exact, so the maps must agree bit for bit
+whatever the partitioning or the order of delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.metrics import MetricsFilter
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from beamops.frames import FrameDecodeError, SparseFrameBatch, decode_batch
+from beamops.io.kafka import read_kafka_frames
+from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.publish import FramePublisher
+from beamops.operator import OperatorOutputs
+from beamops.results import ComMap
+from beamops.simulate import ScanSimulation
+from beamops.testing import RunResult, assert_com_close, run_operator
+from jobs import com_pipeline, replay
+from transforms.com_partial import com_partial
+from transforms.com_reduce import com_reduce
+
+pytestmark = pytest.mark.integration
+
+BATCH = 32
+JOB_TIMEOUT_S = 120.0
+
+# 16x16 positions, two frames per position: 512 frames in 16 batches of 32, and every position's two
+# frames are in different batches, so in different partitions when published round-robin.
+SIM = ScanSimulation(
+    scan_shape=(16, 16),
+    frame_shape=(64, 64),
+    events_per_frame=20,
+    frames_per_position=2,
+    disc_radius=10,
+    shift_amplitude=3,
+    seed=23,
+    scan_number=1,
+)
+
+
+def scan(number: int) -> ScanSimulation:
+    return replace(SIM, scan_number=number)
+
+
+# --- running things with a bound ------------------------------------------------------------------
+
+
+def call_bounded(fn: Callable[[], Any], timeout: float = JOB_TIMEOUT_S, what: str = "job") -> Any:
+    """``fn()`` in a daemon thread: its result, its exception, or a test failure after ``timeout`` s."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=f"bounded-{what}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not finish within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+def run_job(main: Callable[[list[str]], int], kafka_broker, *args: str) -> None:
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, *args]
+    status = call_bounded(lambda: main(argv), what=f"{main.__module__} {' '.join(args)}")
+    assert status == 0, f"{main.__module__} exited with {status}"
+
+
+def run_source(kafka_broker, topic: str, downstream: Callable[[Any], Any] | None = None, **params: Any) -> RunResult:
+    """read_kafka_frames(topic, **params) [| downstream], collecting its main output and dead letters."""
+
+    def build(root: Any) -> OperatorOutputs:
+        frames = root.pipeline | read_kafka_frames({"topic": topic, **params}, client=client_of(kafka_broker))
+        if downstream is None:
+            return frames
+        return downstream(frames)
+
+    return call_bounded(lambda: run_operator(build, []), what=f"read of {topic}")
+
+
+@cache
+def reference_maps(sims: tuple[ScanSimulation, ...], skip: frozenset[tuple[int, int]] = frozenset()) -> dict:
+    """Final ComMap per scan from com_partial | com_reduce over the batches, without Kafka.
+
+    ``skip``: (scan number, batch index) pairs left out.
+    """
+    batches = [
+        batch for sim in sims for index, batch in enumerate(sim.batches(BATCH)) if (sim.scan_number, index) not in skip
+    ]
+    return run_operator(lambda frames: frames | com_partial() | com_reduce(), batches).final_maps()
+
+
+def assert_same_map(actual: ComMap, expected: ComMap) -> None:
+    """Bit-identical values and the same bookkeeping."""
+    assert actual.header == expected.header
+    assert (actual.frames_seen, actual.positions_seen, actual.final, actual.complete) == (
+        expected.frames_seen,
+        expected.positions_seen,
+        expected.final,
+        expected.complete,
+    )
+    assert actual.x.dtype == expected.x.dtype == np.float32
+    assert actual.x.tobytes() == expected.x.tobytes(), "x differs"
+    assert actual.y.tobytes() == expected.y.tobytes(), "y differs"
+
+
+# --- Kafka helpers -------------------------------------------------------------------------------------
+
+
+def client_of(kafka_broker) -> KafkaClientConfig:
+    return KafkaClientConfig(kafka_broker.bootstrap_servers)
+
+
+def publish(kafka_broker, topic: str, batches: list[SparseFrameBatch], **kwargs: Any) -> None:
+    """The detector side: FramePublisher, round-robin over the partitions by default."""
+    with FramePublisher(client_of(kafka_broker), topic, **kwargs) as publisher:
+        publisher.publish_all(batches)
+
+
+def round_robin_ends(n_messages: int, partitions: int) -> dict[int, int]:
+    """End offsets of a fresh topic after n round-robin messages from one FramePublisher."""
+    return {p: len(range(p, n_messages, partitions)) for p in range(partitions)}
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One message as the broker stored it."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    value: bytes
+    frames: int  # frames it carries (0 for bytes that hold none)
+    label: str = ""
+
+
+def produce(kafka_broker, topic: str, records: list[dict[str, Any]]) -> list[Sent]:
+    """Produce records (value, partition, and optional key, headers, timestamp, frames, label) in order.
+
+    Returns where each one landed, from the delivery reports.
+    """
+    producer = Producer(
+        {"bootstrap.servers": kafka_broker.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5}
+    )
+    landed: dict[int, tuple[int, int, int]] = {}
+    errors: list[str] = []
+
+    def report(index: int) -> Callable[[Any, Any], None]:
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(f"record {index}: {err}")
+            else:
+                landed[index] = (msg.partition(), msg.offset(), msg.timestamp()[1])
+
+        return on_delivery
+
+    for index, record in enumerate(records):
+        kwargs = {k: record[k] for k in ("key", "headers", "timestamp") if record.get(k) is not None}
+        producer.produce(topic, record["value"], partition=record["partition"], on_delivery=report(index), **kwargs)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "messages not delivered within 30 s"
+    assert not errors, errors
+    return [
+        Sent(*landed[i], value=r["value"], frames=r.get("frames", 0), label=r.get("label", ""))
+        for i, r in enumerate(records)
+    ]
+
+
+def produce_in_transaction(kafka_broker, topic: str, records: list[tuple[bytes, int]]) -> None:
+    """(value, partition) records in one committed transaction."""
+    producer = Producer(
+        {"bootstrap.servers": kafka_broker.bootstrap_servers, "transactional.id": f"tx-{uuid.uuid4().hex[:8]}"}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for value, partition in records:
+        producer.produce(topic, value, partition=partition)
+    producer.commit_transaction(30)
+
+
+def new_consumer(kafka_broker, group_id: str | None = None) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": kafka_broker.bootstrap_servers,
+            "group.id": group_id or f"test-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+
+
+def end_offsets(kafka_broker, topic: str) -> dict[int, int]:
+    consumer = new_consumer(kafka_broker)
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(kafka_broker, group_id: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition (negative: none)."""
+    consumer = new_consumer(kafka_broker, group_id)
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        assert all(tp.error is None for tp in found), found
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+def consumer_groups(kafka_broker) -> set[str]:
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
+    return {g.group_id for g in admin.list_consumer_groups(request_timeout=10).result(timeout=15).valid}
+
+
+def read_topic(kafka_broker, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Every message of the topic up to its current end, in (partition, offset) order."""
+    consumer = new_consumer(kafka_broker)
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        wanted = {p: high for p, (low, high) in ends.items() if high > low}
+        consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in wanted])
+        messages = []
+        deadline = time.monotonic() + timeout
+        while wanted and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            messages.append(msg)
+            if msg.offset() + 1 >= wanted.get(msg.partition(), 0):
+                wanted.pop(msg.partition(), None)
+        assert not wanted, f"partitions {sorted(wanted)} of {topic} not read to their end in {timeout:g} s"
+        assert len(messages) == sum(high - low for low, high in ends.values())
+        return sorted(messages, key=lambda m: (m.partition(), m.offset()))
+    finally:
+        consumer.close()
+
+
+def com_maps(kafka_broker, topic: str) -> list[tuple[ComMap, bytes]]:
+    """Every ComMap on an output topic (progressive and final), with its message bytes."""
+    found = []
+    for msg in read_topic(kafka_broker, topic):
+        headers = dict(msg.headers() or [])
+        assert headers["beamops-kind"] == b"com_map"
+        com = ComMap.from_bytes(msg.value())
+        assert headers["beamops-final"] == (b"1" if com.final else b"0")
+        assert headers["beamops-complete"] == (b"1" if com.complete else b"0")
+        assert msg.key() == str(com.scan_number).encode()
+        found.append((com, msg.value()))
+    return found
+
+
+def final_maps(kafka_broker, topic: str) -> dict[int, tuple[ComMap, bytes]]:
+    """The final ComMap of each scan on an output topic, with its message bytes; one per scan."""
+    finals: dict[int, tuple[ComMap, bytes]] = {}
+    for com, value in com_maps(kafka_broker, topic):
+        if com.final:
+            assert com.scan_number not in finals, f"two final maps for scan {com.scan_number}"
+            finals[com.scan_number] = (com, value)
+    return finals
+
+
+@dataclass(frozen=True)
+class Letter:
+    headers: dict[str, bytes]
+    value: bytes
+
+    @property
+    def error_type(self) -> str:
+        return self.headers["beamops-error-type"].decode()
+
+    @property
+    def error(self) -> str:
+        return self.headers["beamops-error"].decode()
+
+    @property
+    def operator(self) -> str:
+        return self.headers["beamops-operator"].decode()
+
+    @property
+    def payload_format(self) -> str:
+        return self.headers["beamops-payload-format"].decode()
+
+    @property
+    def origin(self) -> dict[str, Any]:
+        return json.loads(self.headers["beamops-origin"])
+
+    def decoded_frames(self) -> int | None:
+        """Frames in the payload when it decodes (a frame batch, or an operator's ComPartial), else None."""
+        if self.payload_format == "arrow-ipc":
+            return pa.ipc.open_stream(self.value).read_all().num_rows
+        try:
+            return decode_batch(self.value).n_frames
+        except FrameDecodeError:
+            return None
+
+
+def dead_letters(kafka_broker, topic: str) -> list[Letter]:
+    return [Letter(dict(m.headers() or []), m.value() or b"") for m in read_topic(kafka_broker, topic)]
+
+
+def job_topics(kafka_broker, input_topic: str) -> list[str]:
+    """Fresh output and dead-letter topics; the arguments that name them."""
+    out, dead = kafka_broker.new_topic(prefix="com"), kafka_broker.new_topic(prefix="dead")
+    return ["--input_topic", input_topic, "--output_topic", out, "--dead_letter_topic", dead]
+
+
+def topic_arg(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@contextmanager
+def log_records(logger: str, level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """Records of ``logger`` (from any thread) while the block runs."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, log = Keep(level), logging.getLogger(logger)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+# --- malformed messages and frame accounting -------------------------------------------------------------
+
+
+def corrupt(batch: SparseFrameBatch, **columns: np.ndarray) -> SparseFrameBatch:
+    """A copy of ``batch`` with some columns replaced, without validation (as a buggy producer would send)."""
+    return replace(batch, **columns)
+
+
+def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka_broker):
+    partitions = 3
+    topic = kafka_broker.new_topic(partitions=partitions)
+    complete_scan, broken_scan = scan(1), scan(2)
+    good_1 = list(complete_scan.batches(BATCH))
+    good_2 = list(broken_scan.batches(BATCH))
+    # Scan 2 loses its batch 5 to a corruption only the reduce can see (a frame number beyond the
+    # scan's total), so it never completes and is flushed at the end of input.
+    lost = 5
+    bad_frame_number = good_2[lost].frame_numbers.copy()
+    bad_frame_number[-1] = broken_scan.n_frames + 7
+    publish(kafka_broker, topic, good_1 + good_2[:lost] + good_2[lost + 1 :])
+
+    # Scan 1's bad messages are damaged extra copies of its batches: the scan still completes.
+    source = good_1[3]
+    events = source.events.copy()
+    events[5] = 64 * 64  # one past the last pixel
+    positions = source.scan_positions.copy()
+    positions[7] = complete_scan.n_positions
+    version_2 = replace(source, header=replace(source.header, schema_version=2))
+    rng = np.random.default_rng(7)
+    arrow = source.to_bytes()
+    cases = [
+        # label, value, frames carried, headers, (error type, error text)
+        ("random bytes", rng.bytes(400), 0, None, ("FrameDecodeError", "")),
+        ("null value", None, 0, None, ("FrameDecodeError", "")),  # a tombstone
+        ("truncated arrow", arrow[: len(arrow) * 2 // 3], source.n_frames, None, ("FrameDecodeError", "")),
+        (
+            "schema version 2",
+            version_2.to_bytes(),
+            source.n_frames,
+            None,
+            ("FrameDecodeError", "unknown schema version 2"),
+        ),
+        (
+            "schema version 2 header",
+            arrow,
+            source.n_frames,
+            [("beamops-schema-version", b"2")],
+            ("FrameDecodeError", "unknown schema version b'2' in the message headers"),
+        ),
+        (
+            "wrong content type",
+            arrow,
+            source.n_frames,
+            [("content-type", b"text/plain")],
+            ("FrameDecodeError", "content-type b'text/plain'"),
+        ),
+        (
+            "event out of range",
+            corrupt(source, events=events).to_bytes(),
+            source.n_frames,
+            None,
+            ("FrameDecodeError", "event index 4096 out of range for frame_shape (64, 64)"),
+        ),
+        (
+            "position out of range",
+            corrupt(source, scan_positions=positions).to_bytes(),
+            source.n_frames,
+            None,
+            ("FrameDecodeError", "scan position 256 out of range for scan_shape (16, 16)"),
+        ),
+        (
+            "dense frames",
+            complete_scan.dense_batch(3, BATCH).to_bytes(),
+            BATCH,
+            None,
+            ("FrameDecodeError", "expected sparse frames, got a DenseFrameBatch"),
+        ),
+        (
+            "frame number out of range",
+            corrupt(good_2[lost], frame_numbers=bad_frame_number).to_bytes(),
+            good_2[lost].n_frames,
+            None,
+            ("ValueError", f"frame number {broken_scan.n_frames + 7} out of range for a scan of 512 frames"),
+        ),
+    ]
+    sent = produce(
+        kafka_broker,
+        topic,
+        [
+            {
+                "value": value,
+                "key": b"1",
+                "headers": headers,
+                "partition": i % partitions,
+                "frames": frames,
+                "label": label,
+            }
+            for i, (label, value, frames, headers, _) in enumerate(cases)
+        ],
+    )
+    expected_error = {s.label: case[4] for s, case in zip(sent, cases, strict=True)}
+    published_frames = (
+        complete_scan.n_frames + broken_scan.n_frames - good_2[lost].n_frames + sum(s.frames for s in sent)
+    )
+
+    args = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *args)
+
+    # Each bad message is one dead letter, with the reason and where it was published.
+    letters = dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic"))
+    by_place = {(s.partition, s.offset): s for s in sent}
+    assert sorted((lt.origin["partition"], lt.origin["offset"]) for lt in letters) == sorted(by_place)
+    dead_frames = 0
+    for letter in letters:
+        origin = letter.origin
+        assert origin["topic"] == topic
+        message = by_place[(origin["partition"], origin["offset"])]
+        assert origin["timestamp_ms"] == message.timestamp_ms
+        error_type, text = expected_error[message.label]
+        assert letter.error_type == error_type, (message.label, letter.error)
+        assert text in letter.error and letter.error, (message.label, letter.error)
+        frames = letter.decoded_frames()
+        if letter.operator == "read_kafka_frames":  # the original bytes
+            assert letter.payload_format == "raw" and letter.value == (message.value or b""), message.label
+        else:  # rejected by the reduce: the payload is the batch's ComPartial
+            assert (letter.operator, letter.payload_format, message.label) == (
+                "com_reduce",
+                "arrow-ipc",
+                "frame number out of range",
+            )
+            partial = pa.ipc.open_stream(letter.value).read_all()
+            assert partial.column("frame_number").to_numpy().tolist() == bad_frame_number.tolist()
+        assert frames in (None, message.frames), message.label
+        dead_frames += message.frames if frames is None else frames
+
+    # The rest of the stream went on: both scans have their right final map.
+    maps = final_maps(kafka_broker, topic_arg(args, "--output_topic"))
+    assert sorted(maps) == [1, 2]
+    expected = reference_maps((complete_scan, broken_scan), frozenset({(2, lost)}))
+    for number, (com, _) in maps.items():
+        assert_com_close(com, expected[number], atol=1e-4)
+        assert (com.frames_seen, com.positions_seen, com.final, com.complete) == (
+            expected[number].frames_seen,
+            expected[number].positions_seen,
+            True,
+            number == 1,
+        )
+    assert maps[1][0].frames_seen == complete_scan.n_frames
+    assert maps[2][0].frames_seen == broken_scan.n_frames - good_2[lost].n_frames
+    # Nothing dropped silently: reduced + dead = published.
+    assert sum(com.frames_seen for com, _ in maps.values()) + dead_frames == published_frames
+
+
+def test_a_redelivered_batch_is_counted_once(kafka_broker):
+    """At-least-once delivery: copies of batches are skipped (or late), and the map stays exact."""
+    topic = kafka_broker.new_topic(partitions=2)
+    batches = list(SIM.batches(BATCH))
+    again = [batches[1], batches[6], batches[6], batches[15]]
+    publish(kafka_broker, topic, batches + again)
+
+    result = run_source(kafka_broker, topic, lambda frames: frames | com_partial() | com_reduce())
+    finals = result.final_maps()
+    assert sorted(finals) == [SIM.scan_number]
+    assert_same_map(finals[SIM.scan_number], reference_maps((SIM,))[SIM.scan_number])
+    # A copy that arrives before the scan completes is skipped; one after it is a late dead letter.
+    assert all(d.error_type == "LateFrameError" and d.operator == "com_reduce" for d in result.dead_letters)
+    late = sum(len(pa.ipc.open_stream(d.payload).read_all()) for d in result.dead_letters)
+    duplicates = result.counter("duplicate_frames")
+    assert finals[SIM.scan_number].frames_seen + duplicates + late == SIM.n_frames + sum(b.n_frames for b in again)
+
+
+# --- partitions ------------------------------------------------------------------------------------------
+
+
+def test_four_partitions_give_the_same_maps_as_one(kafka_broker):
+    sims = (scan(4), scan(5))
+    # Two scans interleaved batch by batch, so both are open at once.
+    batches = [b for pair in zip(*(s.batches(BATCH) for s in sims), strict=True) for b in pair]
+    results = {}
+    for partitions in (1, 4):
+        topic = kafka_broker.new_topic(partitions=partitions)
+        publish(kafka_broker, topic, batches)
+        assert end_offsets(kafka_broker, topic) == round_robin_ends(len(batches), partitions)
+        args = job_topics(kafka_broker, topic)
+        run_job(com_pipeline.main, kafka_broker, *args, "--emit_every", "128")
+        assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
+        # Progressive maps every 128 frames (their values depend on the order; their counts do not).
+        progressive = sorted(
+            (c.scan_number, c.frames_seen)
+            for c, _ in com_maps(kafka_broker, topic_arg(args, "--output_topic"))
+            if not c.final
+        )
+        assert progressive == [(sim.scan_number, n) for sim in sims for n in (128, 256, 384)]
+        results[partitions] = final_maps(kafka_broker, topic_arg(args, "--output_topic"))
+
+    assert sorted(results[1]) == sorted(results[4]) == [4, 5]
+    expected = reference_maps(sims)
+    for number in (4, 5):
+        one, four = results[1][number], results[4][number]
+        assert four[1] == one[1], f"scan {number}: the 4-partition map differs from the 1-partition map"
+        assert_same_map(four[0], expected[number])
+        assert four[0].complete and four[0].frames_seen == SIM.n_frames
+        # And it is the simulated field.
+        sim = scan(number)
+        assert_com_close(four[0], sim.expected_com(), atol=6 * sim.com_standard_error())
+
+
+# --- start and stop positions -----------------------------------------------------------------------------
+
+T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z, in ms
+TINY = ScanSimulation(
+    scan_shape=(4, 4), frame_shape=(32, 32), events_per_frame=5, disc_radius=5, shift_amplitude=1, seed=3
+)
+
+
+@pytest.fixture
+def numbered_topic(kafka_broker) -> str:
+    """16 one-frame messages: message i holds frame i, on partition i % 3, with timestamp T0 + i s."""
+    topic = kafka_broker.new_topic(partitions=3)
+    records = [
+        {"value": b.to_bytes(), "key": b"1", "partition": i % 3, "timestamp": T0 + 1000 * i, "frames": 1}
+        for i, b in enumerate(TINY.batches(1))
+    ]
+    sent = produce(kafka_broker, topic, records)
+    assert [(s.partition, s.offset, s.timestamp_ms) for s in sent] == [
+        (i % 3, i // 3, T0 + 1000 * i) for i in range(16)
+    ]
+    return topic
+
+
+def _origin_and_time(batch: SparseFrameBatch, timestamp: Any = beam.DoFn.TimestampParam) -> tuple:
+    o = batch.origin
+    return (int(batch.frame_numbers[0]), o["partition"], o["offset"], o["timestamp_ms"], timestamp.micros // 1000)
+
+
+def read_range(kafka_broker, topic: str, start: str, stop: str) -> list[int]:
+    """Frame numbers (= message numbers) a read of [start, stop) yields; checks origins and timestamps."""
+    result = run_source(
+        kafka_broker,
+        topic,
+        lambda out: OperatorOutputs({"seen": out.frames | beam.Map(_origin_and_time), "dead_letter": out.dead_letter}),
+        start=start,
+        stop=stop,
+    )
+    assert result.dead_letters == []
+    numbers = sorted(number for number, *_ in result.outputs)
+    assert len(numbers) == len(set(numbers)), f"a message was read twice: {sorted(result.outputs)}"
+    for number, partition, offset, message_ms, element_ms in result.outputs:
+        # Where it came from, and its event time is the message timestamp.
+        assert (partition, offset) == (number % 3, number // 3)
+        assert message_ms == element_ms == T0 + 1000 * number
+    return numbers
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "expected"),
+    [
+        ("earliest", "latest", range(16)),
+        ("offset:1", "offset:3", [3, 4, 5, 6, 7, 8]),  # offsets 1 and 2 of every partition
+        ("offset:0=2,2=1", "latest", [6, 9, 12, 15, 5, 8, 11, 14]),  # partition 1 not named: not read
+        ("earliest", "offset:1=2", [1, 4]),  # only partition 1 has a stop
+        ("offset:0=1,1=1,2=1", "offset:0=3,1=2,2=5", [3, 6, 4, 5, 8, 11, 14]),
+        ("offset:9", "latest", []),  # past the end
+        ("latest", "latest", []),
+    ],
+)
+def test_start_and_stop_by_offset(kafka_broker, numbered_topic, start, stop, expected):
+    assert read_range(kafka_broker, numbered_topic, start, stop) == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "expected"),
+    [
+        (f"timestamp:{T0 + 3000}", f"timestamp:{T0 + 8000}", range(3, 8)),
+        (f"timestamp:{T0 + 2500}", f"timestamp:{T0 + 8001}", range(3, 9)),  # between messages
+        ("timestamp:2023-11-14T22:13:30Z", "latest", range(10, 16)),  # ISO-8601, UTC
+        ("timestamp:2023-11-14T23:13:25+01:00", "timestamp:2023-11-14T22:13:27", range(5, 7)),  # zones; none = UTC
+        ("earliest", f"timestamp:{T0 + 4000}", range(4)),
+        (f"timestamp:{T0 + 60_000}", "latest", []),  # after the last message: nothing
+        ("offset:2", f"timestamp:{T0 + 12_000}", [6, 7, 8, 9, 10, 11]),
+    ],
+)
+def test_start_and_stop_by_timestamp(kafka_broker, numbered_topic, start, stop, expected):
+    assert read_range(kafka_broker, numbered_topic, start, stop) == sorted(expected)
+
+
+def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
+    """--start/--stop by timestamp pick exactly the messages of the middle scan of three."""
+    topic = kafka_broker.new_topic(partitions=2)
+    sims = [scan(n) for n in (7, 8, 9)]
+    records = []
+    for k, sim in enumerate(sims):
+        for i, batch in enumerate(sim.batches(BATCH)):
+            # Scan k is acquired during [T0 + 100 k s, T0 + 100 k s + 16 s).
+            timestamp = T0 + 100_000 * k + 1000 * i
+            records.append(
+                {"value": batch.to_bytes(), "key": b"%d" % sim.scan_number, "partition": i % 2, "timestamp": timestamp}
+            )
+    produce(kafka_broker, topic, records)
+
+    args = job_topics(kafka_broker, topic)
+    stop = "timestamp:2023-11-14T22:16:40Z"  # T0 + 200 s
+    run_job(com_pipeline.main, kafka_broker, *args, "--start", f"timestamp:{T0 + 100_000}", "--stop", stop)
+    maps = final_maps(kafka_broker, topic_arg(args, "--output_topic"))
+    assert sorted(maps) == [8]
+    assert_same_map(maps[8][0], reference_maps((sims[1],))[8])
+    assert maps[8][0].complete and maps[8][0].frames_seen == SIM.n_frames
+    assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
+
+
+# --- live runs, committed offsets and replays ----------------------------------------------------------
+
+
+def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka_broker):
+    partitions = 3
+    topic = kafka_broker.new_topic(partitions=partitions)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    first, second = scan(11), scan(12)
+    live = ["--group_id", group, "--start", "committed", "--stop", "latest"]
+
+    publish(kafka_broker, topic, list(first.batches(BATCH)))
+    ends_1 = end_offsets(kafka_broker, topic)
+    assert ends_1 == round_robin_ends(first.n_batches(BATCH), partitions)
+    assert all(offset < 0 for offset in committed_offsets(kafka_broker, group, topic).values())
+
+    # Live run 1: nothing committed yet, so it reads from the start; it commits what it processed.
+    live_1 = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *live_1, *live)
+    assert committed_offsets(kafka_broker, group, topic) == ends_1
+    live_maps = final_maps(kafka_broker, topic_arg(live_1, "--output_topic"))
+    assert sorted(live_maps) == [11]
+    assert_same_map(live_maps[11][0], reference_maps((first,))[11])
+
+    # The detector goes on with the next scan, which the live job has not read yet.
+    publish(kafka_broker, topic, list(second.batches(BATCH)))
+    ends_2 = end_offsets(kafka_broker, topic)
+    groups_before = consumer_groups(kafka_broker)
+    assert group in groups_before
+
+    # Replay the range live run 1 consumed, from before its start to its committed offsets.
+    consumed = ["--start", "offset:0=0,1=0,2=0", "--stop", "offset:" + ",".join(f"{p}={o}" for p, o in ends_1.items())]
+    replayed = job_topics(kafka_broker, topic)
+    run_job(replay.main, kafka_broker, *replayed, *consumed)
+    replay_maps = final_maps(kafka_broker, topic_arg(replayed, "--output_topic"))
+    assert sorted(replay_maps) == [11]
+    assert replay_maps[11][1] == live_maps[11][1], "the replay's ComMap is not byte-identical to the live one"
+    assert dead_letters(kafka_broker, topic_arg(replayed, "--dead_letter_topic")) == []
+    # The replay neither moved the live group nor left a group of its own.
+    assert committed_offsets(kafka_broker, group, topic) == ends_1
+    assert consumer_groups(kafka_broker) == groups_before
+
+    # Live run 2 resumes at the committed offsets: the second scan only.
+    live_2 = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *live_2, *live)
+    maps_2 = final_maps(kafka_broker, topic_arg(live_2, "--output_topic"))
+    assert sorted(maps_2) == [12]
+    assert_same_map(maps_2[12][0], reference_maps((second,))[12])
+    assert committed_offsets(kafka_broker, group, topic) == ends_2
+
+    # Live run 3 has nothing new to read.
+    live_3 = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *live_3, *live)
+    assert read_topic(kafka_broker, topic_arg(live_3, "--output_topic")) == []
+    assert read_topic(kafka_broker, topic_arg(live_3, "--dead_letter_topic")) == []
+    assert committed_offsets(kafka_broker, group, topic) == ends_2
+
+
+def test_a_live_run_commits_up_to_the_end_of_a_transactional_topic(kafka_broker):
+    """A transactional producer leaves a commit marker after its messages: the group must get past it."""
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    produce_in_transaction(kafka_broker, topic, [(b.to_bytes(), i % 2) for i, b in enumerate(SIM.batches(BATCH))])
+    # 8 messages and a commit marker per partition. The markers are written after commit_transaction
+    # returns, and a read_committed client sees the end (the last stable offset) move only then.
+    ends = {0: 8 + 1, 1: 8 + 1}
+    wait_for(lambda: end_offsets(kafka_broker, topic) == ends, 30, "transaction markers")
+
+    args = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *args, "--group_id", group, "--start", "committed")
+    maps = final_maps(kafka_broker, topic_arg(args, "--output_topic"))
+    assert_same_map(maps[SIM.scan_number][0], reference_maps((SIM,))[SIM.scan_number])
+    assert committed_offsets(kafka_broker, group, topic) == ends
+
+
+@pytest.mark.parametrize(
+    ("job", "extra", "message"),
+    [
+        (com_pipeline, ["--start", "offset:abc"], "bad start position 'offset:abc'"),
+        (replay, ["--start", "earliest", "--stop", "sometime"], "bad stop position 'sometime'"),
+        pytest.param(
+            com_pipeline,
+            ["--start", "committed"],
+            "group",
+            id="committed-without-group",
+        ),
+        pytest.param(
+            replay,
+            ["--start", "committed", "--stop", "latest"],
+            "group",
+            id="replay-from-committed",
+        ),
+    ],
+)
+def test_bad_read_positions_are_refused_before_the_pipeline_runs(kafka_broker, capsys, job, extra, message):
+    """DESIGN §3: an invalid parameter is a clear error (exit 2) when the pipeline is built, not in a worker."""
+    topic = kafka_broker.new_topic()
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", topic]
+    argv += ["--output_topic", kafka_broker.new_topic(prefix="com"), *extra]
+    status = call_bounded(lambda: job.main(argv), what=job.__name__)
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--stop", "never"], "a replay needs a bounded --stop"),
+        (["--stop", "latest", "--output_topic", "SAME"], "--output_topic must differ from --input_topic"),
+    ],
+)
+def test_a_replay_refuses_an_unbounded_range_or_its_input_as_output(kafka_broker, capsys, extra, message):
+    topic = kafka_broker.new_topic()
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", topic, "--start", "earliest"]
+    status = call_bounded(lambda: replay.main(argv + [topic if a == "SAME" else a for a in extra]), what="replay")
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_replay_refuses_a_group_id(kafka_broker, capsys):
+    """A replay never uses a consumer group: --group_id is an error, and nothing is committed."""
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    publish(kafka_broker, topic, list(TINY.batches(4)))
+    args = job_topics(kafka_broker, topic)
+    with pytest.raises(SystemExit) as exit_info:
+        replay.main(["--bootstrap_servers", kafka_broker.bootstrap_servers, *args, "--start", "earliest",
+                     "--stop", "latest", "--group_id", group])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "never uses a consumer group" in capsys.readouterr().err
+    assert committed_offsets(kafka_broker, group, topic) == {0: -1001, 1: -1001}
+
+
+# --- consumer lag -------------------------------------------------------------------------------------------
+
+
+def lag_gauges(result: RunResult) -> dict[str, int]:
+    found = result.metrics.query(MetricsFilter().with_namespace("beamops"))["gauges"]
+    return {g.key.metric.name: g.committed.value for g in found if g.key.metric.name.startswith("consumer_lag.")}
+
+
+def test_consumer_lag_of_a_read_that_stops_early(kafka_broker):
+    topic = kafka_broker.new_topic(partitions=1)
+    publish(kafka_broker, topic, list(TINY.batches(2)))  # 8 messages
+    result = run_source(kafka_broker, topic, start="offset:1", stop="offset:6")
+    assert sum(b.n_frames for b in result.outputs) == 10
+    assert lag_gauges(result) == {f"consumer_lag.{topic}.0": 8 - 6}
+
+
+def test_every_partition_reports_its_consumer_lag(kafka_broker):
+    topic = kafka_broker.new_topic(partitions=3)
+    publish(kafka_broker, topic, list(TINY.batches(2)))  # 8 messages: 3, 3, 2
+    result = run_source(kafka_broker, topic, stop="offset:0=2,1=3,2=1")
+    assert sum(b.n_frames for b in result.outputs) == 2 * (2 + 3 + 1)
+    assert lag_gauges(result) == {
+        f"consumer_lag.{topic}.0": 1,
+        f"consumer_lag.{topic}.1": 0,
+        f"consumer_lag.{topic}.2": 1,
+    }
+
+
+# --- a broker restart while the detector publishes and the pipeline reads -------------------------------
+
+
+def test_a_broker_restart_while_reading_and_publishing_loses_nothing(kafka_broker):
+    if kafka_broker.external:
+        pytest.skip("restarts only a broker the fixture started")
+    partitions = 3
+    topic = kafka_broker.new_topic(partitions=partitions)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    batches = list(SIM.batches(BATCH))
+    ends = round_robin_ends(len(batches), partitions)  # known in advance: one publisher, round-robin
+    args = job_topics(kafka_broker, topic)
+    stop = "offset:" + ",".join(f"{p}={n}" for p, n in ends.items())
+
+    publisher = FramePublisher(client_of(kafka_broker), topic)
+    head = 5
+    publisher.publish_all(batches[:head])
+    publisher.flush(30)
+
+    job: dict[str, Any] = {}
+
+    def pipeline() -> None:
+        try:
+            job["status"] = com_pipeline.main(
+                ["--bootstrap_servers", kafka_broker.bootstrap_servers, *args, "--group_id", group, "--stop", stop]
+            )
+        except BaseException as exc:
+            job["error"] = exc
+
+    published_at: list[float] = []
+
+    def rest() -> None:
+        try:
+            # The rest of the scan, one batch every 0.4 s (about 4.5 s): across the restart.
+            for batch in batches[head:]:
+                publisher.publish(batch)
+                published_at.append(time.monotonic())
+                time.sleep(0.4)
+            publisher.flush(90)
+            job["published"] = publisher.stats().batches
+        except BaseException as exc:
+            job["publish_error"] = exc
+
+    reader = threading.Thread(target=pipeline, daemon=True, name="com-pipeline")
+    writer = threading.Thread(target=rest, daemon=True, name="publisher")
+    with log_records("beamops.io.kafka") as records:
+        reader.start()
+        # The partitions are resolved, so the pipeline is reading and waits for the rest of the scan.
+        wait_for(lambda: sum("kafka read" in r.getMessage() for r in list(records)) >= partitions, 60, "read start")
+        time.sleep(1.0)
+        assert reader.is_alive(), job
+        writer.start()
+        time.sleep(0.5)
+        old_pid = kafka_broker.status().pid
+        restarting = time.monotonic()
+        kafka_broker.restart()
+        restarted = time.monotonic()
+        writer.join(120)
+        reader.join(120)
+    assert not writer.is_alive(), "the publisher did not finish within 120 s"
+    assert not reader.is_alive(), "the pipeline did not finish within 120 s"
+    assert "publish_error" not in job and job.get("published") == len(batches), job
+    assert "error" not in job and job.get("status") == 0, job
+    # It was a real restart, and the detector went on publishing while the broker was away.
+    assert kafka_broker.status().pid != old_pid
+    assert any(restarting < t < restarted for t in published_at), (restarting, restarted, published_at)
+
+    assert end_offsets(kafka_broker, topic) == ends  # nothing lost, nothing written twice
+    maps = final_maps(kafka_broker, topic_arg(args, "--output_topic"))
+    assert sorted(maps) == [SIM.scan_number]
+    com = maps[SIM.scan_number][0]
+    assert com.complete and com.frames_seen == SIM.n_frames
+    assert_same_map(com, reference_maps((SIM,))[SIM.scan_number])
+    assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
+    assert committed_offsets(kafka_broker, group, topic) == ends
