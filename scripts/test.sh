@@ -12,9 +12,9 @@ echo "[test] ruff" >&2
 "$PY" -m ruff format --check .
 
 echo "[test] pytest" >&2
-# GPU tests need a real GPU; the CUDA kernels are still tested here under numba's simulator.
-# Pass your own -m (for example -m gpu on a GPU machine) to choose otherwise.
-select=(-m "not gpu")
+# GPU tests need a real GPU (the CUDA kernels are still tested here under numba's simulator) and
+# docker tests the compose plugin. Pass your own -m (for example -m gpu on a GPU machine) to choose.
+select=(-m "not gpu and not docker")
 for arg in "$@"; do [[ "$arg" == -m* ]] && select=(); done
 set +e
 "$PY" -m pytest "${select[@]}" "$@"
