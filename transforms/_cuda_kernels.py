@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 from numba import config as _numba_config
@@ -339,9 +340,16 @@ def _com_dense_gpu(frames, mode, use_init, cx, cy, wx, wy, r2, sum_x, sum_y, cou
 # --- host wrappers -----------------------------------------------------------------------------------------------
 
 
-def _copy_out(device_array, out: np.ndarray, n: int) -> None:
-    # The CPU kernels assign out[i] for i < n, casting; do the same for any output array.
-    out[:n] = device_array.copy_to_host()
+def _launch(kernel: Any, threads: int, n: int, inputs: tuple[Any, ...], crop: tuple[Any, ...], outs: tuple) -> None:
+    """Launch one block per frame and copy the three per-frame sums into ``outs``."""
+    mode, use_init, cx, cy, wx, wy, r2 = crop
+    device_outs = (cuda.device_array(n, np.float64), cuda.device_array(n, np.float64), cuda.device_array(n, np.int64))
+    # Python scalars, so a kernel is compiled once rather than once per numpy scalar type.
+    scalars = (int(mode), bool(use_init), float(cx), float(cy), float(wx), float(wy), float(r2))
+    kernel[n, threads](*inputs, *scalars, *device_outs)
+    for device_array, out in zip(device_outs, outs, strict=True):
+        # The CPU kernels assign out[i] for i < n, casting; do the same for any output array.
+        out[:n] = device_array.copy_to_host()
 
 
 def com_sparse_cuda(
@@ -363,30 +371,12 @@ def com_sparse_cuda(
     n = len(offsets) - 1
     if n <= 0:
         return
-    d_events = cuda.to_device(np.ascontiguousarray(events, dtype=np.uint32))
-    d_offsets = cuda.to_device(np.ascontiguousarray(offsets, dtype=np.int64))
-    d_sum_x = cuda.device_array(n, np.float64)
-    d_sum_y = cuda.device_array(n, np.float64)
-    d_counts = cuda.device_array(n, np.int64)
-    # Python scalars, so a kernel is compiled once rather than once per numpy scalar type.
-    _com_sparse_gpu[n, SPARSE_THREADS](
-        d_events,
-        d_offsets,
+    inputs = (
+        cuda.to_device(np.ascontiguousarray(events, dtype=np.uint32)),
+        cuda.to_device(np.ascontiguousarray(offsets, dtype=np.int64)),
         int(frame_cols),
-        int(mode),
-        bool(use_init),
-        float(cx),
-        float(cy),
-        float(wx),
-        float(wy),
-        float(r2),
-        d_sum_x,
-        d_sum_y,
-        d_counts,
     )
-    _copy_out(d_sum_x, sum_x, n)
-    _copy_out(d_sum_y, sum_y, n)
-    _copy_out(d_counts, counts, n)
+    _launch(_com_sparse_gpu, SPARSE_THREADS, n, inputs, (mode, use_init, cx, cy, wx, wy, r2), (sum_x, sum_y, counts))
 
 
 def com_dense_cuda(
@@ -410,23 +400,5 @@ def com_dense_cuda(
         return
     # Copies the whole batch although a cropped pass with a given centre reads only its
     # windows: the copy is one contiguous transfer, and gathering windows on the host would cost more.
-    d_frames = cuda.to_device(np.ascontiguousarray(frames, dtype=np.uint16))
-    d_sum_x = cuda.device_array(n, np.float64)
-    d_sum_y = cuda.device_array(n, np.float64)
-    d_counts = cuda.device_array(n, np.int64)
-    _com_dense_gpu[n, DENSE_THREADS](
-        d_frames,
-        int(mode),
-        bool(use_init),
-        float(cx),
-        float(cy),
-        float(wx),
-        float(wy),
-        float(r2),
-        d_sum_x,
-        d_sum_y,
-        d_counts,
-    )
-    _copy_out(d_sum_x, sum_x, n)
-    _copy_out(d_sum_y, sum_y, n)
-    _copy_out(d_counts, counts, n)
+    inputs = (cuda.to_device(np.ascontiguousarray(frames, dtype=np.uint16)),)
+    _launch(_com_dense_gpu, DENSE_THREADS, n, inputs, (mode, use_init, cx, cy, wx, wy, r2), (sum_x, sum_y, counts))

@@ -14,7 +14,7 @@ from numba import njit
 from beamops import DenseFrameBatch, operator
 from beamops.results import ComPartial
 from transforms._crop_modes import CIRCLE, NO_CROP
-from transforms._cuda_kernels import com_dense_cuda, resolve_device
+from transforms._cuda_kernels import com_dense_cuda
 from transforms.com_partial import ComCropParams
 
 
@@ -92,12 +92,4 @@ def com_dense_kernel(
 )
 def com_dense(batch: DenseFrameBatch, params: ComCropParams) -> ComPartial:
     """Per-frame center-of-mass sums (x = column, y = row, in pixels) of dense frames, with optional crop."""
-    n = batch.n_frames
-    sum_x = np.empty(n, np.float64)
-    sum_y = np.empty(n, np.float64)
-    counts = np.empty(n, np.int64)
-    kernel = com_dense_cuda if resolve_device(params.device) == "cuda" else com_dense_kernel
-    kernel(batch.frames, *params.kernel_args(), sum_x, sum_y, counts)
-    return ComPartial(
-        batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
-    )
+    return params.run_kernel(batch, com_dense_kernel, com_dense_cuda, batch.frames)

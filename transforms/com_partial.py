@@ -20,7 +20,7 @@ when a position has one frame).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numba import njit
@@ -93,6 +93,14 @@ class ComCropParams(OperatorParams):
         if self.crop_radius is not None:
             return CIRCLE
         return BOX if self.crop_to_x is not None else NO_CROP
+
+    def run_kernel(self, batch: Any, cpu_kernel: Any, cuda_kernel: Any, *inputs: Any) -> ComPartial:
+        """Run the CPU or CUDA kernel (as ``device`` says) on ``inputs``; wrap its sums as a ComPartial."""
+        n = batch.n_frames
+        sums = (np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.int64))
+        kernel = cuda_kernel if resolve_device(self.device) == "cuda" else cpu_kernel
+        kernel(*inputs, *self.kernel_args(), *sums)
+        return ComPartial(batch.header, batch.scan_positions, *sums, batch.frame_numbers, origin=batch.origin)
 
     def kernel_args(self) -> tuple[int, bool, float, float, float, float, float]:
         """(mode, use_init_center, cx, cy, half_width_x, half_width_y, radius²) for the kernels."""
@@ -183,12 +191,6 @@ def com_sparse_kernel(
 )
 def com_partial(batch: SparseFrameBatch, params: ComCropParams) -> ComPartial:
     """Per-frame center-of-mass sums (x = column, y = row, in pixels) of sparse frames, with optional crop."""
-    n = batch.n_frames
-    sum_x = np.empty(n, np.float64)
-    sum_y = np.empty(n, np.float64)
-    counts = np.empty(n, np.int64)
-    kernel = com_sparse_cuda if resolve_device(params.device) == "cuda" else com_sparse_kernel
-    kernel(batch.events, batch.offsets, batch.header.frame_shape[1], *params.kernel_args(), sum_x, sum_y, counts)
-    return ComPartial(
-        batch.header, batch.scan_positions, sum_x, sum_y, counts, batch.frame_numbers, origin=batch.origin
+    return params.run_kernel(
+        batch, com_sparse_kernel, com_sparse_cuda, batch.events, batch.offsets, batch.header.frame_shape[1]
     )
