@@ -25,7 +25,7 @@ from beamops.operator import (
     operator,
 )
 from beamops.ports import PortTypeError, register_port_type
-from beamops.results import ComMap, ComPartial
+from beamops.results import ComMap, ComPartial, Image
 from beamops.spec import OperatorSpec
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "DenseFrameBatch",
     "FrameDecodeError",
     "FrameHeader",
+    "Image",
     "NoParams",
     "Operator",
     "OperatorDefinitionError",

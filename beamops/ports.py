@@ -7,7 +7,7 @@ the Python class, checked when the pipeline is built.
 from __future__ import annotations
 
 from beamops.frames import DenseFrameBatch, SparseFrameBatch
-from beamops.results import ComMap, ComPartial
+from beamops.results import ComMap, ComPartial, Image
 
 
 class PortTypeError(TypeError):
@@ -67,5 +67,6 @@ register_port_type(SparseFrameBatch, "sparse_frames")
 register_port_type(DenseFrameBatch, "dense_frames")
 register_port_type(ComPartial, "com_partial")
 register_port_type(ComMap, "com_map")
+register_port_type(Image, "image")
 register_port_type(bytes, "bytes")
 register_port_type(str, "path")

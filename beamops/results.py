@@ -146,3 +146,44 @@ class ComMap:
             raise
         except Exception as exc:
             raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A 2-D result of one scan: a virtual image, a phase, a summed diffraction pattern...
+
+    ``data`` is float32 with shape (rows, cols): the scan shape for images over scan
+    positions, the frame shape for detector-space images. ``name`` says what it is
+    (``"bf"``, ``"adf"``, ``"phase"``, ``"diffraction_sum"``...), ``units`` its units.
+    ``final`` and ``complete`` mean what they mean for :class:`ComMap`.
+    """
+
+    KIND: ClassVar[str] = "image"
+
+    header: FrameHeader
+    name: str
+    data: np.ndarray
+    units: str = ""
+    frames_seen: int = 0
+    final: bool = True
+    complete: bool = True
+
+    @property
+    def scan_number(self) -> int:
+        return self.header.scan_number
+
+    def to_bytes(self) -> bytes:
+        """Arrow IPC: one float32 column ``data`` (row-major), shape and state in the schema metadata."""
+        rb = pa.RecordBatch.from_arrays([pa.array(self.data.reshape(-1), pa.float32())], names=["data"])
+        state = {
+            "name": self.name,
+            "units": self.units,
+            "shape": list(self.data.shape),
+            "frames_seen": self.frames_seen,
+            "final": self.final,
+            "complete": self.complete,
+        }
+        rb = rb.replace_schema_metadata(
+            {_KIND_KEY: self.KIND.encode(), _HEADER_KEY: self.header.to_json(), _STATE_KEY: json.dumps(state).encode()}
+        )
+        return _write_ipc(rb)
