@@ -19,6 +19,7 @@ from beamops.frames import FrameDecodeError, FrameHeader, _write_ipc
 _HEADER_KEY = b"beamops.header"
 _KIND_KEY = b"beamops.kind"
 _STATE_KEY = b"beamops.com_map"
+_IMAGE_STATE_KEY = b"beamops.image"
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +185,10 @@ class Image:
             "complete": self.complete,
         }
         rb = rb.replace_schema_metadata(
-            {_KIND_KEY: self.KIND.encode(), _HEADER_KEY: self.header.to_json(), _STATE_KEY: json.dumps(state).encode()}
+            {
+                _KIND_KEY: self.KIND.encode(),
+                _HEADER_KEY: self.header.to_json(),
+                _IMAGE_STATE_KEY: json.dumps(state).encode(),
+            }
         )
         return _write_ipc(rb)
