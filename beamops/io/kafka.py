@@ -111,20 +111,31 @@ class ReadFromKafkaParams(OperatorParams):
         return ReadPosition.parse(self.stop, stop=True).kind == "never"
 
 
-def _consumer(client: KafkaClientConfig, group_id: str | None) -> Any:
+def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
     from confluent_kafka import Consumer
 
+    # Throughput defaults (measured in bench/kafka_e2e.py); the user's settings win over them.
+    tuning = {
+        # librdkafka pauses up to 1 s once its local queue is full; a reader drains it at once.
+        "fetch.queue.backoff.ms": 20,
+        "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        # A bounded read wants the tail of the range now; a live one can wait a little for more.
+        "fetch.wait.max.ms": 10 if bounded else 100,
+    }
     return Consumer(
-        client.client(
-            **{
-                # Partitions are assigned, never subscribed, so a group only matters for commits.
-                "group.id": group_id or f"beamops-reader-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        {
+            **tuning,
+            **client.client(
+                **{
+                    # Partitions are assigned, never subscribed, so a group only matters for commits.
+                    "group.id": group_id or f"beamops-reader-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                }
+            ),
+        }
     )
 
 
@@ -234,7 +245,7 @@ class _ReadPartitionFn(beam.DoFn):
     def _consumer_for(self, read: PartitionRead) -> Any:
         key = (read.topic, read.partition)
         if key not in self._consumers:
-            self._consumers[key] = _consumer(self._client, self._params.group_id)
+            self._consumers[key] = _consumer(self._client, self._params.group_id, bounded=read.stop is not None)
         return self._consumers[key]
 
     def process(
@@ -256,6 +267,7 @@ class _ReadPartitionFn(beam.DoFn):
         unbounded = restriction.stop == UNBOUNDED_STOP
         deadline = time.monotonic() + self._params.max_read_s
         last_done = None
+        finished = False  # the whole restriction is read: this partition's consumer can go
         try:
             while True:
                 if unbounded and time.monotonic() > deadline:
@@ -273,6 +285,7 @@ class _ReadPartitionFn(beam.DoFn):
                             # claim it anyway, so the commit covers the whole range.
                             if tracker.try_claim(restriction.stop - 1):
                                 last_done = restriction.stop - 1
+                            finished = True
                             return
                         continue
                     if err.fatal():
@@ -281,16 +294,24 @@ class _ReadPartitionFn(beam.DoFn):
                     continue
                 offset = msg.offset()
                 if not tracker.try_claim(offset):
+                    finished = True
                     return
                 yield from self._decode(msg, read, watermark)
                 last_done = offset
                 if offset + 1 >= restriction.stop:
+                    finished = True
                     return
         finally:
             if last_done is not None:
                 self._report_lag(read, None, last_done + 1)
-                if self._params.group_id and self._params.commit_offsets:
-                    finalizer.register(_Committer(consumer, read.topic, read.partition, last_done + 1))
+            commit = last_done is not None and self._params.group_id and self._params.commit_offsets
+            if finished:
+                del self._consumers[(read.topic, read.partition)]
+            if commit:
+                committer = _Committer(consumer, read.topic, read.partition, last_done + 1, close=finished)
+                finalizer.register(committer)
+            elif finished:
+                consumer.close()
 
     def _decode(self, msg: Any, read: PartitionRead, watermark: ManualWatermarkEstimator) -> Iterator[Any]:
         started = time.perf_counter()
@@ -327,8 +348,11 @@ class _ReadPartitionFn(beam.DoFn):
                 consumer = self._consumers[(read.topic, read.partition)]
                 from confluent_kafka import TopicPartition
 
-                _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), timeout=5)
+                # The end offset of the last fetch: asking the broker would wait behind our own long poll.
+                _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), cached=True)
             except Exception:  # lag is informative; never fail a read for it
+                return
+            if high < 0:
                 return
         self._last_lag_check[key] = now
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
@@ -343,10 +367,14 @@ def _check_headers(headers: list[tuple[str, bytes]] | None) -> None:
 
 
 class _Committer:
-    """Commits a partition's next offset once the runner has committed the bundle that read it."""
+    """Commits a partition's next offset once the runner has committed the bundle that read it.
 
-    def __init__(self, consumer: Any, topic: str, partition: int, offset: int) -> None:
+    ``close``: the partition's read is over, so the consumer is closed after the commit.
+    """
+
+    def __init__(self, consumer: Any, topic: str, partition: int, offset: int, *, close: bool = False) -> None:
         self._consumer, self._topic, self._partition, self._offset = consumer, topic, partition, offset
+        self._close = close
 
     def __call__(self) -> None:
         from confluent_kafka import TopicPartition
@@ -357,6 +385,9 @@ class _Committer:
             )
         except Exception as exc:  # a later commit covers it; re-reading is the at-least-once fallback
             log.warning("commit of %s[%d]@%d failed: %s", self._topic, self._partition, self._offset, exc)
+        finally:
+            if self._close:
+                self._consumer.close()
 
 
 @beam.DoFn.unbounded_per_element()

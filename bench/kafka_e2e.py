@@ -1,0 +1,590 @@
+"""Kafka -> COM map end to end on FnApiRunner vs a bare confluent-kafka consume loop, same topic.
+
+    python -m bench.kafka_e2e            # 16 scans of 256x256, Poisson 50 events/frame, 1000-frame messages
+    python -m bench.kafka_e2e --quick    # 4 scans of 128x128, 3 runs per case (< 90 s)
+
+The benchmark starts its own broker (``KafkaBroker(ephemeral=True)``, a free
+127.0.0.1 port, full JIT: ``quick_start=False``) and stops it at the end. It
+publishes simulated scans (``ScanSimulation``, 576x576 frames) with
+``FramePublisher`` round robin over 4 partitions, then measures, taking turns
+(round robin) so that a noisy neighbour slows every case alike:
+
+* **bare consume**: one confluent-kafka ``Consumer`` with all partitions
+  assigned at their first offset (like read_kafka_frames, concrete offsets from
+  ``get_watermark_offsets``), ``consume()`` in batches of up to 64 messages
+  until every partition reaches its end; each value is copied out of
+  librdkafka (``msg.value()``) and one byte per 64-byte cache line is read.
+  Timed from creating the consumer to the last message (wall), and from
+  ``assign()``, when fetching starts, to the last message (steady; not from the
+  first message: by then librdkafka has prefetched a good part of a small topic).
+* **bare poll, one partition at a time** (info): ``poll()`` one message at a
+  time, one consumer per partition in turn: read_kafka_frames' access pattern.
+* **bare consume + decode + COM, no Beam** (info): the bare consume loop plus
+  ``decode_batch`` -> ``com_partial().process`` -> ``ScanAccumulator``, i.e. what
+  one Python thread can do at best; and **decode + COM only** (info), the same
+  work over the messages held in memory: no Kafka at all. If it is slower than
+  70% of the bare consume rate, no single-threaded pipeline can meet the target.
+* **end to end**: ``read_kafka_frames`` (earliest..latest, no group: jobs.replay
+  semantics) | ``com_partial()`` | ``com_reduce()`` on ``--runner=FnApiRunner``,
+  maps collected in this process (FnApiRunner runs the SDK worker in-process).
+  Reported as: wall (building the pipeline to ``wait_until_finish()``); wall
+  minus the wall of the same pipeline over an empty 4-partition topic (best
+  minus best, median minus median);
+  first in -> last out (from the first batch leaving the Kafka read to the last
+  map leaving com_reduce, in-process probes).
+* **end to end, tuned**: the same, with the consumer settings
+  ``fetch.wait.max.ms=10``, ``max.partition.fetch.bytes=16 MiB`` and
+  ``fetch.queue.backoff.ms=10`` given through ``KafkaClientConfig`` (what
+  ``--kafka_config`` does in the jobs), against a bare consume loop with the
+  same settings.
+* **end to end, tuned, 2 threads**: the tuned pipeline with
+  ``--direct_num_workers=2 --direct_running_mode=multi_threading`` (FnApiRunner
+  splits each stage's input between two in-process workers, so two partitions
+  are read at once).
+
+Before timing, the final COM map of every scan from each end-to-end variant
+and from the bare consume + compute loop must equal (bit for bit) the same
+computation on the published batches without Kafka, and the bare loop must
+receive exactly the published bytes. After timing, one run of the first two
+end-to-end variants runs under cProfile and the benchmark prints where its time
+goes.
+
+Target (DESIGN.md section 7): Kafka -> COM map end to end keeps >= 70% of the
+raw confluent-kafka consume throughput on the same topic; frames/s are shown
+next to the 4D Camera's 87,000 frames/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import logging
+import math
+import pstats
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+
+from beamops.frames import SparseFrameBatch, decode_batch
+from beamops.io.kafka_config import KafkaClientConfig
+from beamops.results import ComMap
+from beamops.simulate import ScanSimulation
+from bench import _probe
+from bench._common import Derived, Timing, machine_line, measure_interleaved, table
+from transforms.com_partial import com_partial
+from transforms.com_reduce import ScanAccumulator
+
+TARGET = 0.70
+CAMERA_HZ = 87_000
+# librdkafka consumer settings for the "tuned" variants (defaults: 500 ms, 1 MiB, 1000 ms)
+TUNED = {"fetch.wait.max.ms": "10", "max.partition.fetch.bytes": str(16 << 20), "fetch.queue.backoff.ms": "10"}
+THREADS = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+
+
+# --- broker and topic ----------------------------------------------------------------------------
+
+
+def start_broker(progress: Callable[[str], None] | None = None) -> Any:
+    """Our own broker on a free 127.0.0.1 port, with full JIT; the caller stops it."""
+    from beamops.services.kafka_broker import KafkaBroker
+
+    return KafkaBroker(ephemeral=True, quick_start=False, progress=progress)
+
+
+def consumer_settings(client: KafkaClientConfig) -> dict[str, Any]:
+    """The settings read_kafka_frames gives its consumers (beamops.io.kafka._consumer)."""
+    return client.client(
+        **{
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+
+
+def topic_ranges(client: KafkaClientConfig, topic: str) -> dict[int, tuple[int, int]]:
+    """partition -> (low, high) offsets."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(consumer_settings(client))
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in partitions}
+    finally:
+        consumer.close()
+
+
+def simulations(scans: int, scan: int, events: float, seed: int, first: int = 1) -> list[ScanSimulation]:
+    return [
+        ScanSimulation(
+            scan_shape=(scan, scan), frame_shape=(576, 576), events_per_frame=events, seed=seed, scan_number=first + s
+        )
+        for s in range(scans)
+    ]
+
+
+# --- the no-Kafka reference ----------------------------------------------------------------------
+
+
+class Reducer:
+    """What com_partial -> com_reduce computes, without Beam: final (and progressive) maps per scan."""
+
+    def __init__(self, emit_every: int) -> None:
+        self.op = com_partial()
+        self.emit_every = emit_every
+        self.open: dict[int, ScanAccumulator] = {}
+        self.maps: list[ComMap] = []
+
+    def add(self, batch: SparseFrameBatch) -> None:
+        partial = self.op.process(batch)
+        scan = partial.header.scan_number
+        acc = self.open.get(scan) or ScanAccumulator.empty(partial.header, self.emit_every)
+        acc.add(partial)
+        if acc.complete:
+            self.open.pop(scan, None)
+            self.maps.append(acc.com_map(final=True, replace_nans=False))
+            return
+        if self.emit_every and acc.frames_seen >= acc.next_emit:
+            acc.next_emit = (acc.frames_seen // self.emit_every + 1) * self.emit_every
+            self.maps.append(acc.com_map(final=False, replace_nans=False))
+        self.open[scan] = acc
+
+
+def finals(maps: list[ComMap]) -> dict[int, ComMap]:
+    out = {m.scan_number: m for m in maps if m.final}
+    if len(out) != sum(m.final for m in maps):
+        raise AssertionError("more than one final map for a scan")
+    return out
+
+
+def check_same(got_maps: list[ComMap], want: Mapping[int, ComMap], what: str) -> str:
+    got = finals(got_maps)
+    if set(got) != set(want):
+        raise AssertionError(f"{what}: final maps for scans {sorted(got)}, expected {sorted(want)}")
+    for scan, m in want.items():
+        g = got[scan]
+        if not (g.complete and m.complete and g.frames_seen == m.frames_seen):
+            raise AssertionError(f"{what}: scan {scan} final map incomplete, or frame counts differ")
+        for axis in ("x", "y"):
+            if not np.array_equal(getattr(g, axis), getattr(m, axis), equal_nan=True):
+                diff = np.nanmax(np.abs(getattr(g, axis) - getattr(m, axis)))
+                raise AssertionError(f"{what}: scan {scan} COM {axis} differs from the no-Kafka maps (max {diff:g} px)")
+    return f"final COM maps of {len(want)} scans identical to the no-Kafka computation, {len(got_maps)} maps in all"
+
+
+# --- bare consumer loops -------------------------------------------------------------------------
+
+
+@dataclass
+class ConsumeRun:
+    wall: float  # creating the consumer -> last message
+    steady: float  # assign() (the first fetch starts) -> last message
+    messages: int
+    bytes: int
+
+
+def bare_consume(
+    client: KafkaClientConfig,
+    topic: str,
+    *,
+    one_partition_at_a_time: bool = False,
+    on_value: Callable[[int, int, bytes], None] | None = None,
+    batch: int = 64,
+) -> ConsumeRun:
+    """Read the whole topic (earliest..latest when called); see the module docstring."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    started = time.perf_counter()
+    assigned = last = None
+    n = n_bytes = 0
+    consumer = Consumer(consumer_settings(client))
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in partitions}
+        groups = [[p] for p in partitions] if one_partition_at_a_time else [partitions]
+        for i, group in enumerate(groups):
+            if i:
+                consumer.close()
+                consumer = Consumer(consumer_settings(client))
+            assigned = assigned or time.perf_counter()
+            consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in group])
+            left = sum(ends[p][1] - ends[p][0] for p in group)
+            while left > 0:
+                if one_partition_at_a_time:
+                    msg = consumer.poll(0.5)
+                    msgs = [] if msg is None else [msg]
+                else:
+                    msgs = consumer.consume(min(batch, left), 0.5)
+                for msg in msgs:
+                    if msg.error() is not None:
+                        continue  # end of a partition
+                    value = msg.value()
+                    np.frombuffer(value, np.uint8)[::64].sum()  # touch every cache line
+                    if on_value is not None:
+                        on_value(msg.partition(), msg.offset(), value)
+                    n += 1
+                    n_bytes += len(value)
+                    left -= 1
+        last = time.perf_counter()
+    finally:
+        consumer.close()
+    if not n or assigned is None or last is None:
+        raise AssertionError(f"topic {topic!r} is empty")
+    return ConsumeRun(last - started, last - assigned, n, n_bytes)
+
+
+def consume_and_reduce(client: KafkaClientConfig, topic: str, emit_every: int) -> tuple[ConsumeRun, list[ComMap]]:
+    reducer = Reducer(emit_every)
+
+    def on_value(_p: int, _o: int, value: bytes) -> None:
+        batch = decode_batch(value)
+        assert isinstance(batch, SparseFrameBatch)
+        reducer.add(batch)
+
+    run = bare_consume(client, topic, on_value=on_value)
+    return run, reducer.maps
+
+
+def compute_only(messages: list[bytes], emit_every: int) -> list[ComMap]:
+    """decode + COM + reduce over messages already in memory: no Kafka, no Beam."""
+    reducer = Reducer(emit_every)
+    for m in messages:
+        batch = decode_batch(m)
+        assert isinstance(batch, SparseFrameBatch)
+        reducer.add(batch)
+    return reducer.maps
+
+
+# --- the Beam pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class BeamRun:
+    wall: float
+    span: float | None  # first batch out of the read -> last map out of com_reduce
+    to_first: float | None  # pipeline construction -> first batch out of the read
+    maps: list[ComMap]
+
+
+def run_pipeline(client: KafkaClientConfig, topic: str, emit_every: int, beam_args: Sequence[str] = ()) -> BeamRun:
+    """read_kafka_frames (earliest..latest, no group) | com_partial | com_reduce on FnApiRunner."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beamops.io.kafka import read_kafka_frames
+    from transforms.com_reduce import com_reduce
+
+    key = uuid.uuid4().hex
+    started = time.perf_counter()
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner", *beam_args]))
+    read = pipeline | read_kafka_frames({"topic": topic, "start": "earliest", "stop": "latest"}, client=client)
+    stamped = read.frames | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(SparseFrameBatch)
+    out = stamped | com_partial() | com_reduce(emit_every=emit_every)
+    out.com_map | "Collect" >> beam.Map(_probe.collect, key)
+    dead = [read.dead_letter, out.dead_letter] | "AllDead" >> beam.Flatten()
+    dead | "CollectDead" >> beam.Map(_probe.collect, key + "-dead")
+    pipeline.run().wait_until_finish()
+    wall = time.perf_counter() - started
+    maps, first, last = _probe.pop(key)
+    letters, _, _ = _probe.pop(key + "-dead")
+    if letters:
+        raise AssertionError(f"{len(letters)} dead letters, e.g. {letters[0]}")
+    span = None if first is None or last is None else last - first
+    return BeamRun(wall, span, None if first is None else first - started, maps)
+
+
+# --- profile -------------------------------------------------------------------------------------
+
+
+# (label, which functions: pstats key (file, line, function) -> "tot" (own time), "cum" (with callees) or None).
+# The parts do not overlap: none of them calls another.
+def _is(function: str, file: str, how: str) -> Callable[[tuple[str, int, str]], str | None]:
+    return lambda k: how if k[2] == function and k[0].endswith(file) else None
+
+
+def _c_method(name: str) -> Callable[[tuple[str, int, str]], str | None]:
+    return lambda k: "tot" if k[2] == f"<method '{name}' of 'cimpl.Consumer' objects>" else None
+
+
+def _any(*parts: Callable[[tuple[str, int, str]], str | None]) -> Callable[[tuple[str, int, str]], str | None]:
+    return lambda k: next((how for how in (p(k) for p in parts) if how), None)
+
+
+_PROFILE_PARTS: list[tuple[str, Callable[[tuple[str, int, str]], str | None]]] = [
+    ("Kafka: Consumer.poll (waits for fetches, copies the message)", _c_method("poll")),
+    ("Kafka: get_watermark_offsets (partition ends; lag gauge)", _c_method("get_watermark_offsets")),
+    (
+        "Kafka: consumer creation, list_topics, close",
+        _any(_is("_consumer", "beamops/io/kafka.py", "cum"), _c_method("list_topics"), _c_method("close")),
+    ),
+    ("decode_batch (Arrow IPC -> SparseFrameBatch)", _is("decode_batch", "beamops/frames.py", "cum")),
+    ("com_partial (COM kernel)", _is("com_partial", "transforms/com_partial.py", "cum")),
+    (
+        "com_reduce: ScanAccumulator.add and .com_map",
+        _any(_is("add", "transforms/com_reduce.py", "cum"), _is("com_map", "transforms/com_reduce.py", "cum")),
+    ),
+    ("Beam: state cache weighing (statecache.get_deep_size)", _is("get_deep_size", "worker/statecache.py", "cum")),
+    ("Beam: DoFn signature inspection (get_dofn_specs)", _is("get_dofn_specs", "transforms/userstate.py", "cum")),
+    ("Beam: PipelineOptions.view_as (argparse)", _is("view_as", "options/pipeline_options.py", "cum")),
+    ("threads: lock waits (worker threads, joins)", lambda k: "tot" if "'acquire' of '_thread.lock'" in k[2] else None),
+]
+
+
+def profile_pipeline(client: KafkaClientConfig, topic: str, emit_every: int) -> tuple[BeamRun, list[list[Any]]]:
+    """One pipeline run under cProfile (main thread, where FnApiRunner runs the bundles): where its time goes."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run = run_pipeline(client, topic, emit_every)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = max(ct for (_cc, _nc, _tt, ct, _callers) in stats.values())
+    rows, accounted = [], 0.0
+    for label, match in _PROFILE_PARTS:
+        calls = seconds = 0.0
+        for key, (_cc, nc, tt, ct, _callers) in stats.items():
+            how = match(key)
+            if how:
+                calls += nc
+                seconds += ct if how == "cum" else tt
+        accounted += seconds
+        rows.append([label, int(calls), seconds, f"{seconds / total:.0%}"])
+    rows.append(
+        [
+            "everything else (Beam runner, SDF, coders, pipeline build)",
+            "",
+            total - accounted,
+            f"{(total - accounted) / total:.0%}",
+        ]
+    )
+    rows.append(["total (profiled)", "", total, "100%"])
+    return run, rows
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def publish(
+    client: KafkaClientConfig,
+    topic: str,
+    sims: list[ScanSimulation],
+    batch_size: int,
+    partitioner: str = "round-robin",
+) -> tuple[list[bytes], Any]:
+    """Publish every scan's batches; return the encoded messages (publish order) and the publisher's stats."""
+    from beamops.io.publish import FramePublisher
+
+    messages = []
+    with FramePublisher(client, topic, partitioner=partitioner) as publisher:
+        for sim in sims:
+            for batch in sim.batches(batch_size):
+                messages.append(batch.to_bytes())
+                publisher.publish(batch)
+    return messages, publisher.stats()
+
+
+def digests(values: Iterator[bytes]) -> list[bytes]:
+    return sorted(hashlib.blake2b(v, digest_size=16).digest() for v in values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 scans of 128x128, 3 runs per case (< 90 s)")
+    parser.add_argument("--scan", type=int, default=None, help="each scan is SCAN x SCAN positions (default 256)")
+    parser.add_argument("--scans", type=int, default=None, help="number of scans (default 16, quick 4)")
+    parser.add_argument("--events", type=float, default=50.0, help="mean events per frame (default 50)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="frames per message (default 1000)")
+    parser.add_argument("--partitions", type=int, default=4, help="topic partitions (default 4)")
+    parser.add_argument(
+        "--partitioner",
+        choices=("round-robin", "by-scan"),
+        default="round-robin",
+        help="FramePublisher's partitioner (default round-robin: every scan spreads over all partitions)",
+    )
+    parser.add_argument("--emit-every", type=int, default=10_000, help="com_reduce emit_every (library default)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5, quick 3)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile breakdown")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.scan = args.scan or (128 if quick else 256)
+    args.scans = args.scans or (4 if quick else 16)
+    args.repeat = args.repeat or (3 if quick else 5)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    logging.getLogger("transforms").setLevel(logging.ERROR)
+    logging.getLogger("beamops.io.publish.rdkafka").setLevel(logging.ERROR)  # "coordinator load in progress"
+    warnings.filterwarnings("ignore")
+    t_start = time.perf_counter()
+
+    import confluent_kafka
+
+    print(machine_line())
+    print(
+        f"apache-beam {version('apache-beam')}, confluent-kafka {version('confluent-kafka')} "
+        f"(librdkafka {confluent_kafka.libversion()[0]}); FnApiRunner (in-process, 1 worker)"
+    )
+    broker = start_broker()
+    try:
+        t0 = time.perf_counter()
+        broker.start()
+        print(f"broker: Kafka {broker.components.version} on {broker.bootstrap_servers}, started in "
+              f"{time.perf_counter() - t0:.1f} s (ephemeral, full JIT), data {broker.data_dir}")  # fmt: skip
+        topic, empty_topic = f"bench-frames-{uuid.uuid4().hex[:8]}", f"bench-empty-{uuid.uuid4().hex[:8]}"
+        broker.create_topic(topic, partitions=args.partitions)
+        broker.create_topic(empty_topic, partitions=args.partitions)
+        plain, tuned = KafkaClientConfig(broker.bootstrap_servers), KafkaClientConfig(broker.bootstrap_servers, TUNED)
+
+        sims = simulations(args.scans, args.scan, args.events, args.seed)
+        t0 = time.perf_counter()
+        messages, pub = publish(plain, topic, sims, args.batch_size, args.partitioner)
+        n_frames, n_bytes = sum(s.n_frames for s in sims), sum(map(len, messages))
+        ranges = topic_ranges(plain, topic)
+        print(
+            f"topic: {args.scans} scans of {args.scan}x{args.scan}, 576x576 frames, Poisson {args.events:g} "
+            f"events/frame: {n_frames} frames in {len(messages)} messages of {args.batch_size} frames, "
+            f"{n_bytes / 1e6:.1f} MB, {args.partitions} partitions {args.partitioner} "
+            f"({', '.join(f'{p}: {hi - lo}' for p, (lo, hi) in ranges.items())} messages); "
+            f"generated and published in {time.perf_counter() - t0:.1f} s (publisher: {pub.mb_per_s:.0f} MB/s)"
+        )
+
+        # --- correctness, before any timing ---
+        want = finals(compute_only(messages, args.emit_every))
+        got: list[bytes] = []
+        bare_consume(plain, topic, on_value=lambda _p, _o, v: got.append(v))
+        if len(got) != len(messages) or digests(iter(got)) != digests(iter(messages)):
+            raise AssertionError("the bare consumer did not receive exactly the published messages")
+        got.clear()
+        print(f"  verified bare consume: the {len(messages)} published messages, byte for byte")
+        _, maps = consume_and_reduce(plain, topic, args.emit_every)
+        print(f"  verified bare consume + decode + COM: {check_same(maps, want, 'bare consume + COM')}")
+        variants = {  # name: (client, reference bare consume, Beam arguments)
+            "end to end": (plain, "bare", []),
+            "end to end, tuned": (tuned, "bare tuned", []),
+            "end to end, tuned, 2 threads": (tuned, "bare tuned", THREADS),
+        }
+        for name, (client, _, beam_args) in variants.items():
+            beam_run = run_pipeline(client, topic, args.emit_every, beam_args)
+            print(f"  verified {name} (FnApiRunner): {check_same(beam_run.maps, want, name)}")
+
+        # --- timing, round robin ---
+        spans: dict[str, list[float]] = {k: [] for k in ("bare", "bare tuned", *variants)}
+
+        def bare(key: str, client: KafkaClientConfig) -> Callable[[], None]:
+            return lambda: spans[key].append(bare_consume(client, topic).steady)
+
+        def e2e(name: str) -> Callable[[], None]:
+            client, _, beam_args = variants[name]
+            return lambda: spans[name].append(run_pipeline(client, topic, args.emit_every, beam_args).span or math.nan)
+
+        cases = {
+            "bare": bare("bare", plain),
+            "bare tuned": bare("bare tuned", tuned),
+            "poll": lambda: bare_consume(plain, topic, one_partition_at_a_time=True),
+            "compute": lambda: consume_and_reduce(plain, topic, args.emit_every),
+            "compute tuned": lambda: consume_and_reduce(tuned, topic, args.emit_every),
+            "compute only": lambda: compute_only(messages, args.emit_every),
+            "empty": lambda: run_pipeline(plain, empty_topic, args.emit_every),
+            **{name: e2e(name) for name in variants},
+        }
+        t = dict(zip(cases, measure_interleaved(list(cases.values()), [args.repeat] * len(cases)), strict=True))
+        span = {k: Timing(tuple(v[1:])) for k, v in spans.items()}  # without the warm-up run
+
+        def minus_empty(x: Timing) -> Derived:
+            """best - the empty pipeline's best, median - its median."""
+            return Derived(max(x.best - t["empty"].best, 1e-9), max(x.median - t["empty"].median, 1e-9))
+
+        mb = n_bytes / 1e6
+        rows, lines = [], []
+
+        def row(name: str, x: Timing | Derived, ref: Timing | None) -> None:
+            if ref is None:
+                rows.append([name, "", x.best, x.median, "", "", "", "", "", ""])
+                return
+            fb, fm = n_frames / x.best, n_frames / x.median
+            rb, rm = n_frames / ref.best, n_frames / ref.median
+            ratio_b, ratio_m = fb / rb, fm / rm
+            rates = [fb / 1e3, fm / 1e3, mb / x.best, mb / x.median]
+            rows.append([name, n_frames, x.best, x.median, *rates, f"{ratio_b:.0%}", f"{ratio_m:.0%}"])
+            if name.startswith("end to end"):
+                verdicts = [
+                    f"{which} {r:.0%} {'PASS' if r >= TARGET else 'FAIL'}"
+                    for which, r in (("best", ratio_b), ("median", ratio_m))
+                ]
+                lines.append(f"  {name} / bare (target >= {TARGET:.0%}): {', '.join(verdicts)}")
+
+        row("bare consume (defaults): wall", t["bare"], t["bare"])
+        row("bare consume (defaults): assign -> last msg", span["bare"], span["bare"])
+        row("bare consume (tuned): wall", t["bare tuned"], t["bare tuned"])
+        row("bare consume (tuned): assign -> last msg", span["bare tuned"], span["bare tuned"])
+        row("info: bare poll, 1 partition at a time: wall", t["poll"], t["bare"])
+        row("info: bare consume + decode + COM: wall", t["compute"], t["bare"])
+        row("info: bare consume + decode + COM (tuned): wall", t["compute tuned"], t["bare tuned"])
+        row("info: decode + COM only, messages in memory", t["compute only"], t["bare"])
+        row("empty topic: same pipeline, wall", t["empty"], None)
+        for name, (_, ref, _) in variants.items():
+            row(f"{name}: wall", t[name], t[ref])
+            row(f"{name}: wall - empty", minus_empty(t[name]), t[ref])
+            row(f"{name}: first in -> last out", span[name], span[ref])
+
+        headers = [
+            "case",
+            "frames",
+            "best s",
+            "median s",
+            "kframe/s best",
+            "kframe/s med",
+            "MB/s best",
+            "MB/s med",
+            "vs bare best",
+            "vs bare med",
+        ]
+        print(
+            f"\ntimes: best and median of {args.repeat} runs per case, taking turns. 'vs bare': walls against the "
+            "bare consume wall, first in -> last out against the bare assign -> last msg, with the same consumer "
+            "settings; tuned = " + ", ".join(f"{k}={v}" for k, v in TUNED.items())
+        )
+        print(table(headers, rows))
+        print("\n".join(lines))
+        rate = {
+            "bare consume wall": n_frames / t["bare"].median,
+            "end to end wall": n_frames / t["end to end"].median,
+            "wall - empty": n_frames / minus_empty(t["end to end"]).median,
+            "first in -> last out": n_frames / span["end to end"].median,
+            "tuned, first in -> last out": n_frames / span["end to end, tuned"].median,
+            "tuned, 2 threads, first in -> last out": n_frames / span["end to end, tuned, 2 threads"].median,
+        }
+        print(
+            "  frames/s (median) vs the 4D Camera's 87,000 frames/s: "
+            + "; ".join(f"{k} {v:,.0f} ({v / CAMERA_HZ:.1f}x)" for k, v in rate.items())
+        )
+
+        if not args.no_profile:
+            for name in ("end to end", "end to end, tuned"):
+                run_p, prows = profile_pipeline(variants[name][0], topic, args.emit_every)
+                head = (
+                    f"\nwhere the time goes: one {name} run under cProfile (wall {run_p.wall:.2f} s: "
+                    f"start -> first batch out of the read {run_p.to_first or 0:.2f} s, "
+                    f"first in -> last out {run_p.span or 0:.2f} s, "
+                    f"then {run_p.wall - (run_p.to_first or 0) - (run_p.span or 0):.2f} s to the end)"
+                )
+                print(head)
+                print(table(["part", "calls", "s", "% of total"], prows))
+    finally:
+        broker.stop()
+    print(f"\ndone in {time.perf_counter() - t_start:.0f} s (broker stopped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
