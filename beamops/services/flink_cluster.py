@@ -42,19 +42,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -62,18 +59,40 @@ from typing import Any
 
 import yaml
 
-from beamops.services.kafka_broker import cache_dir, free_port, port_is_free, run_dir
+# HOST, Progress, cache_dir, run_dir, free_port, port_is_free and STATE_FILE stay importable from here.
+from beamops.services._local import (
+    HOST,
+    LocalServer,
+    Progress,
+    cache_dir,
+    choose_port,
+    cli_error,
+    cli_print,
+    cli_status,
+    cmdline,
+    components_env,
+    env_setting,
+    environ,
+    free_port,
+    log_tail,
+    pid_alive,
+    port_is_free,
+    require_java,
+    run_dir,
+    spawn,
+    terminate,
+    wait_exit,
+)
+from beamops.services._local import STATE_FILE as STATE_FILE
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
 DEFAULT_RPC_PORT = 6123
 DEFAULT_SLOTS = 2
 FLINK_MINOR = "1.20"
 # Must equal the apache-beam Python SDK's version (pyproject pins it; DESIGN.md section 6).
 DEFAULT_BEAM_VERSION = "2.73.0"
-STATE_FILE = "state.json"
 JOBMANAGER_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
 TASKMANAGER_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
 # flink-console.sh names the log files flink-<ident>-<service>-<n>-<host>.log.
@@ -90,8 +109,6 @@ LOOPBACK_KEYS = (
 )
 _LOG_TAIL_LINES = 25
 
-Progress = Callable[[str], None]
-
 
 class FlinkClusterError(RuntimeError):
     """The cluster could not be found, configured, started, reached or stopped."""
@@ -105,38 +122,9 @@ class JobServerJarMissingError(FlinkClusterError):
 # Components: java, the Flink distribution, the profile, Beam's job-server jar
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    """``export KEY=value`` lines (values shell-quoted) as written by install_components.sh."""
-    values: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except OSError:
-        return values
-    for raw in text.splitlines():
-        line = raw.strip().removeprefix("export ").strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if sep:
-            words = shlex.split(value)
-            values[key.strip()] = words[0] if words else ""
-    return values
-
-
-def _setting(name: str) -> str:
-    """``$name``, else its value in ``$BEAMOPS_CACHE/components.env``, else ''."""
-    return os.environ.get(name) or _read_env_file(cache_dir() / "components.env").get(name, "")
-
-
 def find_java() -> Path:
     """``$JAVA_HOME/bin/java`` or ``java`` on PATH; Flink 1.20 needs Java 11 or 17 (17 here)."""
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and os.access(Path(java_home, "bin", "java"), os.X_OK):
-        return Path(java_home, "bin", "java")
-    found = shutil.which("java")
-    if not found:
-        raise FlinkClusterError("java not found: put Java 17 on PATH or set JAVA_HOME")
-    return Path(found)
+    return require_java(FlinkClusterError, "Java 17")
 
 
 def java_major_version(java: Path) -> int:
@@ -153,7 +141,7 @@ def java_major_version(java: Path) -> int:
 def find_flink_home(flink_home: str | os.PathLike[str] | None = None) -> Path:
     """The Flink distribution: the argument, ``$FLINK_HOME`` or the one install_components.sh cached."""
     hint = "run scripts/install_components.sh (it unpacks Flink 1.20.5 and writes ~/.cache/beamops/components.env)"
-    value = str(flink_home) if flink_home else _setting("FLINK_HOME")
+    value = str(flink_home) if flink_home else env_setting("FLINK_HOME")
     if not value:
         raise FlinkClusterError(f"no Flink distribution: set FLINK_HOME or {hint}")
     home = Path(value).expanduser()
@@ -196,7 +184,7 @@ def job_server_candidates(flink_minor: str = FLINK_MINOR, version: str | None = 
     version = version or beam_version()
     artifact, name = _job_server_name(flink_minor, version)
     candidates = []
-    from_env_file = _read_env_file(cache_dir() / "components.env").get("BEAMOPS_FLINK_JOB_SERVER_JAR")
+    from_env_file = components_env().get("BEAMOPS_FLINK_JOB_SERVER_JAR")
     if from_env_file:
         candidates.append(Path(from_env_file).expanduser())
     candidates += [
@@ -283,34 +271,7 @@ def load_profile(conf_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Processes
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    # A zombie (exited, not yet reaped) has an empty cmdline, so it counts as not running.
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
-    return {k: v for k, _, v in pairs}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # Field 3, after the parenthesised command name: Z (zombie) and X (dead) are gone.
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+# Processes (ports and /proc: beamops.services._local)
 
 
 def is_flink_process(pid: int, role: str, conf_dir: Path | str | None = None) -> bool:
@@ -321,12 +282,12 @@ def is_flink_process(pid: int, role: str, conf_dir: Path | str | None = None) ->
     """
     if pid <= 0 or role not in _SERVICES:
         return False
-    args = _cmdline(pid)
+    args = cmdline(pid)
     for _ in range(5):
-        if args or not _pid_alive(pid):
+        if args or not pid_alive(pid):
             break
         time.sleep(0.02)  # the cmdline reads empty while the process execs the next program
-        args = _cmdline(pid)
+        args = cmdline(pid)
     if not args:
         return False
     cls = JOBMANAGER_CLASS if role == "jobmanager" else TASKMANAGER_CLASS
@@ -339,7 +300,7 @@ def is_flink_process(pid: int, role: str, conf_dir: Path | str | None = None) ->
     names = [Path(a).name for a in args[:3]]  # [/usr/bin/env,] bash, <script>
     launcher = f"{role}.sh" in names or ("flink-console.sh" in names and _SERVICES[role] in args)
     if launcher:
-        return conf_dir is None or _environ(pid).get("FLINK_CONF_DIR") == str(conf_dir)
+        return conf_dir is None or environ(pid).get("FLINK_CONF_DIR") == str(conf_dir)
     return False
 
 
@@ -402,7 +363,7 @@ class FlinkStatus:
         return f"not running on {self.rest_url}{stale}"
 
 
-class FlinkCluster:
+class FlinkCluster(LocalServer):
     """A Flink session cluster on 127.0.0.1: one JobManager (REST on ``rest_port``) and its TaskManagers.
 
     ``rest_port``: a free one when None. ``state_dir`` defaults to ``$BEAMOPS_RUN_DIR/flink-<port>``;
@@ -413,6 +374,8 @@ class FlinkCluster:
     ``quick_start`` runs the JVMs with C1 only (``-XX:TieredStopAtLevel=1``): quicker to start, slower
     at peak; for tests, not for benchmarks.
     """
+
+    _log = log
 
     def __init__(
         self,
@@ -472,10 +435,6 @@ class FlinkCluster:
         return self.state_dir / "savepoints"
 
     @property
-    def state_path(self) -> Path:
-        return self.state_dir / STATE_FILE
-
-    @property
     def flink_home(self) -> Path:
         if self._flink_home is None:
             self._flink_home = find_flink_home(self._flink_home_arg)
@@ -485,22 +444,6 @@ class FlinkCluster:
     def rpc_port(self) -> int | None:
         state = self._read_state()
         return (state or {}).get("rpc_port") or self._requested_rpc_port
-
-    def _say(self, message: str) -> None:
-        log.info("%s", message)
-        if self.progress is not None:
-            self.progress(message)
-
-    def _read_state(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        tmp.replace(self.state_path)
 
     def _alive(self, pid: int, role: str, conf_dir: str | None = None) -> bool:
         proc = self._procs.get(pid)
@@ -533,17 +476,6 @@ class FlinkCluster:
     def taskmanagers(self) -> list[TaskManagerProcess]:
         """The TaskManager processes of this cluster that run."""
         return self._taskmanagers(self._read_state())
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialise start/stop on one state dir across processes (two `up`s at once)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # -- REST -------------------------------------------------------------------------------------
 
@@ -608,12 +540,7 @@ class FlinkCluster:
         if self._requested_rpc_port is not None:
             return self._requested_rpc_port
         preferred = DEFAULT_RPC_PORT if self.port == DEFAULT_PORT else None
-        for candidate in (remembered, preferred):
-            if candidate and candidate != self.port and port_is_free(candidate):
-                return candidate
-        while (port := free_port()) == self.port:
-            pass
-        return port
+        return choose_port((remembered, preferred), self.port)
 
     def flink_config(self, rpc_port: int) -> dict[str, Any]:
         """The profile with this cluster's ports and directories, as flat Flink keys."""
@@ -688,22 +615,9 @@ class FlinkCluster:
     def _launch(self, role: str, args: list[str]) -> int:
         script = self.flink_home / "bin" / f"{role}.sh"
         cmd = [str(script), "start-foreground", *args]
-        launch_log = self.log_dir / f"{role}-launch.log"
-        with open(launch_log, "ab") as out:
-            out.write(f"---- beamops: {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                # Only the script's own lines: with env.stdout-err.redirect-to-file the JVM's stdout
-                # and stderr go to <log dir>/*.out and *.err.
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                env=self._env(),
-                start_new_session=True,  # Ctrl-C in the starting shell does not reach the cluster
-                close_fds=True,
-            )
+        # Only the script's own lines go to the launch log: with env.stdout-err.redirect-to-file the JVM's
+        # stdout and stderr go to <log dir>/*.out and *.err.
+        proc, _ = spawn(cmd, self.log_dir / f"{role}-launch.log", self.state_dir, self._env())
         self._procs[proc.pid] = proc
         return proc.pid
 
@@ -850,18 +764,7 @@ class FlinkCluster:
     def _tails(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last lines of each log file written since the start began (all when not known)."""
         marks: dict[Path, int] = getattr(self, "_log_marks", {})
-        parts = []
-        for path in self._log_files():
-            try:
-                with open(path, "rb") as f:
-                    f.seek(marks.get(path, 0))
-                    text = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            tail = text.splitlines()[-lines:]
-            if tail:
-                parts.append(f"\n--- last {len(tail)} lines of {path}:\n" + "\n".join(tail))
-        return "".join(parts)
+        return "".join(log_tail(path, marks.get(path, 0), lines) for path in self._log_files())
 
     # -- TaskManagers -----------------------------------------------------------------------------
 
@@ -930,19 +833,7 @@ class FlinkCluster:
     # -- stop -------------------------------------------------------------------------------------
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
-        proc = self._procs.get(pid)
-        if proc is not None:
-            try:
-                proc.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        return wait_exit(pid, timeout, self._procs.get(pid))
 
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM the recorded TaskManagers and JobManager (if they are this cluster's), SIGKILL after
@@ -961,17 +852,7 @@ class FlinkCluster:
                 return False
             self._say(f"stopping Flink at {self.rest_url} (pids {', '.join(map(str, pids))})")
             # All at once: a TaskManager whose JobManager is gone only retries, and vice versa.
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for pid in pids:
-                if not self._wait_exit(pid, max(0.0, deadline - time.monotonic())):
-                    self._say(f"pid {pid} still running after {timeout:g}s: SIGKILL")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    if not self._wait_exit(pid, 10):
-                        raise FlinkClusterError(f"pid {pid} survived SIGKILL")
+            terminate(pids, timeout, wait=self._wait_exit, say=self._say, error=FlinkClusterError)
             self.state_path.unlink(missing_ok=True)
             for pid_file in self.pid_dir.glob("*.pid"):
                 pid_file.unlink()
@@ -982,16 +863,6 @@ class FlinkCluster:
     def restart(self, timeout: float = 120.0) -> FlinkCluster:
         self.stop()
         return self.start(timeout)
-
-    def __enter__(self) -> FlinkCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"FlinkCluster({self.rest_url}, state_dir={str(self.state_dir)!r})"
@@ -1008,7 +879,7 @@ class FlinkCluster:
 
 
 def _print(message: str) -> None:
-    print(f"flink: {message}", flush=True)
+    cli_print("flink", message)
 
 
 def up(port: int = DEFAULT_PORT, timeout: float = 120.0) -> int:
@@ -1017,8 +888,7 @@ def up(port: int = DEFAULT_PORT, timeout: float = 120.0) -> int:
     try:
         cluster.start(timeout)
     except FlinkClusterError as exc:
-        print(f"flink: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return cli_error("flink", exc)
     _print(
         f"web UI and REST API {cluster.rest_url}; FLINK_CONF_DIR={cluster.conf_dir}; logs {cluster.log_dir}; "
         f"stop with `beamops flink down --port {port}`"
@@ -1033,17 +903,10 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
         if not cluster.stop(timeout):
             _print(f"no cluster running at {cluster.rest_url}")
     except FlinkClusterError as exc:
-        print(f"flink: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return cli_error("flink", exc)
     return 0
 
 
 def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
     """Print the cluster's status; 0 when running, 3 when not (as LSB init scripts do)."""
-    st = FlinkCluster(port).status()
-    if as_json:
-        data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(st).items()}
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        _print(st.describe())
-    return 0 if st.running else 3
+    return cli_status("flink", FlinkCluster(port).status(), as_json)

@@ -27,37 +27,54 @@ default ``$BEAMOPS_CACHE/run``), ``BEAMOPS_KAFKA_LIBS``, ``BEAMOPS_KAFKA_LOG4J_C
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
-import json
 import logging
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from base64 import urlsafe_b64encode
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# HOST, Progress, cache_dir, run_dir, free_port, port_is_free and STATE_FILE stay importable from here.
+from beamops.services._local import (
+    HOST,
+    LocalServer,
+    Progress,
+    choose_port,
+    cli_error,
+    cli_print,
+    cli_status,
+    cmdline,
+    components_env_file,
+    env_setting,
+    free_port,
+    log_tail,
+    port_is_free,
+    read_env_file,
+    read_json,
+    require_java,
+    run_dir,
+    spawn,
+    terminate,
+    wait_exit,
+    write_json,
+)
+from beamops.services._local import STATE_FILE as STATE_FILE
+from beamops.services._local import cache_dir as cache_dir
+
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 DEFAULT_PORT = 9092
-STATE_FILE = "state.json"
 # Written into the data dir: the controller port it was formatted with, reused on restarts.
 DATA_INFO_FILE = "beamops-kafka.json"
 _LOG_TAIL_LINES = 30
-
-Progress = Callable[[str], None]
 
 
 class KafkaBrokerError(RuntimeError):
@@ -81,47 +98,17 @@ class KafkaComponents:
         return f"{self.libs}/*"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("BEAMOPS_CACHE") or Path.home() / ".cache" / "beamops").expanduser()
-
-
-def run_dir() -> Path:
-    """Where each broker's state directory (``kafka-<port>/``) goes."""
-    return Path(os.environ.get("BEAMOPS_RUN_DIR") or cache_dir() / "run").expanduser()
-
-
-def _read_env_file(path: Path) -> dict[str, str]:
-    """``export KEY=value`` lines (values shell-quoted) as written by install_components.sh."""
-    values: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ").strip()
-        key, sep, value = line.partition("=")
-        if sep:
-            words = shlex.split(value)
-            values[key.strip()] = words[0] if words else ""
-    return values
-
-
 def find_java() -> Path:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and os.access(Path(java_home, "bin", "java"), os.X_OK):
-        return Path(java_home, "bin", "java")
-    found = shutil.which("java")
-    if not found:
-        raise KafkaBrokerError("java not found: put Java 17+ on PATH or set JAVA_HOME")
-    return Path(found)
+    return require_java(KafkaBrokerError, "Java 17+")
 
 
 def find_components() -> KafkaComponents:
     """Java and the Kafka jars, from the environment or ``$BEAMOPS_CACHE/components.env``."""
-    env_file = cache_dir() / "components.env"
-    from_file = _read_env_file(env_file) if env_file.is_file() else {}
+    env_file = components_env_file()
+    from_file = read_env_file(env_file) if env_file.is_file() else {}
 
     def setting(name: str) -> str:
-        return os.environ.get(name) or from_file.get(name, "")
+        return env_setting(name, from_file)
 
     hint = (
         "run scripts/install_components.sh (it caches the jars and writes "
@@ -151,52 +138,17 @@ def find_components() -> KafkaComponents:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Processes and ports
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Like the JVM's server sockets, so connections in TIME_WAIT after a stop do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    # A zombie (exited, not yet reaped) has an empty cmdline, so it counts as not running.
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+# Processes (ports and /proc: beamops.services._local)
 
 
 def is_kafka_process(pid: int, properties: Path | str | None = None) -> bool:
     """Whether ``pid`` is alive and is ``java ... kafka.Kafka [properties]``."""
     if pid <= 0:
         return False
-    args = _cmdline(pid)
+    args = cmdline(pid)
     if not args or not Path(args[0]).name.startswith("java") or "kafka.Kafka" not in args:
         return False
     return properties is None or str(properties) in args
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # Field 3, after the parenthesised command name: Z (zombie) and X (dead) are gone.
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _random_cluster_id() -> str:
@@ -341,7 +293,7 @@ class KafkaStatus:
         return f"not running on {self.bootstrap}{stale}"
 
 
-class KafkaBroker:
+class KafkaBroker(LocalServer):
     """One Kafka broker+controller on 127.0.0.1:``port``, its data in ``data_dir``.
 
     ``port``: the client port (a free one when None). ``controller_port``: when None, the one the data dir
@@ -353,6 +305,8 @@ class KafkaBroker:
     ``jvm_options`` (and ``$BEAMOPS_KAFKA_JVM_OPTS``) are added to the java command line. ``config``
     adds or overrides server.properties entries (the listeners must stay on 127.0.0.1).
     """
+
+    _log = log
 
     def __init__(
         self,
@@ -392,10 +346,6 @@ class KafkaBroker:
         return f"{HOST}:{self.port}"
 
     @property
-    def state_path(self) -> Path:
-        return self.state_dir / STATE_FILE
-
-    @property
     def log_path(self) -> Path:
         return self.state_dir / "server.log"
 
@@ -421,27 +371,12 @@ class KafkaBroker:
             return state.get("controller_port")
         return self._requested_controller_port or self._data_info().get("controller_port")
 
-    def _say(self, message: str) -> None:
-        log.info("%s", message)
-        if self.progress is not None:
-            self.progress(message)
-
-    def _read_state(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
-
     def _data_info(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.data_dir / DATA_INFO_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_json(self.data_dir / DATA_INFO_FILE, {})
+
+    def _child(self, pid: int) -> subprocess.Popen[bytes] | None:
+        """The broker this object launched, if it has ``pid``."""
+        return self._proc if self._proc is not None and self._proc.pid == pid else None
 
     def _live_pid(self, state: dict[str, Any] | None) -> int | None:
         """The state file's PID if it is this broker's running java process."""
@@ -452,17 +387,6 @@ class KafkaBroker:
             return None  # our child exited; poll() reaped it
         properties = state.get("properties", str(self.properties_path))
         return pid if is_kafka_process(pid, properties) else None
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialise start/stop on one state dir across processes (two `up`s at once)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # -- status -----------------------------------------------------------------------------------
 
@@ -493,12 +417,7 @@ class KafkaBroker:
         if self._requested_controller_port is not None:
             return self._requested_controller_port
         remembered = self._data_info().get("controller_port")
-        for candidate in (remembered, self.port + 1):
-            if candidate and candidate != self.port and candidate <= 65535 and port_is_free(candidate):
-                return candidate
-        while (port := free_port()) == self.port:
-            pass
-        return port
+        return choose_port((remembered, self.port + 1), self.port)
 
     def server_properties(self, controller_port: int) -> dict[str, str]:
         props = {
@@ -584,7 +503,8 @@ class KafkaBroker:
                 alive=lambda: self._live_pid(self._read_state()) == pid,
             )
         except KafkaBrokerError as exc:
-            code = self._proc.poll() if self._proc is not None and self._proc.pid == pid else None
+            child = self._child(pid)
+            code = child.poll() if child is not None else None
             if launched:  # never kill a broker that someone else started (it may still be starting)
                 self._abort(pid)
             reason = f"{exc} with status {code}" if code is not None else str(exc)
@@ -601,7 +521,7 @@ class KafkaBroker:
         props = self.server_properties(controller_port)
         self.properties_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         cluster_id = self._format_storage(comps)
-        self._write_json(
+        write_json(
             self.data_dir / DATA_INFO_FILE,
             {"cluster_id": cluster_id, "port": self.port, "controller_port": controller_port},
         )
@@ -626,21 +546,8 @@ class KafkaBroker:
             "kafka.Kafka",
             str(self.properties_path),
         ]
-        with open(self.log_path, "ab") as out:
-            self._log_offset = out.tell()
-            out.write(f"---- beamops: {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-            out.flush()
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                start_new_session=True,  # Ctrl-C in the starting shell does not reach the broker
-                close_fds=True,
-            )
-        self._write_json(
-            self.state_path,
+        self._proc, self._log_offset = spawn(cmd, self.log_path, self.state_dir)
+        self._write_state(
             {
                 "pid": self._proc.pid,
                 "port": self.port,
@@ -664,39 +571,21 @@ class KafkaBroker:
         return self._proc.pid
 
     def _abort(self, pid: int) -> None:
-        if self._proc is not None and self._proc.pid == pid:
-            if self._proc.poll() is None:
-                self._proc.kill()
-                self._proc.wait(10)
+        if (child := self._child(pid)) is not None:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
         elif is_kafka_process(pid, self.properties_path):
             os.kill(pid, signal.SIGKILL)
         self.state_path.unlink(missing_ok=True)
 
     def _tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(getattr(self, "_log_offset", 0))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        tail = text.splitlines()[-lines:]
-        return f"\n--- last {len(tail)} lines of {self.log_path}:\n" + "\n".join(tail) if tail else ""
+        return log_tail(self.log_path, getattr(self, "_log_offset", 0), lines)
 
     # -- stop -------------------------------------------------------------------------------------
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
-        if self._proc is not None and self._proc.pid == pid:
-            try:
-                self._proc.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        return wait_exit(pid, timeout, self._child(pid))
 
     def stop(self, timeout: float = 30.0, *, remove_data: bool | None = None) -> bool:
         """SIGTERM the recorded PID (if it is this broker), SIGKILL after ``timeout``, remove the state file.
@@ -714,12 +603,7 @@ class KafkaBroker:
                     self._say(f"removing stale state file {self.state_path} (pid {state.get('pid')} is not Kafka)")
             else:
                 self._say(f"stopping Kafka on {self.bootstrap_servers} (pid {pid})")
-                os.kill(pid, signal.SIGTERM)
-                if not self._wait_exit(pid, timeout):
-                    self._say(f"pid {pid} still running after {timeout:g}s: SIGKILL")
-                    os.kill(pid, signal.SIGKILL)
-                    if not self._wait_exit(pid, 10):
-                        raise KafkaBrokerError(f"pid {pid} survived SIGKILL")
+                terminate([pid], timeout, wait=self._wait_exit, say=self._say, error=KafkaBrokerError)
                 stopped = True
                 self._say(f"stopped after {time.monotonic() - t0:.1f}s")
             self.state_path.unlink(missing_ok=True)
@@ -734,16 +618,6 @@ class KafkaBroker:
         """Stop and start on the same ports and data (also for an ephemeral broker)."""
         self.stop(remove_data=False)
         return self.start(timeout)
-
-    def __enter__(self) -> KafkaBroker:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"KafkaBroker({self.bootstrap_servers}, data_dir={str(self.data_dir)!r}, ephemeral={self.ephemeral})"
@@ -775,7 +649,7 @@ class KafkaBroker:
 
 
 def _print(message: str) -> None:
-    print(f"kafka: {message}", flush=True)
+    cli_print("kafka", message)
 
 
 def up(port: int = DEFAULT_PORT, data_dir: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> int:
@@ -784,8 +658,7 @@ def up(port: int = DEFAULT_PORT, data_dir: str | os.PathLike[str] | None = None,
     try:
         broker.start(timeout)
     except KafkaBrokerError as exc:
-        print(f"kafka: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return cli_error("kafka", exc)
     st = broker.status()
     _print(f"bootstrap servers {st.bootstrap}; log {st.log_path}; stop with `beamops kafka down --port {port}`")
     return 0
@@ -798,17 +671,10 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
         if not broker.stop(timeout, remove_data=False):
             _print(f"no broker running on {broker.bootstrap_servers}")
     except KafkaBrokerError as exc:
-        print(f"kafka: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return cli_error("kafka", exc)
     return 0
 
 
 def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
     """Print the broker's status; 0 when running, 3 when not (as LSB init scripts do)."""
-    st = KafkaBroker(port).status()
-    if as_json:
-        data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(st).items()}
-        print(json.dumps(data, indent=2))
-    else:
-        _print(st.describe())
-    return 0 if st.running else 3
+    return cli_status("kafka", KafkaBroker(port).status(), as_json)

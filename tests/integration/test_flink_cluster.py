@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,27 +52,6 @@ public class BeamopsSmokeJob {
     }
 }
 """
-
-
-def listening_sockets(pid: int) -> list[tuple[str, int]]:
-    """(hex local address, port) of every TCP socket in LISTEN state that ``pid`` holds."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: TCP_LISTEN
-                address, port = local.split(":")
-                found.append((address, int(port, 16)))
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -148,7 +128,9 @@ def test_overview_shows_one_taskmanager_with_two_slots(cluster: FlinkCluster) ->
     assert list(cluster.log_dir.glob("flink-beamops-taskexecutor-*.log"))
 
 
-def test_listens_on_loopback_only(cluster: FlinkCluster) -> None:
+def test_listens_on_loopback_only(
+    cluster: FlinkCluster, listening_sockets: Callable[[int], list[tuple[str, int]]]
+) -> None:
     jm = cluster.jobmanager_pid
     (tm,) = cluster.taskmanagers
     jm_sockets, tm_sockets = listening_sockets(jm), listening_sockets(tm.pid)

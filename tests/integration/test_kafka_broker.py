@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
@@ -58,27 +56,6 @@ def own_broker(fixture) -> KafkaBroker:
     if fixture.broker is None:
         pytest.skip("needs a broker started by the fixture, not $BEAMOPS_KAFKA_BOOTSTRAP")
     return fixture.broker
-
-
-def listening_sockets(pid: int) -> list[tuple[str, int]]:
-    """(hex local address, port) of every TCP socket in LISTEN state that ``pid`` holds."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: TCP_LISTEN
-                address, port = local.split(":")
-                found.append((address, int(port, 16)))
-    return found
 
 
 def test_status_of_the_running_broker(kafka_broker):
@@ -140,7 +117,7 @@ def test_stop_then_start_and_restart_keep_the_data(kafka_broker):
     assert values == [b"before-restart", b"before-stop"]
 
 
-def test_listens_only_on_loopback(kafka_broker):
+def test_listens_only_on_loopback(kafka_broker, listening_sockets):
     broker = own_broker(kafka_broker)
     status = broker.status()
     sockets = listening_sockets(status.pid)

@@ -1,0 +1,326 @@
+"""Process and environment helpers shared by the local servers (``kafka_broker``, ``flink_cluster``).
+
+Both find their components through the environment or ``$BEAMOPS_CACHE/components.env``, keep a state
+directory per server under ``$BEAMOPS_RUN_DIR`` (``state.json``, a lock, logs), run their processes
+detached on 127.0.0.1, signal a process only after ``/proc`` shows it is theirs, and back the CLI's
+``beamops <service> up|down|status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+HOST = "127.0.0.1"
+STATE_FILE = "state.json"
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Components: the cache, components.env, java
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BEAMOPS_CACHE") or Path.home() / ".cache" / "beamops").expanduser()
+
+
+def run_dir() -> Path:
+    """Where each server's state directory (``kafka-<port>/``, ``flink-<port>/``) goes."""
+    return Path(os.environ.get("BEAMOPS_RUN_DIR") or cache_dir() / "run").expanduser()
+
+
+def components_env_file() -> Path:
+    """``$BEAMOPS_CACHE/components.env``, which scripts/install_components.sh writes."""
+    return cache_dir() / "components.env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``export KEY=value`` lines (values shell-quoted) as written by install_components.sh.
+
+    Raises OSError when the file cannot be read (:func:`components_env` does not).
+    """
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip().removeprefix("export ").strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            words = shlex.split(value)
+            values[key.strip()] = words[0] if words else ""
+    return values
+
+
+def components_env() -> dict[str, str]:
+    """The settings in ``components.env``; none when it is missing or unreadable."""
+    try:
+        return read_env_file(components_env_file())
+    except OSError:
+        return {}
+
+
+def env_setting(name: str, from_file: Mapping[str, str] | None = None) -> str:
+    """``$name``, else its value in ``from_file`` (default: :func:`components_env`), else ''."""
+    if value := os.environ.get(name):
+        return value
+    return (components_env() if from_file is None else from_file).get(name, "")
+
+
+def require_java(error: type[Exception], requirement: str) -> Path:
+    """``$JAVA_HOME/bin/java`` when it is executable, else ``java`` on PATH; ``error`` when there is none."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(Path(java_home, "bin", "java"), os.X_OK):
+        return Path(java_home, "bin", "java")
+    found = shutil.which("java")
+    if not found:
+        raise error(f"java not found: put {requirement} on PATH or set JAVA_HOME")
+    return Path(found)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ports
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like the JVM's server sockets, so connections in TIME_WAIT after a stop do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def choose_port(candidates: Iterable[int | None], taken: int) -> int:
+    """The first candidate that is set, a port number other than ``taken``, and free; else a free port."""
+    for candidate in candidates:
+        if candidate and candidate != taken and candidate <= 65535 and port_is_free(candidate):
+            return candidate
+    while (port := free_port()) == taken:
+        pass
+    return port
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: /proc, waiting, signalling, launching, logs
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    # A zombie (exited, not yet reaped) has an empty cmdline, so it counts as not running.
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {k: v for k, _, v in pairs}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # Field 3, after the parenthesised command name: Z (zombie) and X (dead) are gone.
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def wait_exit(pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Whether ``pid`` exits within ``timeout`` seconds; ``proc``, our child with that pid, is reaped."""
+    if proc is not None:
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def terminate(
+    pids: list[int],
+    timeout: float,
+    *,
+    wait: Callable[[int, float], bool],
+    say: Progress,
+    error: type[Exception],
+) -> None:
+    """SIGTERM ``pids`` (already verified to be the server's) all at once, SIGKILL each one still running
+    ``timeout`` seconds later. ``wait(pid, seconds)`` tells whether it exited in time; ``error`` is raised
+    when a pid survives SIGKILL.
+    """
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        if not wait(pid, max(0.0, deadline - time.monotonic())):
+            say(f"pid {pid} still running after {timeout:g}s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not wait(pid, 10):
+                raise error(f"pid {pid} survived SIGKILL")
+
+
+def spawn(
+    cmd: list[str], log_path: Path, cwd: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``cmd`` detached, its output appended to ``log_path`` after a line with the time and command.
+
+    Returns the process and the offset in ``log_path`` where this launch's lines start.
+    """
+    with open(log_path, "ab") as out:
+        offset = out.tell()
+        out.write(f"---- beamops: {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the starting shell does not reach the server
+            close_fds=True,
+        )
+    return proc, offset
+
+
+def log_tail(path: Path, offset: int, lines: int) -> str:
+    """The last ``lines`` lines of ``path`` after ``offset``, with a header line; '' when none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = text.splitlines()[-lines:]
+    return f"\n--- last {len(tail)} lines of {path}:\n" + "\n".join(tail) if tail else ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The state directory
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in ``path``; ``default`` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically (through ``<path>.tmp``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class LocalServer:
+    """What a local server keeps in its state directory: ``state.json`` and a lock; ``with server:``
+    starts it and stops it again. Subclasses set ``state_dir``, ``progress`` and ``_log``.
+    """
+
+    state_dir: Path
+    progress: Progress | None
+    _log: logging.Logger
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def _say(self, message: str) -> None:
+        self._log.info("%s", message)
+        if self.progress is not None:
+            self.progress(message)
+
+    def _read_state(self) -> dict[str, Any] | None:
+        return read_json(self.state_path)
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        write_json(self.state_path, state)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop on one state dir across processes (two `up`s at once)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLI, `beamops <service> up|down|status`: output prefixed with the service's name, an exit status
+
+
+def cli_print(service: str, message: str) -> None:
+    print(f"{service}: {message}", flush=True)
+
+
+def cli_error(service: str, exc: BaseException) -> int:
+    print(f"{service}: error: {exc}", file=sys.stderr, flush=True)
+    return 1
+
+
+def cli_status(service: str, status: Any, as_json: bool) -> int:
+    """Print a status dataclass (``describe()``, or its fields as JSON); 0 when running, 3 when not
+    (as LSB init scripts do)."""
+    if as_json:
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(status).items()}
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        cli_print(service, status.describe())
+    return 0 if status.running else 3
