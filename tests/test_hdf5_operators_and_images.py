@@ -1,0 +1,75 @@
+"""HDF5 source and sink operators, and the image writer, in pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from beamops import FrameHeader, Image
+from beamops.testing import ScanSimulation, assert_com_close, run_operator
+from transforms.com_partial import com_partial
+from transforms.com_reduce import com_reduce
+from transforms.read_hdf5_frames import read_hdf5_frames
+from transforms.write_hdf5_frames import write_hdf5_frames
+from transforms.write_image import write_image
+
+SIMS = [
+    ScanSimulation(scan_shape=(8, 6), frame_shape=(64, 80), frames_per_position=2, scan_number=n, seed=n)
+    for n in (3, 4)
+]
+
+
+def test_saved_scans_reprocess_to_the_same_maps(tmp_path: Path) -> None:
+    batches = [b for pair in zip(*(list(s.batches(10)) for s in SIMS), strict=True) for b in pair]  # interleaved
+    written = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), reversed(batches))
+    assert sorted(Path(p).name for p in written.outputs) == ["scan_000003.h5", "scan_000004.h5"]
+    assert written.dead_letters == []
+    live = run_operator(lambda f: f | com_partial() | com_reduce(emit_every=0), batches).final_maps()
+    for sim in SIMS:
+        path = str(tmp_path / f"scan_{sim.scan_number:06d}.h5")
+        chain = read_hdf5_frames(path=path, batch_size=7) | com_partial() | com_reduce(emit_every=0)
+        replayed = run_operator(lambda root, chain=chain: root.pipeline | chain, []).final_maps()
+        assert list(replayed) == [sim.scan_number]
+        final = replayed[sim.scan_number]
+        assert (final.frames_seen, final.complete) == (sim.n_frames, True)
+        assert_com_close(final, live[sim.scan_number], atol=0)
+
+
+def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None:
+    (tmp_path / "scan_000003.h5").write_bytes(b"not mine")
+    result = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), SIMS[0].batches(16))
+    assert result.outputs == []
+    assert {d.error_type for d in result.dead_letters} == {"FileExistsError"}
+    assert sum(1 for _ in SIMS[0].batches(16)) == len(result.dead_letters)
+
+
+def test_a_bad_file_is_a_dead_letter_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF garbage")
+    result = run_operator(lambda root: root.pipeline | read_hdf5_frames(path=str(bad)), [])
+    assert result.outputs == []
+    (letter,) = result.dead_letters
+    assert letter.operator == "read_hdf5_frames" and str(bad) in letter.error
+
+
+def _image(final: bool, frames: int) -> Image:
+    header = FrameHeader(scan_number=7, scan_shape=(12, 16), frame_shape=(64, 64))
+    data = np.arange(12 * 16, dtype=np.float32).reshape(12, 16)
+    return Image(header, "bf", data, "counts", frames, final=final, complete=final)
+
+
+def test_final_images_become_png_and_npy(tmp_path: Path) -> None:
+    result = run_operator(write_image(out_dir=str(tmp_path), colormap="magma"), [_image(False, 10), _image(True, 99)])
+    assert sorted(Path(p).name for p in result.outputs) == ["bf_scan_000007.npy", "bf_scan_000007.png"]
+    png = (tmp_path / "bf_scan_000007.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    assert np.array_equal(np.load(tmp_path / "bf_scan_000007.npy"), _image(True, 99).data)
+
+
+def test_live_previews_are_rate_limited(tmp_path: Path) -> None:
+    progressive = [_image(False, n) for n in (10, 20, 30)]
+    result = run_operator(
+        write_image(out_dir=str(tmp_path), live_preview=True, max_preview_interval_s=3600), progressive
+    )
+    assert sorted(Path(p).name for p in result.outputs) == ["bf_scan_000007_latest.npy", "bf_scan_000007_latest.png"]

@@ -1,0 +1,84 @@
+"""write_image: Image -> a PNG with a colour map and a colour bar (and an .npy of the data).
+
+Final images go to ``<name>_scan_<NNNNNN>.png``. With ``live_preview`` each
+progressive image overwrites ``<name>_scan_<NNNNNN>_latest.png``, at most once
+every ``max_preview_interval_s`` seconds per image and scan in each worker,
+so a viewer can follow a scan without the writer slowing the stream. Files
+are written under a temporary name and renamed: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from beamops import Image, OperatorParams, operator
+from beamops.spec import Mount
+
+_last_preview: dict[tuple[str, str, int], float] = {}
+
+
+class WriteImageParams(OperatorParams):
+    out_dir: Mount = Field("out", title="Output directory", description="Directory for the PNG and .npy files.")
+    colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
+        "viridis", description="Matplotlib colour map."
+    )
+    live_preview: bool = Field(False, description="Overwrite <name>_scan_<N>_latest.png with progressive images.")
+    max_preview_interval_s: float = Field(
+        2.0, ge=0, description="Least time between two previews of the same image and scan (s)."
+    )
+
+
+def render_png(image: Image, path: Path, colormap: str) -> None:
+    """The image with a colour bar; scan number, name and state in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), constrained_layout=True)
+    shown = ax.imshow(image.data, cmap=colormap, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, label=image.units or None)
+    state = "final" if image.final else "progressive"
+    if image.final and not image.complete:
+        state = "final, INCOMPLETE"
+    ax.set_title(f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@operator(
+    output_name="path",
+    title="Write images",
+    input_description="2-D results",
+    output_description="Paths of the files written",
+)
+def write_image(image: Image, params: WriteImageParams) -> Iterator[str] | None:
+    """Write final images (and, if asked, rate-limited live previews) as PNG with a colour bar, plus .npy."""
+    if not image.final:
+        if not params.live_preview:
+            return None
+        key = (params.out_dir, image.name, image.scan_number)
+        now = time.monotonic()
+        if now - _last_preview.get(key, -np.inf) < params.max_preview_interval_s:
+            return None
+        _last_preview[key] = now
+    out = Path(params.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{image.name}_scan_{image.scan_number:06d}" + ("" if image.final else "_latest")
+    png = out / f"{stem}.png"
+    render_png(image, png, params.colormap)
+    npy = out / f"{stem}.npy"
+    tmp = npy.with_name(f".{npy.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, image.data)
+    os.replace(tmp, npy)
+    return iter([str(png), str(npy)])
