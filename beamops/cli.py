@@ -93,6 +93,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator_new(args: argparse.Namespace) -> int:
+    from beamops.templates import new_operator
+
+    try:
+        made = new_operator(args.name, Path(args.dir), Path(args.tests_dir), args.import_path)
+    except (ValueError, FileExistsError) as exc:
+        print(f"beamops: {exc}", file=sys.stderr)
+        return 2
+    for path in (made.module, made.spec, made.test):
+        print(path)
+    print(f"run its test: python -m pytest {made.test}", file=sys.stderr)
+    return 0
+
+
 def cmd_kafka(args: argparse.Namespace) -> int:
     from beamops.services import kafka_broker  # lazy: keeps `beamops operators` fast
 
@@ -141,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = ops.add_parser("export", help="write DIR/<name>/operator.json for every operator")
     export.add_argument("dir")
     export.set_defaults(func=cmd_export)
+
+    single = sub.add_parser("operator", help="write a new operator").add_subparsers(dest="action", required=True)
+    new = single.add_parser("new", help="a working operator module, its operator.json and its test")
+    new.add_argument("name", help="catalog name: lowercase letters, digits, '_'")
+    new.add_argument("--dir", default="transforms", help="package directory for the module (default transforms)")
+    new.add_argument("--tests-dir", default="tests", help="directory for its test (default tests)")
+    new.add_argument("--import-path", help="the package's import path (default: --dir with dots)")
+    new.set_defaults(func=cmd_operator_new)
 
     kafka_up = _service_parser(sub, "kafka", "a local single-node Kafka broker on 127.0.0.1", 9092, cmd_kafka, 60.0)
     kafka_up.add_argument(

@@ -1,0 +1,631 @@
+"""virtual_images: bright-field and annular dark-field images from sparse frames.
+
+SparseFrameBatch -> Image, one keyed state per scan number, emitting like
+com_reduce (progressive images every ``emit_every`` frames, a final image per
+annulus when the scan is complete, a timeout flush in event time, late frames
+to dead letters).
+
+Annuli
+    ``annuli`` is a string of ``inner:outer`` radius pairs in px, comma
+    separated (``"0:40,60:200"``), because interactEM parameters are scalars.
+    An event at distance ``r`` from the centre counts in an annulus when
+    ``inner <= r < outer``, tested as ``inner² <= d² < outer²`` with
+    ``d² = (col - center_x)² + (row - center_y)²`` in float64. That is exactly
+    stempy's ``create_stem_images`` (checked against stempy 3.6.0: it builds a
+    per-pixel mask with ``d >= inner² && d < outer²`` on double distances from a
+    float centre, so a pixel at exactly ``inner`` is in, one at exactly
+    ``outer`` is out). ``0:R`` is a disc: the bright-field image. stempy takes
+    integer radii only; beamops also takes fractional ones.
+
+    Each image holds the number of events of a scan position in the annulus,
+    all of the position's frames together, in ``units="counts"``. stempy
+    returns 65535 per event (its mask value is 0xFFFF); divide its images by
+    65535 to compare.
+
+Axes
+    beamops: x = column, y = row. ``center_x`` is a detector column and
+    ``center_y`` a row. stempy's ``create_stem_images(center=(x, y))`` also means
+    (column, row) (unlike ``com_sparse``'s ``init_center``, which is
+    (row, column)); its ``SparseArray`` path however passes ``frame_shape``
+    (rows, cols) where its C++ expects (width, height), so it only agrees for
+    square frames; its ndarray path with ``frame_dimensions=(cols, rows)`` agrees
+    for any frame.
+
+Centre
+    Given ``center_x``/``center_y``, every event is binned as it arrives.
+    Unset, the centre is the centre of mass of the summed diffraction pattern
+    of the first ``center_frames`` frames of the scan (in arrival order: batch
+    order, then frame order within a batch): the mean column and the mean row
+    of all their events, unrounded. If those frames hold no event at all, the
+    following frames are included until one does. Radii cannot be binned before
+    the centre is known, so until then the events of the frames received are
+    kept in state (pixel index, per-frame offsets and positions: bounded by
+    about ``center_frames`` frames plus one batch) and replayed once the centre
+    is fixed; from then on the state is O(annuli x scan positions). A scan that
+    ends (complete or timed out) before ``center_frames`` frames takes its
+    centre from all its frames. The centre is fixed once per scan: it does not
+    move as more frames arrive, so progressive and final images are consistent.
+
+Emission, completion, late frames and redeliveries are com_reduce's: a scan is
+complete when ``total_frames`` frames were seen (when the header has it), else
+when every position was seen; a scan without frames for ``timeout_s`` seconds
+of event time is flushed as final and incomplete; frames arriving within
+``finished_retention_s`` after the final images are dead letters; with
+``total_frames`` a redelivered frame is counted once. A position that has had
+no frame yet is NaN in a progressive or incomplete image (no data), while a
+position whose frames hold no event in the annulus is 0. No progressive image
+is emitted before the centre is known.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Duration, Timestamp
+from numba import njit
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from beamops import DEAD_LETTER, DeadLetter, FrameHeader, Image, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops.operator import METRICS_NAMESPACE, OperatorMetrics
+from transforms.com_reduce import LateFrameError
+
+log = logging.getLogger(__name__)
+
+UNITS = "counts"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_ANNULI_EXAMPLE = "e.g. '0:40,60:200'"
+
+
+# --- parameters -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def parse_annuli(text: str) -> tuple[tuple[float, float], ...]:
+    """``"0:40,60:200"`` -> ``((0.0, 40.0), (60.0, 200.0))``; ValueError with the reason otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"annuli must be comma-separated 'inner:outer' radii in px, {_ANNULI_EXAMPLE}; got nothing")
+    annuli = []
+    for i, part in enumerate(text.split(","), start=1):
+        spec = part.strip()
+        where = f"annulus {i} ({spec!r})"
+        pieces = spec.split(":")
+        if len(pieces) != 2:
+            raise ValueError(f"{where}: expected 'inner:outer' radii in px, {_ANNULI_EXAMPLE}")
+        try:
+            inner, outer = (float(p) for p in pieces)
+        except ValueError:
+            raise ValueError(f"{where}: radii must be numbers, {_ANNULI_EXAMPLE}") from None
+        if not (math.isfinite(inner) and math.isfinite(outer)):
+            raise ValueError(f"{where}: radii must be finite")
+        if inner < 0:
+            raise ValueError(f"{where}: inner radius must be >= 0")
+        if outer <= inner:
+            raise ValueError(f"{where}: outer radius must be greater than inner radius (inner <= r < outer)")
+        annuli.append((inner, outer))
+    return tuple(annuli)
+
+
+def default_names(annuli: tuple[tuple[float, float], ...]) -> tuple[str, ...]:
+    """Discs (inner 0) are ``bf`` (``bf1``, ``bf2``... if several), annuli ``adf1``, ``adf2``..."""
+    discs = sum(1 for inner, _ in annuli if inner == 0)
+    names, n_bf, n_adf = [], 0, 0
+    for inner, _ in annuli:
+        if inner == 0:
+            n_bf += 1
+            names.append("bf" if discs == 1 else f"bf{n_bf}")
+        else:
+            n_adf += 1
+            names.append(f"adf{n_adf}")
+    return tuple(names)
+
+
+class VirtualImagesParams(OperatorParams):
+    annuli: str = Field(
+        "0:40,60:200",
+        title="Annuli (inner:outer px)",
+        description=(
+            "Comma-separated inner:outer radii in px, e.g. '0:40,60:200'; one image per annulus. An event at "
+            "distance r from the centre counts when inner <= r < outer (stempy create_stem_images). "
+            "0:R is bright field."
+        ),
+    )
+    names: str | None = Field(
+        None,
+        title="Image names",
+        description=(
+            "Comma-separated names, one per annulus. Unset: bf for a disc (inner 0; bf1, bf2... if several), "
+            "adf1, adf2... for the others."
+        ),
+    )
+    center_x: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        title="Center X (column)",
+        description=(
+            "Annulus centre, detector column in px (beamops x = column; stempy create_stem_images center[0]). "
+            "Unset: the centre of mass of the summed pattern of the scan's first center_frames frames."
+        ),
+    )
+    center_y: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        title="Center Y (row)",
+        description="Annulus centre, detector row in px (beamops y = row). Set together with center_x.",
+    )
+    center_frames: int = Field(
+        1000,
+        ge=1,
+        title="Centering frames",
+        description=(
+            "Without center_x/_y: how many first frames of a scan define the centre; their events are kept "
+            "in state until then and replayed."
+        ),
+    )
+    emit_every: int = Field(
+        10_000,
+        ge=0,
+        title="Emit every",
+        description="Emit progressive images each time this many more frames of a scan are counted; 0: final only.",
+    )
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        title="Timeout (s)",
+        description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
+    )
+    finished_retention_s: float = Field(
+        3600.0,
+        gt=0,
+        title="Finished scan retention (s)",
+        description=(
+            "For this many seconds of event time after a scan's final images, its frames are late (dead letters); "
+            "after that its number may start a new scan."
+        ),
+    )
+
+    @field_validator("annuli")
+    @classmethod
+    def _valid_annuli(cls, value: str) -> str:
+        parse_annuli(value)
+        return value
+
+    @field_validator("names")
+    @classmethod
+    def _valid_names(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        names = [n.strip() for n in value.split(",")]
+        bad = [n for n in names if not _NAME_RE.match(n)]
+        if bad:
+            raise ValueError(f"names must start with a letter and hold letters, digits, '_', '.', '-'; bad: {bad}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate names {dupes}")
+        annuli = info.data.get("annuli")
+        if annuli is not None and len(names) != len(parse_annuli(annuli)):
+            raise ValueError(f"{len(names)} names for {len(parse_annuli(annuli))} annuli ({annuli!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VirtualImagesParams:
+        if (self.center_x is None) != (self.center_y is None):
+            raise ValueError("set both center_x and center_y, or neither")
+        return self
+
+    @property
+    def radii(self) -> tuple[tuple[float, float], ...]:
+        """The annuli as (inner, outer) px."""
+        return parse_annuli(self.annuli)
+
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        if self.names is None:
+            return default_names(self.radii)
+        return tuple(n.strip() for n in self.names.split(","))
+
+    @property
+    def center(self) -> tuple[float, float] | None:
+        """The given centre (x = column, y = row), or None: from the summed pattern."""
+        return None if self.center_x is None else (float(self.center_x), float(self.center_y))
+
+
+# --- kernels ----------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _register_frames(
+    positions: np.ndarray,
+    frame_numbers: np.ndarray,
+    seen_frames: np.ndarray,
+    dedup: bool,
+    frames_per_position: np.ndarray,
+    accepted: np.ndarray,
+) -> tuple[int, int]:
+    """Count each frame at its position, skipping redeliveries when ``dedup``.
+
+    Sets ``accepted[i]``; returns (newly seen positions, duplicates).
+    """
+    new_positions = 0
+    duplicates = 0
+    for i in range(len(positions)):
+        if dedup:
+            f = frame_numbers[i]
+            byte, bit = f >> 3, np.uint8(1 << (f & 7))
+            if seen_frames[byte] & bit:
+                duplicates += 1
+                accepted[i] = False
+                continue
+            seen_frames[byte] |= bit
+        accepted[i] = True
+        p = positions[i]
+        new_positions += frames_per_position[p] == 0
+        frames_per_position[p] += 1
+    return new_positions, duplicates
+
+
+@njit(cache=True, nogil=True)
+def annulus_counts(
+    events: np.ndarray,
+    offsets: np.ndarray,
+    positions: np.ndarray,
+    cols: int,
+    cx: float,
+    cy: float,
+    inner2: np.ndarray,
+    outer2: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """Add each frame's events with ``inner2[a] <= d² < outer2[a]`` to ``counts[a, position]``.
+
+    ``events`` are flat pixel indices ``row * cols + col`` in CSR form with
+    ``offsets[0] == 0``, and ``d² = (col - cx)² + (row - cy)²`` in float64, as
+    stempy computes it. The
+    distances are computed once per event (a vectorised pass), then each
+    annulus counts a frame's events with a branchless test and adds the sum to
+    its position, so several frames of one position add up.
+    """
+    n_annuli = len(inner2)
+    inv_cols = 1.0 / cols
+    d2 = np.empty(offsets[len(positions)], np.float64)  # offsets[0] is 0
+    for k in range(len(d2)):
+        e = np.float64(events[k])
+        # (e + 0.5) / cols is at least 0.5 / cols away from an integer, far more than
+        # float64 rounding: this is e // cols without an integer division (as com_partial).
+        row = np.floor((e + 0.5) * inv_cols)
+        dx = (e - row * cols) - cx
+        dy = row - cy
+        d2[k] = dx * dx + dy * dy
+    for i in range(len(positions)):
+        start, stop = offsets[i], offsets[i + 1]
+        p = positions[i]
+        for a in range(n_annuli):
+            lo, hi = inner2[a], outer2[a]
+            s = 0
+            for k in range(start, stop):
+                s += np.int64((d2[k] >= lo) & (d2[k] < hi))
+            counts[a, p] += s
+
+
+# --- per-scan state ------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """Frames kept while the centre is unknown (CSR)."""
+
+    events: np.ndarray
+    offsets: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
+class VirtualImageAccumulator:
+    """Per-annulus event counts per scan position of one scan, and how its centre is found."""
+
+    header: FrameHeader
+    names: tuple[str, ...]
+    inner2: np.ndarray
+    outer2: np.ndarray
+    counts: np.ndarray  # (annuli, positions) int64
+    frames_per_position: np.ndarray
+    seen_frames: np.ndarray
+    center: tuple[float, float] | None
+    center_frames: int
+    frames_seen: int = 0
+    positions_seen: int = 0
+    duplicates: int = 0
+    next_emit: int = 0
+    # while the centre is unknown: integer sums over the centering frames, and their frames
+    center_frames_used: int = 0
+    center_events: int = 0
+    center_sum_col: int = 0
+    center_sum_row: int = 0
+    pending: list[_Chunk] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, header: FrameHeader, params: VirtualImagesParams) -> VirtualImageAccumulator:
+        radii = np.asarray(params.radii, np.float64)
+        p = header.n_positions
+        return cls(
+            header,
+            params.image_names,
+            radii[:, 0] ** 2,
+            radii[:, 1] ** 2,
+            np.zeros((len(radii), p), np.int64),
+            np.zeros(p, np.uint32),
+            np.zeros(-(-(header.total_frames or 0) // 8), np.uint8),
+            params.center,
+            params.center_frames,
+            next_emit=params.emit_every,
+        )
+
+    @property
+    def pending_events(self) -> int:
+        return sum(len(c.events) for c in self.pending)
+
+    def add(self, batch: SparseFrameBatch) -> int:
+        """Count ``batch``'s events; return how many of its frames were redeliveries (skipped).
+
+        Raises ValueError, before touching any count, for a batch that does not
+        belong to this scan's shape or holds out-of-range positions, frame
+        numbers, events or offsets.
+        """
+        self._check(batch)
+        n = batch.n_frames
+        dedup = self.header.total_frames is not None
+        accepted = np.empty(n, np.bool_)
+        new_positions, duplicates = _register_frames(
+            batch.scan_positions, batch.frame_numbers, self.seen_frames, dedup, self.frames_per_position, accepted
+        )
+        self.positions_seen += new_positions
+        self.frames_seen += n - duplicates
+        self.duplicates += duplicates
+        events, offsets, positions = batch.events, np.asarray(batch.offsets, np.int64), batch.scan_positions
+        if duplicates:
+            events, offsets, positions = _select_frames(events, offsets, positions, accepted)
+        if self.center is not None:
+            self._count(events, offsets, positions)
+        else:
+            self._centering(events, offsets, positions)
+        return duplicates
+
+    def _check(self, batch: SparseFrameBatch) -> None:
+        h, mine = batch.header, self.header
+        if (h.scan_shape, h.frame_shape, h.total_frames) != (mine.scan_shape, mine.frame_shape, mine.total_frames):
+            raise ValueError(
+                f"scan {h.scan_number}: batch has scan_shape {h.scan_shape}, frame_shape {h.frame_shape}, "
+                f"total_frames {h.total_frames}, but the scan started with {mine.scan_shape}, "
+                f"{mine.frame_shape}, {mine.total_frames}"
+            )
+        n = batch.n_frames
+        if len(batch.offsets) != n + 1 or len(batch.frame_numbers) != n:
+            raise ValueError(f"scan {h.scan_number}: offsets/frame_numbers do not match {n} frames")
+        if n and (
+            batch.offsets[0] != 0 or batch.offsets[-1] != len(batch.events) or np.any(np.diff(batch.offsets) < 0)
+        ):
+            raise ValueError(f"scan {h.scan_number}: offsets are not monotonic from 0 to len(events)")
+        if len(batch.events) and int(batch.events.max()) >= mine.n_pixels:
+            raise ValueError(
+                f"scan {h.scan_number}: event index {int(batch.events.max())} out of range "
+                f"for frame_shape {mine.frame_shape}"
+            )
+        if n and int(batch.scan_positions.max()) >= mine.n_positions:
+            raise ValueError(
+                f"scan {h.scan_number}: scan position {int(batch.scan_positions.max())} out of range "
+                f"for scan_shape {mine.scan_shape}"
+            )
+        if mine.total_frames is not None and n and int(batch.frame_numbers.max()) >= mine.total_frames:
+            raise ValueError(
+                f"scan {h.scan_number}: frame number {int(batch.frame_numbers.max())} out of range "
+                f"for a scan of {mine.total_frames} frames"
+            )
+
+    def _count(self, events: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> None:
+        cx, cy = self.center
+        annulus_counts(
+            events, offsets, positions, self.header.frame_shape[1], cx, cy, self.inner2, self.outer2, self.counts
+        )
+
+    def _centering(self, events: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> None:
+        """Sum the events of the frames that define the centre; keep all frames until it is fixed."""
+        n = len(positions)
+        needed = max(self.center_frames - self.center_frames_used, 0)
+        cut = min(needed, n)
+        if self.center_events + int(offsets[cut] - offsets[0]) == 0:
+            # no event yet: extend to the first frame that has one (or the whole batch)
+            with_events = np.flatnonzero(np.diff(offsets) > 0)
+            cut = int(with_events[0]) + 1 if len(with_events) else n
+        self._add_center_events(events[offsets[0] : offsets[cut]])
+        self.center_frames_used += cut
+        self.pending.append(_Chunk(np.array(events, np.uint32), np.array(offsets, np.int64), np.array(positions)))
+        if self.center_frames_used >= self.center_frames and self.center_events > 0:
+            self.fix_center()
+
+    def _add_center_events(self, events: np.ndarray) -> None:
+        rows, cols = np.divmod(events.astype(np.int64), self.header.frame_shape[1])
+        self.center_events += len(events)
+        self.center_sum_col += int(cols.sum())
+        self.center_sum_row += int(rows.sum())
+
+    def fix_center(self) -> None:
+        """Fix the centre from the centering sums (if any event) and replay the kept frames."""
+        if self.center is not None or self.center_events == 0:
+            return
+        self.center = (self.center_sum_col / self.center_events, self.center_sum_row / self.center_events)
+        log.info(
+            "scan %d: centre (x=%.4f, y=%.4f) px from %d frames, %d events",
+            self.header.scan_number, *self.center, self.center_frames_used, self.center_events,
+        )  # fmt: skip
+        pending, self.pending = self.pending, []
+        for chunk in pending:
+            self._count(chunk.events, chunk.offsets, chunk.positions)
+
+    @property
+    def complete(self) -> bool:
+        if self.header.total_frames is not None:
+            return self.frames_seen >= self.header.total_frames
+        return self.positions_seen == self.header.n_positions
+
+    def images(self, final: bool) -> list[Image]:
+        """One Image per annulus: counts per position (NaN where no frame was seen)."""
+        if final:
+            self.fix_center()
+        unseen = self.frames_per_position == 0
+        out = []
+        for name, counts in zip(self.names, self.counts, strict=True):
+            data = counts.astype(np.float32)
+            data[unseen] = np.nan
+            out.append(
+                Image(
+                    self.header,
+                    name,
+                    data.reshape(self.header.scan_shape),
+                    units=UNITS,
+                    frames_seen=self.frames_seen,
+                    final=final,
+                    complete=self.complete,
+                )
+            )
+        return out
+
+
+def _select_frames(
+    events: np.ndarray, offsets: np.ndarray, positions: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR of the kept frames only."""
+    lengths = np.diff(offsets)
+    new_offsets = np.zeros(int(keep.sum()) + 1, np.int64)
+    np.cumsum(lengths[keep], out=new_offsets[1:])
+    return events[offsets[0] :][np.repeat(keep, lengths)], new_offsets, positions[keep]
+
+
+# --- the keyed DoFn -------------------------------------------------------------------------
+
+
+@dataclass
+class _ScanState:
+    """Everything virtual_images keeps for one scan number, in one state cell (see com_reduce)."""
+
+    acc: VirtualImageAccumulator | None = None
+    finished: bool = False
+    latest: Timestamp | None = None
+
+
+class _VirtualImagesFn(beam.DoFn):
+    STATE = ReadModifyWriteStateSpec("scan", PickleCoder())
+    TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
+
+    def __init__(self, name: str, params: VirtualImagesParams) -> None:
+        self._name = name
+        self._params = params
+
+    def setup(self) -> None:
+        self._metrics = OperatorMetrics()
+        self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
+        self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
+        self._snapshots = Metrics.counter(METRICS_NAMESPACE, "progressive_images")
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
+
+    def process(
+        self,
+        element: tuple[int, SparseFrameBatch],
+        timestamp: Timestamp = beam.DoFn.TimestampParam,
+        state_cell: Any = beam.DoFn.StateParam(STATE),
+        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
+    ) -> Iterator[Any]:
+        scan_number, batch = element
+        started = time.perf_counter()
+        state = state_cell.read() or _ScanState()
+        try:
+            if state.finished:
+                raise LateFrameError(
+                    f"scan {scan_number} already emitted its final images; {batch.n_frames} frames late"
+                )
+            acc = state.acc or VirtualImageAccumulator.empty(batch.header, self._params)
+            duplicates = acc.add(batch)
+        except Exception as exc:  # the batch goes to dead letters; the scan goes on
+            self._metrics.errors.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, batch, exc))
+            return
+        finally:
+            self._metrics.observe(batch, started)
+
+        if duplicates:
+            self._duplicates.inc(duplicates)
+            log.warning("scan %d: skipped %d frames already counted (redelivered)", scan_number, duplicates)
+        state.latest = max(timestamp, state.latest or timestamp)
+
+        if acc.complete:
+            timeout.set(state.latest + Duration.of(self._params.finished_retention_s))
+            state_cell.write(_ScanState(finished=True, latest=state.latest))
+            self._completed.inc()
+            self._metrics.frames_out.inc(acc.frames_seen)
+            log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
+            yield from acc.images(final=True)
+            return
+        timeout.set(state.latest + Duration.of(self._params.timeout_s))
+        every = self._params.emit_every
+        if every and acc.center is not None and acc.frames_seen >= acc.next_emit:
+            acc.next_emit = (acc.frames_seen // every + 1) * every
+            self._snapshots.inc()
+            log.info("scan %d: %d frames, %d positions so far", scan_number, acc.frames_seen, acc.positions_seen)
+            yield from acc.images(final=False)
+        state.acc = acc
+        state_cell.write(state)
+
+    @on_timer(TIMEOUT)
+    def flush(
+        self,
+        key: int = beam.DoFn.KeyParam,
+        state_cell: Any = beam.DoFn.StateParam(STATE),
+    ) -> Iterator[Image]:
+        state = state_cell.read()
+        state_cell.clear()
+        acc = state.acc if state else None
+        if acc is not None:
+            self._timed_out.inc()
+            self._metrics.frames_out.inc(acc.frames_seen)
+            log.warning(
+                "scan %d flushed incomplete after %.0f s without frames: %d frames, %d of %d positions",
+                key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
+            )  # fmt: skip
+            yield from acc.images(final=True)
+
+
+class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
+    """Bright-field / annular dark-field images per scan from sparse frames, progressive and final."""
+
+    name = "virtual_images"
+    title = "Virtual images (BF/ADF)"
+    description = (
+        "Counts each scan position's events in one or more annuli (inner <= r < outer px, stempy "
+        "create_stem_images semantics) around a given centre or the centre of mass of the scan's first "
+        "center_frames frames; keyed per scan, one Image per annulus every emit_every frames and when the "
+        "scan is complete (or after timeout_s without frames)."
+    )
+    Params = VirtualImagesParams
+    inputs = {"in": Port(SparseFrameBatch, "Sparse (electron-counted) frames")}
+    outputs = {"images": Port(Image, "One image per annulus and emission (name = annulus name), counts, scan_shape")}
+
+    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
+        results = (
+            main
+            | "KeyByScan"
+            >> beam.Map(lambda b: (b.header.scan_number, b)).with_output_types(tuple[int, SparseFrameBatch])
+            | "Count" >> beam.ParDo(_VirtualImagesFn(self.name, self.params)).with_outputs(DEAD_LETTER, main="images")
+        )
+        return {"images": results.images, DEAD_LETTER: results[DEAD_LETTER]}
