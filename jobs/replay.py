@@ -26,6 +26,7 @@ import apache_beam as beam
 
 from beamops import OperatorParameterError
 from beamops.options import add_kafka_arguments, add_operator_arguments
+from beamops.runner import run, setup_logging
 from jobs import com_pipeline
 
 
@@ -58,9 +59,9 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    com_pipeline.setup_logging()
+    setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    return com_pipeline.run(values, beam_args, build_fn=build)
+    return run(values, beam_args, build)
 
 
 if __name__ == "__main__":

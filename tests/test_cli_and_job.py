@@ -12,6 +12,7 @@ import pytest
 
 from beamops.cli import main as beamops_main
 from beamops.registry import discover
+from beamops.runner import flink_defaults
 from beamops.simulate import ScanSimulation
 from beamops.spec import OperatorSpec
 from jobs import com_pipeline
@@ -97,7 +98,7 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     jar = tmp_path / "beam-runners-flink-1.20-job-server-2.73.0.jar"
     jar.write_bytes(b"PK")
     monkeypatch.setenv("BEAMOPS_FLINK_JOB_SERVER_JAR", str(jar))
-    args = com_pipeline.flink_defaults(["--runner=FlinkRunner", "--environment_type=EXTERNAL"])
+    args = flink_defaults(["--runner=FlinkRunner", "--environment_type=EXTERNAL"])
     assert f"--flink_job_server_jar={jar}" in args
     assert "--flink_version=1.20" in args and "--flink_master=localhost:8081" in args
     assert "--checkpointing_interval=10000" in args and "--streaming" in args

@@ -1,0 +1,364 @@
+"""Pipeline definitions in YAML: the examples, FILE:LINE errors, building and running, the CLI."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import beamops.pipeline
+from beamops.cli import main as beamops_main
+from beamops.pipeline import (
+    PipelineDefinitionError,
+    PipelineSpec,
+    load_pipeline,
+    parse_pipeline,
+    validate_pipeline,
+)
+from jobs import com_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "pipelines").glob("*.yaml"))
+COM_DPC = ROOT / "pipelines" / "com_dpc.yaml"
+MARK = "# <- error"
+
+
+def test_the_examples_are_shipped() -> None:
+    assert {p.name for p in EXAMPLES} >= {"com_dpc.yaml", "virtual_images.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert validate_pipeline(path) == []
+    definition = load_pipeline(path)
+    assert definition.instances and all(
+        i.input is None or i.input[0] in definition.instances for i in definition.instances.values()
+    )
+    assert beamops_main(["pipeline", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"{path}: pipeline " in out and "is valid" in out
+
+
+def test_the_examples_use_the_operators_they_are_named_for() -> None:
+    ops = {p.name: {i.operator.name for i in load_pipeline(p).instances.values()} for p in EXAMPLES}
+    assert {"simulated_scan", "com_partial", "com_reduce", "write_com_map", "dpc_phase"} <= ops["com_dpc.yaml"]
+    assert {"simulated_scan", "virtual_images"} <= ops["virtual_images.yaml"]
+
+
+# --- errors: one per kind, each at the line marked "# <- error" ------------------------------------------------------
+
+_SOURCE = """\
+name: t
+operators:
+  source:
+    operator: simulated_scan
+    params: {scan_rows: 4, scan_cols: 4}
+"""
+
+ERROR_CASES = {
+    "unknown operator": (
+        _SOURCE + "  partial:\n    operator: com_partal  # <- error\n    input: source.frames\n",
+        ["partial: unknown operator 'com_partal'", "did you mean 'com_partial'?", "known: ", "simulated_scan"],
+    ),
+    "unknown parameter": (
+        _SOURCE + "  partial:\n    operator: com_partial\n    input: source.frames\n    params:\n"
+        "      crop_radius: 3\n      cropradius: 4  # <- error\n",
+        ["operator 'com_partial': unknown parameter(s) ['cropradius']", "known parameters:"],
+    ),
+    "invalid parameter value": (
+        "name: t\noperators:\n  source:\n    operator: simulated_scan\n    params:\n      scan_cols: 4\n"
+        "      scan_rows: -1  # <- error\n",
+        ["operator 'simulated_scan': parameter 'scan_rows'", "greater than or equal to 1", "(got -1)"],
+    ),
+    "parameter of the wrong type": (
+        _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n  reduce:\n    operator: com_reduce\n"
+        "    input: partial.com_partial\n    params:\n      emit_every: often  # <- error\n",
+        ["operator 'com_reduce': parameter 'emit_every'", "'often'"],
+    ),
+    "unknown input instance": (
+        _SOURCE + "  partial:\n    operator: com_partial\n    input: sauce.frames  # <- error\n",
+        ["partial: input 'sauce.frames': no instance 'sauce'", "did you mean 'source'?"],
+    ),
+    "unknown input port": (
+        _SOURCE + "  partial:\n    operator: com_partial\n    input: source.frame  # <- error\n",
+        ["source (simulated_scan) has no output port 'frame'; its outputs: frames"],
+    ),
+    "dead letters connected by hand": (
+        _SOURCE + "  dl:\n    operator: write_dead_letters\n    input: source.dead_letter  # <- error\n",
+        ["dead letters are not connected by hand"],
+    ),
+    "port type mismatch": (
+        _SOURCE + "  reduce:\n    operator: com_reduce\n    input: source.frames  # <- error\n",
+        [
+            "cannot connect source.frames (produces SparseFrameBatch [sparse_frames]) "
+            "to reduce.in (expects ComPartial [com_partial])"
+        ],
+    ),
+    "cycle": (
+        _SOURCE + "  a:\n    operator: bin_frames\n    input: b.frames  # <- error\n"
+        "  b:\n    operator: bin_frames\n    input: a.frames\n",
+        ["cycle: a -> b -> a"],
+    ),
+    "self loop": (
+        _SOURCE + "  a:\n    operator: bin_frames\n    input: a  # <- error\n",
+        ["cycle: a -> a"],
+    ),
+    "source with an input": (
+        _SOURCE + "  other:\n    operator: simulated_scan\n    input: source.frames  # <- error\n",
+        ["other: operator 'simulated_scan' is a source (it has no input port); remove 'input'"],
+    ),
+    "operator without an input": (
+        _SOURCE + "  partial:  # <- error\n    operator: com_partial\n",
+        ["partial: operator 'com_partial' needs an input", "takes sparse_frames"],
+    ),
+    "Kafka operator without kafka section": (
+        "name: t\noperators:\n  source:\n    operator: read_kafka_frames  # <- error\n    params: {topic: frames}\n",
+        ["operator 'read_kafka_frames' talks to Kafka: add a top-level 'kafka:' section"],
+    ),
+    "Kafka config file missing": (
+        "name: t\nkafka:\n  bootstrap_servers: 127.0.0.1:9092\n  config_file: /no/such/file.properties  # <- error\n"
+        "operators:\n  source:\n    operator: read_kafka_frames\n    params: {topic: frames}\n",
+        ["kafka.config_file:", "/no/such/file.properties"],
+    ),
+    "parameter error of the whole model": (
+        "name: t\nkafka: {bootstrap_servers: 127.0.0.1:9092}\noperators:\n  source:\n"
+        "    operator: read_kafka_frames\n    params:  # <- error\n      topic: frames\n      start: committed\n",
+        ["start=committed needs a group_id"],
+    ),
+    "dead-letter sink of the wrong type": (
+        _SOURCE + "dead_letters:\n  operator: write_image  # <- error\n",
+        ["dead_letters: cannot connect the dead letters (produces DeadLetter [dead_letter]) to dead_letters.in"],
+    ),
+    "unknown key": (
+        _SOURCE + "  partial:\n    operator: com_partial\n    imput: source.frames  # <- error\n",
+        ["unknown key 'imput' in operators.partial; allowed: operator, params, input"],
+    ),
+    "missing key": (
+        _SOURCE + "  partial:  # <- error\n    input: source.frames\n",
+        ["missing key 'operator' in operators.partial"],
+    ),
+    "unknown top-level key": (
+        _SOURCE + "operator: oops  # <- error\n",
+        ["unknown key 'operator' in the top level; allowed: name, description, kafka, dead_letters, operators"],
+    ),
+    "duplicate key": (
+        _SOURCE + "  source:  # <- error\n    operator: simulated_scan\n",
+        ["duplicate key 'source' (first at line 3)"],
+    ),
+    "bad instance id": (
+        _SOURCE + "  my.partial:  # <- error\n    operator: com_partial\n    input: source.frames\n",
+        ["instance id 'my.partial'"],
+    ),
+    "invalid YAML": (
+        _SOURCE + "  partial: {operator: com_partial, input: [source.frames  # <- error\n",
+        ["invalid YAML"],
+    ),
+}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _errors(path: Path, overrides: tuple[str, ...] = ()) -> list[str]:
+    with pytest.raises(PipelineDefinitionError) as info:
+        load_pipeline(path, overrides)
+    return [str(e) for e in info.value.errors]
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_each_kind_of_error_names_its_file_and_line(case: str, tmp_path: Path) -> None:
+    text, expected = ERROR_CASES[case]
+    path = _write(tmp_path, text)
+    (line,) = [n for n, row in enumerate(text.splitlines(), 1) if MARK in row]
+    if case == "invalid YAML":  # the parser notices at the end of the file
+        line = len(text.splitlines()) + 1
+    errors = _errors(path)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{path}:{line}: "), errors
+    for fragment in expected:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def test_all_errors_are_reported_in_file_order(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        name: t
+        operators:
+          source:
+            operator: simulated_scan
+            params: {scan_rows: 0, bogus: 1}
+          partial:
+            operator: com_partal
+            input: source.frames
+          reduce:
+            operator: com_reduce
+            input: source.frames
+          phase:
+            operator: dpc_phase
+          sink:
+            operator: read_kafka_frames
+            params: {topic: t}
+        """,
+    )
+    errors = _errors(path)
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (5, 5, 7, 11, 12, 15)], errors
+    assert "parameter 'scan_rows'" in errors[0] or "parameter 'scan_rows'" in errors[1]
+    assert any("unknown parameter(s) ['bogus']" in e for e in errors[:2])
+
+
+def test_overrides_replace_parameters_and_their_errors_name_the_option(tmp_path: Path) -> None:
+    path = _write(tmp_path, _SOURCE)
+    definition = load_pipeline(path, ["source.scan_rows=7", "dead_letters.out_dir=" + str(tmp_path)])
+    assert definition.instances["source"].params.scan_rows == 7
+    assert definition.dead_letters.params.out_dir == str(tmp_path)
+    errors = _errors(path, ("source.scan_rows=-3", "sauce.seed=1", "nonsense"))
+    assert errors[0].startswith("--set source.scan_rows=-3: source: operator 'simulated_scan': parameter 'scan_rows'")
+    assert errors[1].startswith("--set sauce.seed=1: no instance 'sauce'")
+    assert errors[2].startswith("--set nonsense: expected --set ID.PARAM=VALUE")
+
+
+def test_kafka_operators_get_the_client_of_the_kafka_section(tmp_path: Path) -> None:
+    props = tmp_path / "client.properties"
+    props.write_text("security.protocol=SASL_SSL\nsasl.password=hunter2\n")
+    definition = parse_pipeline(
+        f"""\
+name: live
+kafka:
+  bootstrap_servers: broker:9092
+  config_file: {props}
+  settings: {{security.protocol: PLAINTEXT, enable.idempotence: true}}
+dead_letters:
+  operator: write_dead_letters_kafka
+  params: {{topic: dead}}
+operators:
+  source: {{operator: read_kafka_frames, params: {{topic: frames, group_id: g, start: committed}}}}
+  partial: {{operator: com_partial, input: source}}
+  reduce: {{operator: com_reduce, input: partial}}
+  out: {{operator: write_com_maps_kafka, input: reduce.com_map, params: {{topic: com}}}}
+""",
+        "live.yaml",
+    )
+    client = definition.kafka
+    assert client is not None and client.bootstrap_servers == "broker:9092"
+    assert dict(client.settings) == {
+        "security.protocol": "PLAINTEXT",
+        "sasl.password": "hunter2",
+        "enable.idempotence": "true",
+    }
+    assert definition.instances["source"].transform(client).client is client
+    assert definition.dead_letters.transform(client).client is client
+    assert list(definition.instances) == ["source", "partial", "reduce", "out"]
+
+
+def test_the_documented_example_validates() -> None:
+    doc = beamops.pipeline.__doc__ or ""
+    example = textwrap.dedent(doc.split("::\n\n", 1)[1].split("\n\n", 1)[0])
+    definition = parse_pipeline(example, "docstring")
+    assert list(definition.instances) == ["source", "partial", "reduce", "maps"]
+    assert definition.kafka is not None and definition.dead_letters.operator.name == "write_dead_letters"
+
+
+def test_the_schema_is_a_pydantic_model() -> None:
+    schema = PipelineSpec.model_json_schema()
+    assert set(schema["required"]) == {"name", "operators"}
+    spec = load_pipeline(COM_DPC).spec
+    assert spec.operators["partial"].input == "source.frames"
+
+
+# --- building and running ---------------------------------------------------------------------------------------------
+
+
+def test_build_labels_instances_and_sends_every_dead_letter_to_one_sink(tmp_path: Path) -> None:
+    definition = parse_pipeline(
+        f"""\
+name: failing
+dead_letters: {{operator: write_dead_letters, params: {{out_dir: {tmp_path}}}}}
+operators:
+  source:
+    operator: simulated_scan
+    params: {{scan_rows: 4, scan_cols: 4, frame_rows: 64, frame_cols: 64, batch_size: 4, events_per_frame: 5}}
+  by5: {{operator: bin_frames, input: source.frames, params: {{factor: 5}}}}
+  by7: {{operator: bin_frames, input: source.frames, params: {{factor: 7}}}}
+  ok: {{operator: bin_frames, input: source.frames, params: {{factor: 2}}}}
+"""
+    )
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+        outputs = definition.build(pipeline)
+        assert set(outputs) == {"source", "by5", "by7", "ok", "dead_letters"}
+        labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
+        assert {"source", "by5", "by7", "ok", "dead_letters.all", "dead_letters"} <= labels
+    letters = [json.loads(p.read_text()) for p in (tmp_path / "dead_letters").glob("*.json")]
+    assert len(letters) == 8  # 4 batches failed in each of by5 and by7, none in ok
+    assert {letter["operator"] for letter in letters} == {"bin_frames"}
+    assert all("not divisible by bin factor" in letter["error"] for letter in letters)
+
+
+def test_the_com_example_gives_the_map_of_the_com_job(tmp_path: Path) -> None:
+    overrides = [
+        "source.scan_rows=24",
+        "source.scan_cols=20",
+        "source.events_per_frame=300",
+        "source.batch_size=97",
+        "reduce.emit_every=100",
+    ]
+    from_yaml, from_job = tmp_path / "yaml", tmp_path / "job"
+    sinks = [f"{i}.out_dir={from_yaml}" for i in ("maps", "phase_png", "dead_letters")]
+    argv = ["pipeline", "run", str(COM_DPC)]
+    for item in [*overrides, *sinks]:
+        argv += ["--set", item]
+    assert beamops_main(argv) == 0
+
+    # the same parameters, every one of them, to the job
+    definition = load_pipeline(COM_DPC, overrides)
+    job_args = []
+    for op in com_pipeline.OPERATORS:
+        (inst,) = [i for i in definition.instances.values() if i.operator is op]
+        for name, value in inst.params.model_dump().items():
+            if value is not None and name != "out_dir":
+                job_args += [f"--{name}", str(value)]
+    assert com_pipeline.main([*job_args, "--out_dir", str(from_job)]) == 0
+
+    ours = np.load(from_yaml / "scan_000001_com.npz")
+    theirs = np.load(from_job / "scan_000001_com.npz")
+    assert ours["com"].shape == (2, 24, 20) and bool(ours["complete"])
+    assert np.array_equal(ours["com"], theirs["com"], equal_nan=True)
+    assert (from_yaml / "phase_scan_000001.png").exists()
+    assert not (from_yaml / "dead_letters").exists()
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------------------
+
+
+def test_cli_validate_lists_every_error_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, _SOURCE + "  partial:\n    operator: com_partal\n  reduce:\n    operator: com_reduce\n")
+    assert beamops_main(["pipeline", "validate", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0].startswith(f"{path}:7: partial: unknown operator 'com_partal'")
+    assert lines[1].startswith(f"{path}:8: reduce: operator 'com_reduce' needs an input")
+    assert lines[2] == f"beamops: {path}: 2 errors"
+
+
+def test_cli_run_of_an_invalid_pipeline_exits_2_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    maps = f"  maps: {{operator: write_com_map, input: source.frames, params: {{out_dir: {tmp_path}/o}}}}\n"
+    path = _write(tmp_path, _SOURCE + maps)
+    assert beamops_main(["pipeline", "run", str(path), "--runner=FnApiRunner"]) == 2
+    assert "cannot connect source.frames" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["pipeline", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert f"{tmp_path / 'nope.yaml'}: cannot read" in capsys.readouterr().err
