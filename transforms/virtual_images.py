@@ -46,7 +46,8 @@ Centre
     centre from all its frames. The centre is fixed once per scan: it does not
     move as more frames arrive, so progressive and final images are consistent.
 
-Emission, completion, late frames and redeliveries are com_reduce's: a scan is
+Emission, completion, late frames and redeliveries are
+:mod:`beamops.scan_reduce`'s, as for com_reduce: a scan is
 complete when ``total_frames`` frames were seen (when the header has it), else
 when every position was seen; a scan without frames for ``timeout_s`` seconds
 of event time is flushed as final and incomplete; frames arriving within
@@ -63,25 +64,16 @@ import functools
 import logging
 import math
 import re
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
-from apache_beam.coders import PickleCoder
-from apache_beam.metrics import Metrics
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Duration, Timestamp
 from numba import njit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from beamops import DEAD_LETTER, DeadLetter, FrameHeader, Image, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.operator import METRICS_NAMESPACE, OperatorMetrics
-from transforms.com_reduce import LateFrameError
+from beamops import FrameHeader, Image, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +125,9 @@ def default_names(annuli: tuple[tuple[float, float], ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
-class VirtualImagesParams(OperatorParams):
+class _AnnulusParams(OperatorParams):
+    """virtual_images' own parameters (VirtualImagesParams adds the per-scan ones after them)."""
+
     annuli: str = Field(
         "0:40,60:200",
         title="Annuli (inner:outer px)",
@@ -175,27 +169,6 @@ class VirtualImagesParams(OperatorParams):
             "in state until then and replayed."
         ),
     )
-    emit_every: int = Field(
-        10_000,
-        ge=0,
-        title="Emit every",
-        description="Emit progressive images each time this many more frames of a scan are counted; 0: final only.",
-    )
-    timeout_s: float = Field(
-        300.0,
-        gt=0,
-        title="Timeout (s)",
-        description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
-    )
-    finished_retention_s: float = Field(
-        3600.0,
-        gt=0,
-        title="Finished scan retention (s)",
-        description=(
-            "For this many seconds of event time after a scan's final images, its frames are late (dead letters); "
-            "after that its number may start a new scan."
-        ),
-    )
 
     @field_validator("annuli")
     @classmethod
@@ -221,7 +194,7 @@ class VirtualImagesParams(OperatorParams):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> VirtualImagesParams:
+    def _consistent(self) -> _AnnulusParams:
         if (self.center_x is None) != (self.center_y is None):
             raise ValueError("set both center_x and center_y, or neither")
         return self
@@ -241,6 +214,14 @@ class VirtualImagesParams(OperatorParams):
     def center(self) -> tuple[float, float] | None:
         """The given centre (x = column, y = row), or None: from the summed pattern."""
         return None if self.center_x is None else (float(self.center_x), float(self.center_y))
+
+
+class VirtualImagesParams(ScanReduceParams, _AnnulusParams):
+    # Bases in this order so that the spec lists the annulus parameters first
+    # (pydantic orders fields from the last base to the class itself).
+    progressive_output = "progressive images"
+    final_output = "images"
+    frames_verb = "counted"
 
 
 # --- kernels ----------------------------------------------------------------------------
@@ -333,22 +314,16 @@ class _Chunk:
 
 
 @dataclass
-class VirtualImageAccumulator:
+class VirtualImageAccumulator(ScanProgress):
     """Per-annulus event counts per scan position of one scan, and how its centre is found."""
 
-    header: FrameHeader
     names: tuple[str, ...]
     inner2: np.ndarray
     outer2: np.ndarray
     counts: np.ndarray  # (annuli, positions) int64
     frames_per_position: np.ndarray
-    seen_frames: np.ndarray
     center: tuple[float, float] | None
     center_frames: int
-    frames_seen: int = 0
-    positions_seen: int = 0
-    duplicates: int = 0
-    next_emit: int = 0
     # while the centre is unknown: integer sums over the centering frames, and their frames
     center_frames_used: int = 0
     center_events: int = 0
@@ -367,7 +342,6 @@ class VirtualImageAccumulator:
             radii[:, 1] ** 2,
             np.zeros((len(radii), p), np.int64),
             np.zeros(p, np.uint32),
-            np.zeros(-(-(header.total_frames or 0) // 8), np.uint8),
             params.center,
             params.center_frames,
             next_emit=params.emit_every,
@@ -384,16 +358,14 @@ class VirtualImageAccumulator:
         belong to this scan's shape or holds out-of-range positions, frame
         numbers, events or offsets.
         """
-        self._check(batch)
+        self.check_sparse_batch(batch)
         n = batch.n_frames
         dedup = self.header.total_frames is not None
         accepted = np.empty(n, np.bool_)
         new_positions, duplicates = _register_frames(
             batch.scan_positions, batch.frame_numbers, self.seen_frames, dedup, self.frames_per_position, accepted
         )
-        self.positions_seen += new_positions
-        self.frames_seen += n - duplicates
-        self.duplicates += duplicates
+        self.count(n, new_positions, duplicates)
         events, offsets, positions = batch.events, np.asarray(batch.offsets, np.int64), batch.scan_positions
         if duplicates:
             events, offsets, positions = _select_frames(events, offsets, positions, accepted)
@@ -402,37 +374,6 @@ class VirtualImageAccumulator:
         else:
             self._centering(events, offsets, positions)
         return duplicates
-
-    def _check(self, batch: SparseFrameBatch) -> None:
-        h, mine = batch.header, self.header
-        if (h.scan_shape, h.frame_shape, h.total_frames) != (mine.scan_shape, mine.frame_shape, mine.total_frames):
-            raise ValueError(
-                f"scan {h.scan_number}: batch has scan_shape {h.scan_shape}, frame_shape {h.frame_shape}, "
-                f"total_frames {h.total_frames}, but the scan started with {mine.scan_shape}, "
-                f"{mine.frame_shape}, {mine.total_frames}"
-            )
-        n = batch.n_frames
-        if len(batch.offsets) != n + 1 or len(batch.frame_numbers) != n:
-            raise ValueError(f"scan {h.scan_number}: offsets/frame_numbers do not match {n} frames")
-        if n and (
-            batch.offsets[0] != 0 or batch.offsets[-1] != len(batch.events) or np.any(np.diff(batch.offsets) < 0)
-        ):
-            raise ValueError(f"scan {h.scan_number}: offsets are not monotonic from 0 to len(events)")
-        if len(batch.events) and int(batch.events.max()) >= mine.n_pixels:
-            raise ValueError(
-                f"scan {h.scan_number}: event index {int(batch.events.max())} out of range "
-                f"for frame_shape {mine.frame_shape}"
-            )
-        if n and int(batch.scan_positions.max()) >= mine.n_positions:
-            raise ValueError(
-                f"scan {h.scan_number}: scan position {int(batch.scan_positions.max())} out of range "
-                f"for scan_shape {mine.scan_shape}"
-            )
-        if mine.total_frames is not None and n and int(batch.frame_numbers.max()) >= mine.total_frames:
-            raise ValueError(
-                f"scan {h.scan_number}: frame number {int(batch.frame_numbers.max())} out of range "
-                f"for a scan of {mine.total_frames} frames"
-            )
 
     def _count(self, events: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> None:
         cx, cy = self.center
@@ -475,10 +416,9 @@ class VirtualImageAccumulator:
             self._count(chunk.events, chunk.offsets, chunk.positions)
 
     @property
-    def complete(self) -> bool:
-        if self.header.total_frames is not None:
-            return self.frames_seen >= self.header.total_frames
-        return self.positions_seen == self.header.n_positions
+    def progressive_ready(self) -> bool:
+        """No progressive image before the centre is known."""
+        return self.center is not None
 
     def images(self, final: bool) -> list[Image]:
         """One Image per annulus: counts per position (NaN where no frame was seen)."""
@@ -516,94 +456,14 @@ def _select_frames(
 # --- the keyed DoFn -------------------------------------------------------------------------
 
 
-@dataclass
-class _ScanState:
-    """Everything virtual_images keeps for one scan number, in one state cell (see com_reduce)."""
+class _VirtualImagesFn(ScanReduceFn):
+    progressive_metric = "progressive_images"
 
-    acc: VirtualImageAccumulator | None = None
-    finished: bool = False
-    latest: Timestamp | None = None
+    def new_accumulator(self, batch: SparseFrameBatch) -> VirtualImageAccumulator:
+        return VirtualImageAccumulator.empty(batch.header, self._params)
 
-
-class _VirtualImagesFn(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("scan", PickleCoder())
-    TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
-
-    def __init__(self, name: str, params: VirtualImagesParams) -> None:
-        self._name = name
-        self._params = params
-
-    def setup(self) -> None:
-        self._metrics = OperatorMetrics()
-        self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
-        self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
-        self._snapshots = Metrics.counter(METRICS_NAMESPACE, "progressive_images")
-        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
-
-    def process(
-        self,
-        element: tuple[int, SparseFrameBatch],
-        timestamp: Timestamp = beam.DoFn.TimestampParam,
-        state_cell: Any = beam.DoFn.StateParam(STATE),
-        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
-    ) -> Iterator[Any]:
-        scan_number, batch = element
-        started = time.perf_counter()
-        state = state_cell.read() or _ScanState()
-        try:
-            if state.finished:
-                raise LateFrameError(
-                    f"scan {scan_number} already emitted its final images; {batch.n_frames} frames late"
-                )
-            acc = state.acc or VirtualImageAccumulator.empty(batch.header, self._params)
-            duplicates = acc.add(batch)
-        except Exception as exc:  # the batch goes to dead letters; the scan goes on
-            self._metrics.errors.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, batch, exc))
-            return
-        finally:
-            self._metrics.observe(batch, started)
-
-        if duplicates:
-            self._duplicates.inc(duplicates)
-            log.warning("scan %d: skipped %d frames already counted (redelivered)", scan_number, duplicates)
-        state.latest = max(timestamp, state.latest or timestamp)
-
-        if acc.complete:
-            timeout.set(state.latest + Duration.of(self._params.finished_retention_s))
-            state_cell.write(_ScanState(finished=True, latest=state.latest))
-            self._completed.inc()
-            self._metrics.frames_out.inc(acc.frames_seen)
-            log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
-            yield from acc.images(final=True)
-            return
-        timeout.set(state.latest + Duration.of(self._params.timeout_s))
-        every = self._params.emit_every
-        if every and acc.center is not None and acc.frames_seen >= acc.next_emit:
-            acc.next_emit = (acc.frames_seen // every + 1) * every
-            self._snapshots.inc()
-            log.info("scan %d: %d frames, %d positions so far", scan_number, acc.frames_seen, acc.positions_seen)
-            yield from acc.images(final=False)
-        state.acc = acc
-        state_cell.write(state)
-
-    @on_timer(TIMEOUT)
-    def flush(
-        self,
-        key: int = beam.DoFn.KeyParam,
-        state_cell: Any = beam.DoFn.StateParam(STATE),
-    ) -> Iterator[Image]:
-        state = state_cell.read()
-        state_cell.clear()
-        acc = state.acc if state else None
-        if acc is not None:
-            self._timed_out.inc()
-            self._metrics.frames_out.inc(acc.frames_seen)
-            log.warning(
-                "scan %d flushed incomplete after %.0f s without frames: %d frames, %d of %d positions",
-                key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
-            )  # fmt: skip
-            yield from acc.images(final=True)
+    def outputs(self, acc: VirtualImageAccumulator, final: bool) -> list[Image]:
+        return acc.images(final=final)
 
 
 class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
@@ -622,10 +482,4 @@ class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like
     outputs = {"images": Port(Image, "One image per annulus and emission (name = annulus name), counts, scan_shape")}
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        results = (
-            main
-            | "KeyByScan"
-            >> beam.Map(lambda b: (b.header.scan_number, b)).with_output_types(tuple[int, SparseFrameBatch])
-            | "Count" >> beam.ParDo(_VirtualImagesFn(self.name, self.params)).with_outputs(DEAD_LETTER, main="images")
-        )
-        return {"images": results.images, DEAD_LETTER: results[DEAD_LETTER]}
+        return reduce_per_scan(main, "Count", _VirtualImagesFn(self.name, self.params), SparseFrameBatch, "images")

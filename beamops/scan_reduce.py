@@ -1,0 +1,326 @@
+"""Keyed per-scan reduction: the machinery shared by com_reduce, diffraction_sum and virtual_images.
+
+An operator of this kind keys its batches by scan number and keeps, per scan,
+one accumulator in one ReadModifyWrite state cell (one cell, not several: the
+SDK's state cache weighs every cell it commits, at a fixed cost of
+milliseconds each). What it emits, per scan:
+
+* progressive outputs (``final=False``) each time ``emit_every`` more frames
+  have been added;
+* final outputs (``final=True, complete=True``) as soon as the scan is
+  complete: every expected frame seen when the header gives ``total_frames``,
+  else every position seen;
+* final outputs with ``complete=False`` when no frame has arrived for
+  ``timeout_s`` seconds of event time (an event-time timer; in a bounded run
+  the watermark reaches the end at end of input, so an incomplete scan is
+  flushed then).
+
+Frames of a scan that arrive after its final outputs go to dead letters
+(:class:`LateFrameError`) for ``finished_retention_s`` of event time; after
+that the scan number may start a new scan. A batch the accumulator rejects
+goes to dead letters and the scan goes on. With ``total_frames`` the
+accumulator keeps one bit per frame, so a redelivered frame (Kafka is
+at-least-once) is counted once and in the ``duplicate_frames`` metric.
+
+An operator provides its parameter model (a :class:`ScanReduceParams`), its
+accumulator (a :class:`ScanProgress` that adds one batch and produces its
+outputs) and a :class:`ScanReduceFn` subclass that creates the accumulator
+and turns it into outputs; :func:`reduce_per_scan` builds the keyed ParDo.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, ClassVar
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Duration, Timestamp
+from pydantic import Field
+
+from beamops.deadletter import DeadLetter
+from beamops.frames import FrameHeader, SparseFrameBatch
+from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, OperatorMetrics, OperatorParams
+
+
+class ScanReduceParams(OperatorParams):
+    """The parameters of every per-scan reduction; an operator's Params subclass this.
+
+    A subclass words the descriptions of ``emit_every`` and
+    ``finished_retention_s`` (and the late-frame and redelivery messages) for
+    what it emits by overriding the three class variables below.
+    """
+
+    progressive_output: ClassVar[str] = "a progressive output"  # "Emit a progressive map each time ..."
+    final_output: ClassVar[str] = "output"  # "... after a scan's final map ..."
+    frames_verb: ClassVar[str] = "reduced"  # "... more frames of a scan are reduced"
+
+    emit_every: int = Field(10_000, ge=0, title="Emit every")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        title="Timeout (s)",
+        description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
+    )
+    finished_retention_s: float = Field(3600.0, gt=0, title="Finished scan retention (s)")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._word_descriptions()
+
+    @classmethod
+    def _word_descriptions(cls) -> None:
+        fields = cls.model_fields  # this class's own copies of the inherited fields
+        fields["emit_every"].description = (
+            f"Emit {cls.progressive_output} each time this many more frames of a scan are {cls.frames_verb}; "
+            "0: final only."
+        )
+        fields["finished_retention_s"].description = (
+            f"For this many seconds of event time after a scan's final {cls.final_output}, its frames are late "
+            "(dead letters); after that its number may start a new scan."
+        )
+        cls.model_rebuild(force=True, raise_errors=False)  # the JSON schema is built from the descriptions
+
+
+ScanReduceParams._word_descriptions()
+
+
+class LateFrameError(ValueError):
+    """Frames of a scan whose final output was already emitted."""
+
+
+@dataclass
+class ScanProgress:
+    """How far one scan has got: the base of every per-scan accumulator.
+
+    A subclass adds its running sums as fields, implements ``add(batch) ->
+    duplicates`` (validating the batch before touching anything, then calling
+    :meth:`count`) and the method that produces its outputs.
+    """
+
+    header: FrameHeader
+    _: KW_ONLY
+    frames_seen: int = 0
+    positions_seen: int = 0
+    duplicates: int = 0
+    next_emit: int = 0
+    # one bit per expected frame when the header gives total_frames (redeliveries are skipped), else empty
+    seen_frames: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seen_frames = np.zeros(-(-(self.header.total_frames or 0) // 8), np.uint8)
+
+    @property
+    def complete(self) -> bool:
+        """Every expected frame seen when the header gives total_frames, else every position seen."""
+        if self.header.total_frames is not None:
+            return self.frames_seen >= self.header.total_frames
+        return self.positions_seen == self.header.n_positions
+
+    @property
+    def progressive_ready(self) -> bool:
+        """Whether a progressive output can be made yet (it is not, and not counted, while False)."""
+        return True
+
+    def check_same_scan(self, header: FrameHeader) -> None:
+        """ValueError unless a batch with ``header`` has this scan's shapes and total_frames."""
+        h, mine = header, self.header
+        if (h.scan_shape, h.frame_shape, h.total_frames) != (mine.scan_shape, mine.frame_shape, mine.total_frames):
+            raise ValueError(
+                f"scan {h.scan_number}: batch has scan_shape {h.scan_shape}, frame_shape {h.frame_shape}, "
+                f"total_frames {h.total_frames}, but the scan started with {mine.scan_shape}, "
+                f"{mine.frame_shape}, {mine.total_frames}"
+            )
+
+    def check_in_range(self, header: FrameHeader, positions: np.ndarray, frame_numbers: np.ndarray | None) -> None:
+        """ValueError for a scan position, or (with total_frames) a frame number, out of range."""
+        mine = self.header
+        if not len(positions):
+            return
+        if int(positions.max()) >= mine.n_positions:
+            raise ValueError(
+                f"scan {header.scan_number}: scan position {int(positions.max())} out of range "
+                f"for scan_shape {mine.scan_shape}"
+            )
+        last_frame = None if mine.total_frames is None or frame_numbers is None else int(frame_numbers.max())
+        if last_frame is not None and last_frame >= mine.total_frames:
+            raise ValueError(
+                f"scan {header.scan_number}: frame number {last_frame} out of range "
+                f"for a scan of {mine.total_frames} frames"
+            )
+
+    def check_sparse_batch(self, batch: SparseFrameBatch) -> None:
+        """ValueError unless sparse ``batch`` belongs to this scan and its CSR and indices are in range.
+
+        The counting kernels do not check bounds: call this before touching any sum.
+        """
+        h, mine = batch.header, self.header
+        self.check_same_scan(h)
+        n = batch.n_frames
+        if len(batch.offsets) != n + 1 or len(batch.frame_numbers) != n:
+            raise ValueError(f"scan {h.scan_number}: offsets/frame_numbers do not match {n} frames")
+        if n and (
+            batch.offsets[0] != 0 or batch.offsets[-1] != len(batch.events) or np.any(np.diff(batch.offsets) < 0)
+        ):
+            raise ValueError(f"scan {h.scan_number}: offsets are not monotonic from 0 to len(events)")
+        if len(batch.events) and int(batch.events.max()) >= mine.n_pixels:
+            raise ValueError(
+                f"scan {h.scan_number}: event index {int(batch.events.max())} out of range "
+                f"for frame_shape {mine.frame_shape}"
+            )
+        self.check_in_range(h, batch.scan_positions, batch.frame_numbers)
+
+    def count(self, n_frames: int, new_positions: int, duplicates: int) -> int:
+        """Record a batch of ``n_frames`` added, ``duplicates`` of them skipped; return ``duplicates``."""
+        self.positions_seen += new_positions
+        self.frames_seen += n_frames - duplicates
+        self.duplicates += duplicates
+        return duplicates
+
+
+@dataclass
+class ScanState:
+    """Everything kept for one scan number, in one state cell."""
+
+    acc: ScanProgress | None = None
+    finished: bool = False
+    latest: Timestamp | None = None
+
+
+class ScanReduceFn(beam.DoFn):
+    """The keyed DoFn of a per-scan reduction: state, timeout, emissions, dead letters, metrics, logs.
+
+    Input: ``(scan number, batch)``. A subclass implements
+    :meth:`new_accumulator` and :meth:`outputs`, and may rename the progressive
+    output counter (``progressive_metric``). It must not override ``process``
+    or ``flush``: Beam finds the state cell and the timer in their parameter
+    defaults, and checks that the timer's callback is this ``flush``.
+    """
+
+    STATE = ReadModifyWriteStateSpec("scan", PickleCoder())
+    TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
+    progressive_metric: ClassVar[str] = "progressive_outputs"
+
+    def __init__(self, name: str, params: ScanReduceParams) -> None:
+        self._name = name
+        self._params = params
+
+    # --- what an operator provides ----------------------------------------------------------
+
+    def new_accumulator(self, batch: Any) -> ScanProgress:
+        """An empty accumulator for the scan that ``batch`` (its first batch) belongs to."""
+        raise NotImplementedError
+
+    def outputs(self, acc: Any, final: bool) -> Iterable[Any]:
+        """The elements of one progressive (``final=False``) or final emission."""
+        raise NotImplementedError
+
+    # --- the machinery ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._log = logging.getLogger(type(self).__module__)
+        self._metrics = OperatorMetrics()
+        self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
+        self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
+        self._progressive = Metrics.counter(METRICS_NAMESPACE, self.progressive_metric)
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
+
+    def process(
+        self,
+        element: tuple[int, Any],
+        timestamp: Timestamp = beam.DoFn.TimestampParam,
+        state_cell: Any = beam.DoFn.StateParam(STATE),
+        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
+    ) -> Iterator[Any]:
+        scan_number, batch = element
+        params = self._params
+        started = time.perf_counter()
+        state = state_cell.read() or ScanState()
+        try:
+            if state.finished:
+                raise LateFrameError(
+                    f"scan {scan_number} already emitted its final {params.final_output}; {batch.n_frames} frames late"
+                )
+            acc = state.acc or self.new_accumulator(batch)
+            duplicates = acc.add(batch)
+        except Exception as exc:  # the batch goes to dead letters; the scan goes on
+            self._metrics.errors.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, batch, exc))
+            return
+        finally:
+            self._metrics.observe(batch, started)
+
+        if duplicates:
+            self._duplicates.inc(duplicates)
+            self._log.warning(
+                "scan %d: skipped %d frames already %s (redelivered)", scan_number, duplicates, params.frames_verb
+            )
+        state.latest = max(timestamp, state.latest or timestamp)
+
+        if acc.complete:
+            # Keep the scan marked finished for a while, so stragglers become dead letters
+            # instead of a second, incomplete "final" output that would replace this one.
+            timeout.set(state.latest + Duration.of(params.finished_retention_s))
+            state_cell.write(ScanState(finished=True, latest=state.latest))
+            self._completed.inc()
+            self._metrics.frames_out.inc(acc.frames_seen)
+            self._log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
+            yield from self.outputs(acc, final=True)
+            return
+        timeout.set(state.latest + Duration.of(params.timeout_s))
+        every = params.emit_every
+        if every and acc.frames_seen >= acc.next_emit and acc.progressive_ready:
+            acc.next_emit = (acc.frames_seen // every + 1) * every
+            self._progressive.inc()
+            self._log.info("scan %d: %d frames, %d positions so far", scan_number, acc.frames_seen, acc.positions_seen)
+            yield from self.outputs(acc, final=False)
+        state.acc = acc
+        state_cell.write(state)
+
+    @on_timer(TIMEOUT)
+    def flush(
+        self,
+        key: int = beam.DoFn.KeyParam,
+        state_cell: Any = beam.DoFn.StateParam(STATE),
+    ) -> Iterator[Any]:
+        """The timeout (final, incomplete outputs) or the end of a finished scan's retention (nothing)."""
+        state = state_cell.read()
+        state_cell.clear()
+        acc = state.acc if state else None
+        if acc is not None:
+            self._timed_out.inc()
+            self._metrics.frames_out.inc(acc.frames_seen)
+            self._log.warning(
+                "scan %d flushed incomplete after %.0f s without frames: %d frames, %d of %d positions",
+                key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
+            )  # fmt: skip
+            yield from self.outputs(acc, final=True)
+
+
+def _scan_key(batch: Any) -> tuple[int, Any]:
+    return batch.header.scan_number, batch
+
+
+def reduce_per_scan(
+    main: pvalue.PCollection, step: str, fn: ScanReduceFn, input_type: type, output: str
+) -> Mapping[str, pvalue.PCollection]:
+    """``Operator.build`` of a per-scan reduction: key by scan number, then ``fn`` as ParDo ``step``.
+
+    ``step`` is the label of the stateful ParDo; keep it stable, a runner
+    identifies the operator's state by it.
+    """
+    results = (
+        main
+        | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, input_type])
+        | step >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main=output)
+    )
+    return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
