@@ -69,12 +69,12 @@ def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
 
 
             @operator(output_name="image")
-            def com_magnitude(com: ComMap) -> Image:
+            def plugin_com_spread(com: ComMap) -> Image:
                 """Length of the COM shift from the map's mean, px."""
                 import numpy as np
 
                 data = np.hypot(com.x - np.nanmean(com.x), com.y - np.nanmean(com.y)).astype(np.float32)
-                return Image(com.header, "com_magnitude", data, "px", com.frames_seen, com.final, com.complete)
+                return Image(com.header, "spread", data, "px", com.frames_seen, com.final, com.complete)
             '''
         )
     )
@@ -85,5 +85,5 @@ def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
     result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
-    assert "com_magnitude" in rows and "in:com_map" in rows["com_magnitude"]
+    assert "plugin_com_spread" in rows and "in:com_map" in rows["plugin_com_spread"]
     assert "com_partial" in rows  # the built-in ones are still there
