@@ -73,3 +73,15 @@ def test_live_previews_are_rate_limited(tmp_path: Path) -> None:
         write_image(out_dir=str(tmp_path), live_preview=True, max_preview_interval_s=3600), progressive
     )
     assert sorted(Path(p).name for p in result.outputs) == ["bf_scan_000007_latest.npy", "bf_scan_000007_latest.png"]
+
+
+def test_com_map_previews_are_rate_limited(tmp_path: Path) -> None:
+    from beamops import ComMap
+    from transforms.write_com_map import write_com_map
+
+    header = FrameHeader(scan_number=9, scan_shape=(4, 4), frame_shape=(64, 64))
+    plane = np.ones((4, 4), np.float32)
+    maps = [ComMap(header, plane * n, plane, n, 16, False, False) for n in (4, 8, 12)]
+    op = write_com_map(out_dir=str(tmp_path), write_progressive=True, max_preview_interval_s=3600, colormap="gray")
+    result = run_operator(op, maps)
+    assert sorted(Path(p).name for p in result.outputs) == ["scan_000009_com_latest.npz", "scan_000009_com_latest.png"]

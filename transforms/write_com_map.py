@@ -1,7 +1,8 @@
 """write_com_map: ComMap -> files: an ``.npz`` and a PNG picture per scan.
 
 Final maps go to ``scan_<NNNNNN>_com.npz`` / ``.png``. With
-``write_progressive`` each progressive map overwrites
+``write_progressive`` each progressive map (at most one every
+``max_preview_interval_s`` per scan and worker) overwrites
 ``scan_<NNNNNN>_com_latest.npz`` / ``.png``, a live preview. Files are written
 to a temporary name and renamed, so a reader never sees half a file.
 
@@ -14,8 +15,10 @@ colour bars and the scan number in the title.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -24,12 +27,20 @@ from beamops import ComMap, operator
 from beamops.operator import OperatorParams
 from beamops.spec import Mount
 
+_last_preview: dict[tuple[str, int], float] = {}
+
 
 class WriteComMapParams(OperatorParams):
     out_dir: Mount = Field("out", title="Output directory", description="Directory for the .npz and .png files.")
     png: bool = Field(True, title="Write PNG", description="Also write a picture of each map.")
     write_progressive: bool = Field(
         False, title="Write progressive maps", description="Overwrite scan_<N>_com_latest.* with each progressive map."
+    )
+    max_preview_interval_s: float = Field(
+        2.0, ge=0, description="Least time between two progressive files of the same scan (s), per worker."
+    )
+    colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
+        "viridis", description="Matplotlib colour map of the PNG."
     )
 
 
@@ -40,7 +51,7 @@ def _atomic_write(path: Path, write: object) -> None:
     os.replace(tmp, path)
 
 
-def render_com_png(com: ComMap, path: Path) -> None:
+def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
     """x and y maps side by side with colour bars; scan number and state in the title."""
     import matplotlib
 
@@ -49,7 +60,7 @@ def render_com_png(com: ComMap, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
     for ax, data, label in zip(axes, (com.x, com.y), ("x (column)", "y (row)"), strict=True):
-        image = ax.imshow(data, cmap="viridis", interpolation="nearest")
+        image = ax.imshow(data, cmap=colormap, interpolation="nearest")
         ax.set_title(f"COM {label}")
         ax.set_xlabel("scan column")
         ax.set_ylabel("scan row")
@@ -73,8 +84,14 @@ def render_com_png(com: ComMap, path: Path) -> None:
 )
 def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | None:
     """Write each final ComMap (and optionally each progressive one) as .npz and PNG files."""
-    if not com.final and not params.write_progressive:
-        return None
+    if not com.final:
+        if not params.write_progressive:
+            return None
+        key = (params.out_dir, com.scan_number)
+        now = time.monotonic()
+        if now - _last_preview.get(key, float("-inf")) < params.max_preview_interval_s:
+            return None
+        _last_preview[key] = now
     out = Path(params.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"scan_{com.scan_number:06d}_com" + ("" if com.final else "_latest")
@@ -96,6 +113,6 @@ def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | Non
     written = [str(npz)]
     if params.png:
         png = out / f"{stem}.png"
-        render_com_png(com, png)
+        render_com_png(com, png, params.colormap)
         written.append(str(png))
     return iter(written)
