@@ -44,6 +44,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration, Timestamp
+from numba import njit
 from pydantic import Field
 
 from beamops.deadletter import DeadLetter
@@ -179,12 +180,37 @@ class ScanProgress:
             )
         self.check_in_range(h, batch.scan_positions, batch.frame_numbers)
 
+    def fresh_frames(self, frame_numbers: np.ndarray | None, n_frames: int) -> tuple[np.ndarray, int]:
+        """(True per frame not seen before, number of redeliveries), marking the frames seen.
+
+        Redeliveries can only be told apart when the header gives total_frames
+        (one bit per expected frame) and the frames carry their numbers; else
+        every frame counts as fresh.
+        """
+        fresh = np.ones(n_frames, np.bool_)
+        if self.header.total_frames is None or frame_numbers is None:
+            return fresh, 0
+        return fresh, _mark_fresh(frame_numbers, self.seen_frames, fresh)
+
     def count(self, n_frames: int, new_positions: int, duplicates: int) -> int:
         """Record a batch of ``n_frames`` added, ``duplicates`` of them skipped; return ``duplicates``."""
         self.positions_seen += new_positions
         self.frames_seen += n_frames - duplicates
         self.duplicates += duplicates
         return duplicates
+
+
+@njit(cache=True, nogil=True)
+def _mark_fresh(frame_numbers: np.ndarray, seen_frames: np.ndarray, fresh: np.ndarray) -> int:
+    """Set ``fresh[i]`` unless frame ``i``'s bit is already set (a redelivery); set the bits. Return duplicates."""
+    duplicates = 0
+    for i in range(len(frame_numbers)):
+        f = frame_numbers[i]
+        byte, bit = f >> 3, np.uint8(1 << (f & 7))
+        fresh[i] = not (seen_frames[byte] & bit)
+        duplicates += not fresh[i]
+        seen_frames[byte] |= bit
+    return duplicates
 
 
 @dataclass

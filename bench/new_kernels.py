@@ -56,6 +56,7 @@ import stempy.io
 from stempy import _image as stempy_cpp
 
 from beamops import ComMap, DenseFrameBatch, FrameHeader, SparseFrameBatch
+from beamops.scan_reduce import _mark_fresh
 from beamops.simulate import ScanSimulation
 from bench._common import Timing, machine_line, measure_interleaved, table
 from transforms.bin_frames import bin_events_kernel, bin_frames
@@ -422,9 +423,9 @@ def bench_diffraction_sum(scan: SparseScan, args: argparse.Namespace) -> GroupRe
     def kernel(events=scan.events, offsets=scan.offsets, positions=scan.positions, numbers=frame_numbers) -> np.ndarray:
         # as the operator runs it for a scan with total_frames: with the redelivery bitset
         pattern = np.zeros(pixels, np.int64)
-        seen_frames = np.zeros(-(-len(positions) // 8), np.uint8)
-        seen_positions = np.zeros(len(positions), np.uint8)
-        sum_events_kernel(events, offsets, positions, numbers, True, seen_frames, seen_positions, pattern)
+        fresh = np.ones(len(positions), np.bool_)
+        _mark_fresh(numbers, np.zeros(-(-len(positions) // 8), np.uint8), fresh)
+        sum_events_kernel(events, offsets, positions, fresh, np.zeros(len(positions), np.uint8), pattern)
         return pattern
 
     def process() -> np.ndarray:

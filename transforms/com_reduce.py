@@ -62,39 +62,24 @@ def _accumulate(
     part_x: np.ndarray,
     part_y: np.ndarray,
     part_n: np.ndarray,
-    frame_numbers: np.ndarray,
-    seen_frames: np.ndarray,
-    dedup: bool,
+    fresh: np.ndarray,
     sum_x: np.ndarray,
     sum_y: np.ndarray,
     counts: np.ndarray,
     frames: np.ndarray,
-) -> tuple[int, int]:
-    """Scatter-add per-frame sums into per-position sums.
-
-    With ``dedup``, a frame whose bit is already set in ``seen_frames`` is a
-    redelivery and is skipped. Returns (newly seen positions, duplicates).
-    """
+) -> int:
+    """Scatter-add the ``fresh`` frames' sums into per-position sums; return newly seen positions."""
     new_positions = 0
-    duplicates = 0
     for i in range(len(positions)):
-        if dedup:
-            f = frame_numbers[i]
-            byte, bit = f >> 3, np.uint8(1 << (f & 7))
-            if seen_frames[byte] & bit:
-                duplicates += 1
-                continue
-            seen_frames[byte] |= bit
+        if not fresh[i]:
+            continue
         p = positions[i]
         new_positions += frames[p] == 0
         frames[p] += 1
         sum_x[p] += part_x[i]
         sum_y[p] += part_y[i]
         counts[p] += part_n[i]
-    return new_positions, duplicates
-
-
-_NO_FRAMES = np.zeros(0, np.uint64)
+    return new_positions
 
 
 @dataclass
@@ -132,10 +117,9 @@ class ScanAccumulator(ScanProgress):
         if not (len(partial.sum_x) == len(partial.sum_y) == len(partial.counts) == n):
             raise ValueError(f"scan {h.scan_number}: ComPartial columns have different lengths")
         self.check_in_range(h, partial.scan_positions, partial.frame_numbers)
-        dedup = self.header.total_frames is not None and partial.frame_numbers is not None
-        new_positions, duplicates = _accumulate(
-            partial.scan_positions, partial.sum_x, partial.sum_y, partial.counts,
-            partial.frame_numbers if dedup else _NO_FRAMES, self.seen_frames, dedup,
+        fresh, duplicates = self.fresh_frames(partial.frame_numbers, n)
+        new_positions = _accumulate(
+            partial.scan_positions, partial.sum_x, partial.sum_y, partial.counts, fresh,
             self.sum_x, self.sum_y, self.counts, self.frames,
         )  # fmt: skip
         return self.count(n, new_positions, duplicates)

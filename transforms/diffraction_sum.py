@@ -54,36 +54,21 @@ def sum_events_kernel(
     events: np.ndarray,
     offsets: np.ndarray,
     positions: np.ndarray,
-    frame_numbers: np.ndarray,
-    dedup: bool,
-    seen_frames: np.ndarray,
+    fresh: np.ndarray,
     seen_positions: np.ndarray,
     pattern: np.ndarray,
-) -> tuple[int, int]:
-    """Scatter-add every event of every frame into ``pattern`` (one count per event).
-
-    With ``dedup``, a frame whose bit is already set in ``seen_frames`` is a
-    redelivery and is skipped. Returns (newly seen positions, duplicates).
-    """
+) -> int:
+    """Scatter-add every event of every ``fresh`` frame into ``pattern``; return newly seen positions."""
     new_positions = 0
-    duplicates = 0
     for i in range(len(positions)):
-        if dedup:
-            f = frame_numbers[i]
-            byte, bit = f >> 3, np.uint8(1 << (f & 7))
-            if seen_frames[byte] & bit:
-                duplicates += 1
-                continue
-            seen_frames[byte] |= bit
+        if not fresh[i]:
+            continue
         p = positions[i]
         new_positions += seen_positions[p] == 0
         seen_positions[p] = 1
         for k in range(offsets[i], offsets[i + 1]):
             pattern[events[k]] += 1
-    return new_positions, duplicates
-
-
-_NO_FRAMES = np.zeros(0, np.uint64)
+    return new_positions
 
 
 @dataclass
@@ -111,12 +96,10 @@ class PatternAccumulator(ScanProgress):
         are out of range (the kernel does not check bounds).
         """
         self.check_sparse_batch(batch)
-        dedup = self.header.total_frames is not None
-        new_positions, duplicates = sum_events_kernel(
-            batch.events, batch.offsets, batch.scan_positions,
-            batch.frame_numbers if dedup else _NO_FRAMES, dedup, self.seen_frames,
-            self.seen_positions, self.pattern,
-        )  # fmt: skip
+        fresh, duplicates = self.fresh_frames(batch.frame_numbers, batch.n_frames)
+        new_positions = sum_events_kernel(
+            batch.events, batch.offsets, batch.scan_positions, fresh, self.seen_positions, self.pattern
+        )
         return self.count(batch.n_frames, new_positions, duplicates)
 
     def image(self, final: bool) -> Image:

@@ -228,34 +228,15 @@ class VirtualImagesParams(ScanReduceParams, _AnnulusParams):
 
 
 @njit(cache=True, nogil=True)
-def _register_frames(
-    positions: np.ndarray,
-    frame_numbers: np.ndarray,
-    seen_frames: np.ndarray,
-    dedup: bool,
-    frames_per_position: np.ndarray,
-    accepted: np.ndarray,
-) -> tuple[int, int]:
-    """Count each frame at its position, skipping redeliveries when ``dedup``.
-
-    Sets ``accepted[i]``; returns (newly seen positions, duplicates).
-    """
+def _register_frames(positions: np.ndarray, fresh: np.ndarray, frames_per_position: np.ndarray) -> int:
+    """Count each ``fresh`` frame at its position; return newly seen positions."""
     new_positions = 0
-    duplicates = 0
     for i in range(len(positions)):
-        if dedup:
-            f = frame_numbers[i]
-            byte, bit = f >> 3, np.uint8(1 << (f & 7))
-            if seen_frames[byte] & bit:
-                duplicates += 1
-                accepted[i] = False
-                continue
-            seen_frames[byte] |= bit
-        accepted[i] = True
-        p = positions[i]
-        new_positions += frames_per_position[p] == 0
-        frames_per_position[p] += 1
-    return new_positions, duplicates
+        if fresh[i]:
+            p = positions[i]
+            new_positions += frames_per_position[p] == 0
+            frames_per_position[p] += 1
+    return new_positions
 
 
 @njit(cache=True, nogil=True)
@@ -360,11 +341,8 @@ class VirtualImageAccumulator(ScanProgress):
         """
         self.check_sparse_batch(batch)
         n = batch.n_frames
-        dedup = self.header.total_frames is not None
-        accepted = np.empty(n, np.bool_)
-        new_positions, duplicates = _register_frames(
-            batch.scan_positions, batch.frame_numbers, self.seen_frames, dedup, self.frames_per_position, accepted
-        )
+        accepted, duplicates = self.fresh_frames(batch.frame_numbers, n)
+        new_positions = _register_frames(batch.scan_positions, accepted, self.frames_per_position)
         self.count(n, new_positions, duplicates)
         events, offsets, positions = batch.events, np.asarray(batch.offsets, np.int64), batch.scan_positions
         if duplicates:
