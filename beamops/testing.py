@@ -26,7 +26,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import BeamAssertException
+from apache_beam.transforms.window import TimestampedValue
 
 from beamops.deadletter import DeadLetter
 from beamops.results import ComMap
@@ -37,12 +39,57 @@ __all__ = [
     "ScanSimulation",
     "assert_com_close",
     "dense_batches",
+    "matcher",
     "matches_com",
     "run_operator",
+    "small_scan",
     "sparse_batches",
+    "timestamped_stream",
 ]
 
 BATCH_RUNNER = "FnApiRunner"
+
+
+def small_scan(**overrides: Any) -> ScanSimulation:
+    """A small, fast scan for unit tests: 6x8 positions, 64x64 frames, 20 events/frame."""
+    params: dict[str, Any] = {
+        "scan_shape": (6, 8),
+        "frame_shape": (64, 64),
+        "events_per_frame": 20.0,
+        "disc_radius": 8.0,
+        "shift_amplitude": 4.0,
+        "seed": 1,
+        "scan_number": 1,
+    }
+    return ScanSimulation(**{**params, **overrides})
+
+
+def timestamped_stream(*steps: tuple[Any, Any]) -> TestStream:
+    """A TestStream from ``(timestamp_s, element)`` pairs and ``("watermark", t)`` steps.
+
+    The watermark finally moves to 1e6 s, past every timer a test sets (Beam's
+    assert_that misses what timers emit only at infinity), then to infinity.
+    Run it on ``--runner=BundleBasedDirectRunner``.
+    """
+    stream = TestStream()
+    for first, second in steps:
+        if first == "watermark":
+            stream = stream.advance_watermark_to(second)
+        else:
+            stream = stream.add_elements([TimestampedValue(second, first)])
+    return stream.advance_watermark_to(1e6).advance_watermark_to_infinity()
+
+
+def matcher(check: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+    """An ``assert_that`` matcher from a function that uses plain asserts."""
+
+    def _match(actual: list[Any]) -> None:
+        try:
+            check(actual)
+        except AssertionError as exc:
+            raise BeamAssertException(str(exc)) from exc
+
+    return _match
 
 
 def sparse_batches(sim: ScanSimulation, batch_size: int) -> list[Any]:

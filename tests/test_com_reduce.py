@@ -17,12 +17,17 @@ import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
-from apache_beam.testing.test_stream import TestStream as BeamTestStream
-from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.testing.util import assert_that, equal_to
 
 from beamops import ComMap, ComPartial, FrameHeader, SparseFrameBatch
-from beamops.testing import ScanSimulation, assert_com_close, matches_com, run_operator
+from beamops.testing import (
+    assert_com_close,
+    matcher,
+    matches_com,
+    run_operator,
+    small_scan,
+    timestamped_stream,
+)
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 
@@ -53,54 +58,12 @@ def events(frame_cols: int, cols, rows) -> np.ndarray:
     return (np.asarray(rows) * frame_cols + np.asarray(cols)).astype(np.uint32)
 
 
-def small_sim(**overrides) -> ScanSimulation:
-    params = {
-        "scan_shape": (6, 8),
-        "frame_shape": (64, 64),
-        "events_per_frame": 20.0,
-        "disc_radius": 8.0,
-        "shift_amplitude": 4.0,
-        "seed": 1,
-        "scan_number": 1,
-    }
-    params.update(overrides)
-    return ScanSimulation(**params)
-
-
 def reduce_chain(**reduce_params):
     return lambda frames: frames | com_partial() | com_reduce(**reduce_params)
 
 
-def stream_of(*steps) -> BeamTestStream:
-    """A TestStream from (timestamp, element) pairs and ("watermark", t) steps.
-
-    The watermark is finally moved to 1e6 s, past every timer these tests set,
-    and then to infinity.
-    """
-    stream = BeamTestStream()
-    for step in steps:
-        if step[0] == "watermark":
-            stream = stream.advance_watermark_to(step[1])
-        else:
-            ts, element = step
-            stream = stream.add_elements([TimestampedValue(element, ts)])
-    return stream.advance_watermark_to(1e6).advance_watermark_to_infinity()
-
-
 def summary(m: ComMap) -> tuple[int, int, bool, bool]:
     return (m.scan_number, m.frames_seen, m.final, m.complete)
-
-
-def check(fn):
-    """An assert_that matcher from a function that uses plain asserts."""
-
-    def _match(actual):
-        try:
-            fn(actual)
-        except AssertionError as exc:
-            raise BeamAssertException(str(exc)) from exc
-
-    return _match
 
 
 # --- exact reduction ------------------------------------------------------------------
@@ -172,9 +135,9 @@ def test_several_frames_of_one_position_in_one_batch():
 
 
 def test_progressive_snapshots_then_final_map_under_test_stream():
-    sim = small_sim()  # 48 positions, one frame each, total_frames = 48
+    sim = small_scan()  # 48 positions, one frame each, total_frames = 48
     batches = list(sim.batches(10))  # 10, 10, 10, 10, 8 frames
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     def expect(maps):
         maps = sorted(maps, key=lambda m: m.frames_seen)
@@ -192,7 +155,7 @@ def test_progressive_snapshots_then_final_map_under_test_stream():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | com_partial() | com_reduce(emit_every=16)
-        assert_that(out.com_map, check(expect))
+        assert_that(out.com_map, matcher(expect))
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
@@ -226,9 +189,9 @@ def test_progressive_snapshots_count_frames_with_uneven_batches():
     # frames, but only total_frames completes the scan. With emit_every=40, the
     # first batch overshoots two thresholds (90 frames): the next snapshot is due
     # at the next multiple of 40 (120, reached at 130), not at 80 or 100.
-    sim = small_sim(frames_per_position=3, events_per_frame=10.0)
+    sim = small_scan(frames_per_position=3, events_per_frame=10.0)
     batches = split(sim.batch(0, sim.n_frames), [90, 10, 10, 20, 14])
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | com_partial() | com_reduce(emit_every=40)
@@ -241,7 +204,7 @@ def test_progressive_snapshots_count_frames_with_uneven_batches():
 def test_completion_by_total_frames():
     # header.total_frames = 3 * positions: all positions are seen after the first
     # third of the frames, but the scan is complete only when every frame is in.
-    sim = small_sim(frames_per_position=3)
+    sim = small_scan(frames_per_position=3)
     batches = list(sim.batches(24))
     assert sim.header.total_frames == sim.n_frames == 144
     result = run_operator(reduce_chain(emit_every=0), batches)
@@ -255,16 +218,16 @@ def test_completion_by_total_frames():
 def test_total_frames_unknown_completes_when_every_position_is_seen():
     # Without total_frames the scan is complete once every position has a frame
     # (DESIGN.md section 5); frames that come after the final map are late.
-    sim = small_sim(frames_per_position=3, declare_total_frames=False)
+    sim = small_scan(frames_per_position=3, declare_total_frames=False)
     batches = list(sim.batches(24))  # 6 batches; positions all seen after batch 2
     assert sim.header.total_frames is None
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | com_partial() | com_reduce(emit_every=0)
         assert_that(
             out.com_map,
-            check(lambda maps: _check_final_first_pass(maps, batches[:2])),
+            matcher(lambda maps: _check_final_first_pass(maps, batches[:2])),
         )
         assert_that(
             out.dead_letter | beam.Map(lambda d: (d.error_type, _rows(d.payload))),
@@ -285,7 +248,7 @@ def _rows(payload: bytes) -> int:
 
 
 def test_incomplete_scan_is_flushed_at_end_of_bounded_run():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(10))
     kept = [batches[0], batches[2], batches[4]]  # 28 of 48 frames
     result = run_operator(reduce_chain(emit_every=0), kept)
@@ -304,11 +267,11 @@ def test_incomplete_scan_is_flushed_at_end_of_bounded_run():
 
 
 def test_timeout_in_event_time_flushes_before_later_elements():
-    sim1 = small_sim(scan_number=1)
-    sim2 = small_sim(scan_number=2, seed=9)
+    sim1 = small_scan(scan_number=1)
+    sim2 = small_scan(scan_number=2, seed=9)
     b1 = list(sim1.batches(16))  # 3 batches of 16
     b2 = list(sim2.batches(16))
-    stream = stream_of(
+    stream = timestamped_stream(
         (0.0, b1[0]),
         (1.0, b1[1]),
         ("watermark", 1.0 + 10.0 + 0.5),  # timeout_s = 10 after the last scan-1 element
@@ -334,16 +297,16 @@ def test_timeout_in_event_time_flushes_before_later_elements():
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0)
         stamped = out.com_map | beam.Map(lambda m, ts=beam.DoFn.TimestampParam: (float(ts), m))
-        assert_that(stamped, check(expect))
+        assert_that(stamped, matcher(expect))
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
 def test_timeout_counts_from_the_latest_event_time_seen():
     # An element with an earlier timestamp (out of order, not late) must not pull
     # the timeout back: the timer stays at max(event time) + timeout_s = 20.
-    sim = small_sim()
+    sim = small_scan()
     b = list(sim.batches(12))
-    stream = stream_of(
+    stream = timestamped_stream(
         (0.0, b[0]),
         (10.0, b[1]),
         (1.0, b[2]),
@@ -356,12 +319,12 @@ def test_timeout_counts_from_the_latest_event_time_seen():
 
 
 def test_late_frames_of_finished_scan_go_to_dead_letters():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))  # 4 batches of 12
     late = sim.batch(1, 12)  # a repeat of batch 1 after the scan completed
-    other = small_sim(scan_number=7, seed=4)
+    other = small_scan(scan_number=7, seed=4)
     other_batches = list(other.batches(48))
-    stream = stream_of(
+    stream = timestamped_stream(
         *[(float(i), b) for i, b in enumerate(batches)],
         (5.0, late),
         (6.0, other_batches[0]),
@@ -385,16 +348,16 @@ def test_late_frames_of_finished_scan_go_to_dead_letters():
             matches_com({1: reference_com(batches), 7: reference_com(other_batches)}, atol=1e-4, final_only=False),
         )
         assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True), (7, 48, True, True)]), label="Maps")
-        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+        assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
 
 
 def test_late_frames_stay_dead_letters_during_the_retention_then_start_a_new_scan():
     # A straggler must not produce a second, incomplete "final" map that would
     # replace the complete one: within finished_retention_s it is a dead letter
     # (even after timeout_s has passed); after the retention the scan number is free again.
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
-    stream = stream_of(
+    stream = timestamped_stream(
         *[(float(i), b) for i, b in enumerate(batches)],  # complete at t=3; retention until t=103
         (5.0, sim.batch(1, 12)),  # late: dead letter
         ("watermark", 20.0),
@@ -415,7 +378,7 @@ def test_late_frames_stay_dead_letters_during_the_retention_then_start_a_new_sca
 
 def test_redelivered_frames_are_counted_once():
     # Kafka is at-least-once: a batch delivered twice must not count twice.
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
     redelivered = [*batches[:2], batches[1], *batches[2:]]
     result = run_operator(lambda f: f | com_partial() | com_reduce(emit_every=0), redelivered)
@@ -427,7 +390,7 @@ def test_redelivered_frames_are_counted_once():
 
 
 def test_out_of_range_positions_and_frame_numbers_are_dead_letters():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
     header = batches[0].header
     bad_position = ComPartial(
@@ -444,11 +407,11 @@ def test_out_of_range_positions_and_frame_numbers_are_dead_letters():
 
 
 def test_batch_with_other_scan_shape_goes_to_dead_letters():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(16))
-    wrong = small_sim(scan_shape=(4, 4), events_per_frame=5.0).batch(0, 16)
+    wrong = small_scan(scan_shape=(4, 4), events_per_frame=5.0).batch(0, 16)
     assert wrong.header.scan_number == sim.scan_number
-    stream = stream_of((0.0, batches[0]), (1.0, wrong), (2.0, batches[1]), (3.0, batches[2]))
+    stream = timestamped_stream((0.0, batches[0]), (1.0, wrong), (2.0, batches[1]), (3.0, batches[2]))
 
     def expect_dead(dead):
         assert [d.error_type for d in dead] == ["ValueError"]
@@ -459,13 +422,13 @@ def test_batch_with_other_scan_shape_goes_to_dead_letters():
         out = p | stream | com_partial() | com_reduce(emit_every=0)
         assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True)]), label="Maps")
         assert_that(out.com_map, matches_com({1: reference_com(batches)}), label="Values")
-        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+        assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
 
 
 def test_two_interleaved_scans_are_reduced_independently():
     # Same scan shape, different events and frame counts; batches alternate.
-    sim_a = small_sim(scan_number=3, seed=11, frames_per_position=2)
-    sim_b = small_sim(scan_number=4, seed=12, frame_shape=(80, 72))
+    sim_a = small_scan(scan_number=3, seed=11, frames_per_position=2)
+    sim_b = small_scan(scan_number=4, seed=12, frame_shape=(80, 72))
     a = list(sim_a.batches(20))
     b = list(sim_b.batches(20))
     interleaved = [x for pair in zip(a, b, strict=False) for x in pair] + a[len(b) :]

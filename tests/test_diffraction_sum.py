@@ -15,13 +15,11 @@ import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
-from apache_beam.testing.test_stream import TestStream as BeamTestStream
-from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.testing.util import assert_that, equal_to
 from stempy.image import calculate_sum_sparse
 
-from beamops import FrameHeader, Image, OperatorParameterError, SparseFrameBatch
-from beamops.testing import ScanSimulation, run_operator
+from beamops import FrameHeader, Image, OperatorParameterError, SparseFrameBatch, testing
+from beamops.testing import ScanSimulation, matcher, run_operator, timestamped_stream
 from transforms.bin_frames import bin_frames
 from transforms.diffraction_sum import diffraction_sum
 
@@ -31,18 +29,9 @@ STREAM_RUNNER = "--runner=BundleBasedDirectRunner"
 # --- helpers ------------------------------------------------------------------------
 
 
-def small_sim(**overrides) -> ScanSimulation:
-    params = {
-        "scan_shape": (6, 8),
-        "frame_shape": (64, 72),
-        "events_per_frame": 30.0,
-        "disc_radius": 10.0,
-        "shift_amplitude": 4.0,
-        "seed": 1,
-        "scan_number": 1,
-    }
-    params.update(overrides)
-    return ScanSimulation(**params)
+def small_scan(**overrides) -> ScanSimulation:
+    """beamops.testing.small_scan with wider frames and more events, so patterns are not sparse."""
+    return testing.small_scan(**{"frame_shape": (64, 72), "events_per_frame": 30.0, "disc_radius": 10.0, **overrides})
 
 
 def reference_sum(batches) -> np.ndarray:
@@ -66,30 +55,6 @@ def assert_pattern(image: Image, batches) -> None:
     np.testing.assert_array_equal(image.data, reference_sum(batches))
 
 
-def stream_of(*steps) -> BeamTestStream:
-    """A TestStream from (timestamp, element) pairs and ("watermark", t) steps, then 1e6 s and infinity."""
-    stream = BeamTestStream()
-    for step in steps:
-        if step[0] == "watermark":
-            stream = stream.advance_watermark_to(step[1])
-        else:
-            ts, element = step
-            stream = stream.add_elements([TimestampedValue(element, ts)])
-    return stream.advance_watermark_to(1e6).advance_watermark_to_infinity()
-
-
-def check(fn):
-    """An assert_that matcher from a function that uses plain asserts."""
-
-    def _match(actual):
-        try:
-            fn(actual)
-        except AssertionError as exc:
-            raise BeamAssertException(str(exc)) from exc
-
-    return _match
-
-
 def _rows(payload: bytes) -> int:
     return pa.ipc.open_stream(payload).read_all().num_rows
 
@@ -98,7 +63,7 @@ def _rows(payload: bytes) -> int:
 
 
 def test_final_pattern_equals_bincount_of_all_events():
-    sim = small_sim(frames_per_position=2)  # a position's two frames fall in different batches
+    sim = small_scan(frames_per_position=2)  # a position's two frames fall in different batches
     batches = list(sim.batches(20))
     result = run_operator(diffraction_sum(emit_every=0), batches)
     assert result.dead_letters == []
@@ -125,7 +90,7 @@ def test_repeated_pixels_in_one_frame_all_count():
 
 
 def test_binned_frames_sum_to_the_binned_pattern():
-    sim = small_sim(frame_shape=(64, 72))
+    sim = small_scan(frame_shape=(64, 72))
     batches = list(sim.batches(16))
     result = run_operator(lambda frames: frames | bin_frames(factor=4) | diffraction_sum(emit_every=0), batches)
     assert result.dead_letters == []
@@ -150,9 +115,9 @@ def test_matches_stempy_calculate_sum_sparse():
 
 
 def test_progressive_patterns_then_final_under_test_stream():
-    sim = small_sim()  # 48 positions, one frame each, total_frames = 48
+    sim = small_scan()  # 48 positions, one frame each, total_frames = 48
     batches = list(sim.batches(10))  # 10, 10, 10, 10, 8 frames
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     def expect(images):
         images = sorted(images, key=lambda m: m.frames_seen)
@@ -169,16 +134,16 @@ def test_progressive_patterns_then_final_under_test_stream():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | diffraction_sum(emit_every=16)
-        assert_that(out.image, check(expect))
+        assert_that(out.image, matcher(expect))
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
 def test_completion_without_total_frames_and_late_frames_are_dead_letters():
     # Without total_frames the scan is complete once every position has a frame;
     # frames after the final image are late.
-    sim = small_sim(frames_per_position=3, declare_total_frames=False)
+    sim = small_scan(frames_per_position=3, declare_total_frames=False)
     batches = list(sim.batches(24))  # 6 batches; every position seen after batch 2
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     def expect(images):
         assert [summary(m) for m in images] == [(1, 48, True, True)]
@@ -186,7 +151,7 @@ def test_completion_without_total_frames_and_late_frames_are_dead_letters():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | diffraction_sum(emit_every=0)
-        assert_that(out.image, check(expect))
+        assert_that(out.image, matcher(expect))
         assert_that(
             out.dead_letter | beam.Map(lambda d: (d.operator, d.error_type, _rows(d.payload))),
             equal_to([("diffraction_sum", "LateFrameError", 24)] * 4),
@@ -195,7 +160,7 @@ def test_completion_without_total_frames_and_late_frames_are_dead_letters():
 
 
 def test_incomplete_scan_is_flushed_at_end_of_bounded_run():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(10))
     kept = [batches[0], batches[2], batches[4]]  # 28 of 48 frames
     result = run_operator(diffraction_sum(emit_every=0), kept)
@@ -206,11 +171,11 @@ def test_incomplete_scan_is_flushed_at_end_of_bounded_run():
 
 
 def test_timeout_in_event_time_then_retention_of_a_finished_scan():
-    sim = small_sim()
+    sim = small_scan()
     b = list(sim.batches(16))  # 3 batches of 16
-    other = small_sim(scan_number=2, seed=5)
+    other = small_scan(scan_number=2, seed=5)
     o = list(other.batches(48))
-    stream = stream_of(
+    stream = timestamped_stream(
         (0.0, b[0]),
         ("watermark", 0.0 + 10.0 + 0.5),  # timeout_s = 10 after scan 1's last element: flushed incomplete
         (20.0, b[1]),  # starts scan 1 again (the flush left no state)
@@ -229,12 +194,12 @@ def test_timeout_in_event_time_then_retention_of_a_finished_scan():
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | diffraction_sum(emit_every=0, timeout_s=10.0, finished_retention_s=100.0)
         stamped = out.image | beam.Map(lambda m, ts=beam.DoFn.TimestampParam: (float(ts), m))
-        assert_that(stamped, check(expect))
+        assert_that(stamped, matcher(expect))
         assert_that(out.dead_letter | beam.Map(lambda d: d.error_type), equal_to(["LateFrameError"]), label="Dead")
 
 
 def test_redelivered_frames_are_counted_once():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
     redelivered = [*batches[:2], batches[1], *batches[2:]]
     result = run_operator(diffraction_sum(emit_every=0), redelivered)
@@ -246,17 +211,17 @@ def test_redelivered_frames_are_counted_once():
 
 
 def test_bad_batches_are_dead_letters_and_the_scan_goes_on():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(16))
     header = sim.header
-    wrong_shape = small_sim(frame_shape=(64, 64), scan_number=1).batch(0, 16)
+    wrong_shape = small_scan(frame_shape=(64, 64), scan_number=1).batch(0, 16)
     one = np.zeros(1, np.uint32)
     # built without validate(): out-of-range indices must not reach the kernel, which does not check bounds
     bad_event = SparseFrameBatch(header, np.array([10**6], np.uint32), np.array([0, 1]), one, np.zeros(1, np.uint64))
     bad_position = SparseFrameBatch(header, one, np.array([0, 1]), np.array([999], np.uint32), np.zeros(1, np.uint64))
     bad_frame = SparseFrameBatch(header, one, np.array([0, 1]), one, np.array([999], np.uint64))
     inputs = [batches[0], wrong_shape, bad_event, bad_position, bad_frame, batches[1], batches[2]]
-    stream = stream_of(*[(float(i), x) for i, x in enumerate(inputs)])
+    stream = timestamped_stream(*[(float(i), x) for i, x in enumerate(inputs)])
 
     def expect_dead(dead):
         errors = sorted(d.error for d in dead)
@@ -268,14 +233,14 @@ def test_bad_batches_are_dead_letters_and_the_scan_goes_on():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | diffraction_sum(emit_every=0)
-        assert_that(out.image, check(lambda images: [assert_pattern(m, batches) for m in images]), label="Values")
+        assert_that(out.image, matcher(lambda images: [assert_pattern(m, batches) for m in images]), label="Values")
         assert_that(out.image | beam.Map(summary), equal_to([(1, 48, True, True)]), label="Images")
-        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+        assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
 
 
 def test_two_interleaved_scans_are_summed_independently():
-    sim_a = small_sim(scan_number=3, seed=11, frames_per_position=2)
-    sim_b = small_sim(scan_number=4, seed=12, frame_shape=(80, 72))
+    sim_a = small_scan(scan_number=3, seed=11, frames_per_position=2)
+    sim_b = small_scan(scan_number=4, seed=12, frame_shape=(80, 72))
     a = list(sim_a.batches(20))
     b = list(sim_b.batches(20))
     interleaved = [x for pair in zip(a, b, strict=False) for x in pair] + a[len(b) :]

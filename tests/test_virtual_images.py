@@ -23,15 +23,13 @@ import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
-from apache_beam.testing.test_stream import TestStream as BeamTestStream
-from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.testing.util import assert_that, equal_to
 from stempy.image import create_stem_images
 from stempy.io import SparseArray
 
 from beamops import FrameHeader, Image, OperatorParameterError, SparseFrameBatch
 from beamops.registry import discover
-from beamops.testing import ScanSimulation, run_operator
+from beamops.testing import ScanSimulation, matcher, run_operator, small_scan, timestamped_stream
 from transforms.virtual_images import VirtualImageAccumulator, VirtualImagesParams, default_names, virtual_images
 
 STREAM_RUNNER = "--runner=BundleBasedDirectRunner"
@@ -133,44 +131,6 @@ def assert_not_trivial(want: np.ndarray) -> None:
         assert image.sum() > 0 and image.std() > 0
 
 
-def small_sim(**overrides) -> ScanSimulation:
-    params = {
-        "scan_shape": (6, 8),
-        "frame_shape": (64, 64),
-        "events_per_frame": 20.0,
-        "disc_radius": 8.0,
-        "shift_amplitude": 4.0,
-        "seed": 1,
-        "scan_number": 1,
-    }
-    params.update(overrides)
-    return ScanSimulation(**params)
-
-
-def stream_of(*steps) -> BeamTestStream:
-    """A TestStream from (timestamp, element) pairs and ("watermark", t) steps, then 1e6 s and infinity."""
-    stream = BeamTestStream()
-    for step in steps:
-        if step[0] == "watermark":
-            stream = stream.advance_watermark_to(step[1])
-        else:
-            ts, element = step
-            stream = stream.add_elements([TimestampedValue(element, ts)])
-    return stream.advance_watermark_to(1e6).advance_watermark_to_infinity()
-
-
-def check(fn):
-    """An assert_that matcher from a function that uses plain asserts."""
-
-    def _match(actual):
-        try:
-            fn(actual)
-        except AssertionError as exc:
-            raise BeamAssertException(str(exc)) from exc
-
-    return _match
-
-
 def summary(im: Image) -> tuple[int, str, int, bool, bool]:
     return (im.scan_number, im.name, im.frames_seen, im.final, im.complete)
 
@@ -259,7 +219,7 @@ def test_center_from_first_center_frames_under_test_stream():
     want = stempy_images(batches, params.radii, center)
     assert_not_trivial(want)
     assert not np.array_equal(want, stempy_images(batches, params.radii, other))
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     def expect(images):
         assert sorted(summary(im) for im in images) == [(1, n, 288, True, True) for n in ("adf1", "adf2", "bf")]
@@ -267,12 +227,12 @@ def test_center_from_first_center_frames_under_test_stream():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | virtual_images(annuli=annuli, center_frames=100, emit_every=0)
-        assert_that(out.images, check(expect))
+        assert_that(out.images, matcher(expect))
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
 def test_non_square_frames_and_scan_match_stempy():
-    sim = small_sim(frame_shape=(40, 72), scan_shape=(5, 9), frames_per_position=2, seed=4)
+    sim = small_scan(frame_shape=(40, 72), scan_shape=(5, 9), frames_per_position=2, seed=4)
     batches = list(sim.batches(30))
     annuli = "0:5,5:9,9:30"
     center = (36.2, 19.4)
@@ -330,7 +290,7 @@ def test_centering_skips_empty_frames_and_replays_the_kept_frames():
 
 
 def test_kept_frames_are_bounded_by_center_frames_and_a_batch():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(10))
     acc = VirtualImageAccumulator.empty(sim.header, VirtualImagesParams(annuli="0:6", center_frames=15))
     acc.add(batches[0])
@@ -347,12 +307,12 @@ def test_kept_frames_are_bounded_by_center_frames_and_a_batch():
 
 
 def test_progressive_then_final_images_under_test_stream():
-    sim = small_sim()  # 48 positions, one frame each, total_frames = 48
+    sim = small_scan()  # 48 positions, one frame each, total_frames = 48
     batches = list(sim.batches(10))  # 10, 10, 10, 10, 8 frames
     annuli = "0:6,6:12"
     center = (31.7, 32.2)
     radii = VirtualImagesParams(annuli=annuli).radii
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
 
     def expect(images):
         # emit_every=16: progressive at 20 and 40 frames (first reaching 16, 32), then the final at 48
@@ -372,18 +332,18 @@ def test_progressive_then_final_images_under_test_stream():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | virtual_images(annuli=annuli, center_x=center[0], center_y=center[1], emit_every=16)
-        assert_that(out.images, check(expect))
+        assert_that(out.images, matcher(expect))
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
 def test_no_progressive_image_before_the_centre_is_known():
     # center_frames=25, emit_every=10, batches of 10: the 10 and 20 frame thresholds
     # pass while the centre is unknown; the first progressive images come at 30 frames.
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(10))
     annuli = "0:6,6:12"
     radii = VirtualImagesParams(annuli=annuli).radii
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
     center = pattern_center(batches, 25)
 
     def expect(images):
@@ -397,12 +357,12 @@ def test_no_progressive_image_before_the_centre_is_known():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | virtual_images(annuli=annuli, center_frames=25, emit_every=10)
-        assert_that(out.images, check(expect))
+        assert_that(out.images, matcher(expect))
 
 
 @pytest.mark.parametrize("given_center", [True, False], ids=["given_center", "pattern_center"])
 def test_incomplete_scan_is_flushed_at_end_of_bounded_run(given_center):
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(10))
     kept = [batches[0], batches[2], batches[4]]  # 28 of 48 frames
     annuli = "0:6,6:12"
@@ -425,10 +385,10 @@ def test_incomplete_scan_is_flushed_at_end_of_bounded_run(given_center):
 
 
 def test_completion_without_total_frames_is_every_position_seen():
-    sim = small_sim(frames_per_position=2, declare_total_frames=False)
+    sim = small_scan(frames_per_position=2, declare_total_frames=False)
     batches = list(sim.batches(24))  # positions all seen after batch 2; batches 3-4 are late
     center = (31.7, 32.2)
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)])
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)])
     radii = VirtualImagesParams(annuli="0:6").radii
 
     def expect(images):
@@ -437,17 +397,17 @@ def test_completion_without_total_frames_is_every_position_seen():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | virtual_images(annuli="0:6", center_x=center[0], center_y=center[1], emit_every=0)
-        assert_that(out.images, check(expect))
+        assert_that(out.images, matcher(expect))
         assert_that(out.dead_letter | beam.Map(lambda d: d.error_type), equal_to(["LateFrameError"] * 2), label="Late")
 
 
 def test_late_frames_of_finished_scan_go_to_dead_letters():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
     late = sim.batch(1, 12)  # a repeat of batch 1 after the scan completed
-    other = small_sim(scan_number=7, seed=4)
+    other = small_scan(scan_number=7, seed=4)
     other_batches = list(other.batches(48))
-    stream = stream_of(*[(float(i), b) for i, b in enumerate(batches)], (5.0, late), (6.0, other_batches[0]))
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(batches)], (5.0, late), (6.0, other_batches[0]))
     center = (31.7, 32.2)
     radii = VirtualImagesParams(annuli="0:6").radii
 
@@ -468,14 +428,14 @@ def test_late_frames_of_finished_scan_go_to_dead_letters():
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | virtual_images(annuli="0:6", center_x=center[0], center_y=center[1], emit_every=0)
-        assert_that(out.images, check(expect_images))
-        assert_that(out.dead_letter, check(expect_dead), label="DeadLetters")
+        assert_that(out.images, matcher(expect_images))
+        assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
 
 
 def test_redelivered_frames_are_counted_once_and_bad_batches_are_dead_letters():
-    sim = small_sim()
+    sim = small_scan()
     batches = list(sim.batches(12))
-    wrong_shape = small_sim(scan_shape=(4, 4)).batch(0, 16)
+    wrong_shape = small_scan(scan_shape=(4, 4)).batch(0, 16)
     redelivered = [*batches[:2], batches[1], wrong_shape, *batches[2:]]
     center = (31.7, 32.2)
     radii = VirtualImagesParams(annuli="0:6,6:12").radii
