@@ -14,8 +14,6 @@ colour bars and the scan number in the title.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -24,10 +22,11 @@ import numpy as np
 from pydantic import Field
 
 from beamops import ComMap, operator
+from beamops.io.files import PreviewThrottle, atomic_write
 from beamops.operator import OperatorParams
 from beamops.spec import Mount
 
-_last_preview: dict[tuple[str, int], float] = {}
+_previews = PreviewThrottle()
 
 
 class WriteComMapParams(OperatorParams):
@@ -42,13 +41,6 @@ class WriteComMapParams(OperatorParams):
     colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
         "viridis", description="Matplotlib colour map of the PNG."
     )
-
-
-def _atomic_write(path: Path, write: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)  # type: ignore[operator]
-    os.replace(tmp, path)
 
 
 def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
@@ -72,7 +64,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
         f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
         f"{com.positions_seen}/{com.header.n_positions} positions)"
     )
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -87,16 +79,13 @@ def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | Non
     if not com.final:
         if not params.write_progressive:
             return None
-        key = (params.out_dir, com.scan_number)
-        now = time.monotonic()
-        if now - _last_preview.get(key, float("-inf")) < params.max_preview_interval_s:
+        if not _previews.due((params.out_dir, com.scan_number), params.max_preview_interval_s):
             return None
-        _last_preview[key] = now
     out = Path(params.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"scan_{com.scan_number:06d}_com" + ("" if com.final else "_latest")
     npz = out / f"{stem}.npz"
-    _atomic_write(
+    atomic_write(
         npz,
         lambda fh: np.savez(
             fh,

@@ -10,7 +10,6 @@ payloads once the cause is fixed.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from beamops import DeadLetter, OperatorParams, operator
+from beamops.io.files import atomic_write
 from beamops.spec import Mount
 
 
@@ -48,7 +48,5 @@ def write_dead_letters(letter: DeadLetter, params: WriteDeadLettersParams) -> It
         "timestamp": letter.timestamp,
         "traceback": letter.traceback,
     }
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, stem.with_suffix(".json"))
+    atomic_write(stem.with_suffix(".json"), lambda fh: fh.write(json.dumps(meta, indent=2, default=str).encode()))
     return iter([str(payload), str(stem.with_suffix(".json"))])

@@ -9,8 +9,6 @@ are written under a temporary name and renamed: a reader never sees half a file.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -19,9 +17,10 @@ import numpy as np
 from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
+from beamops.io.files import PreviewThrottle, atomic_write
 from beamops.spec import Mount
 
-_last_preview: dict[tuple[str, str, int], float] = {}
+_previews = PreviewThrottle()
 
 
 class WriteImageParams(OperatorParams):
@@ -49,10 +48,8 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
     if image.final and not image.complete:
         state = "final, INCOMPLETE"
     ax.set_title(f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames)")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 @operator(
@@ -66,19 +63,13 @@ def write_image(image: Image, params: WriteImageParams) -> Iterator[str] | None:
     if not image.final:
         if not params.live_preview:
             return None
-        key = (params.out_dir, image.name, image.scan_number)
-        now = time.monotonic()
-        if now - _last_preview.get(key, -np.inf) < params.max_preview_interval_s:
+        if not _previews.due((params.out_dir, image.name, image.scan_number), params.max_preview_interval_s):
             return None
-        _last_preview[key] = now
     out = Path(params.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{image.name}_scan_{image.scan_number:06d}" + ("" if image.final else "_latest")
     png = out / f"{stem}.png"
     render_png(image, png, params.colormap)
     npy = out / f"{stem}.npy"
-    tmp = npy.with_name(f".{npy.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, image.data)
-    os.replace(tmp, npy)
+    atomic_write(npy, lambda fh: np.save(fh, image.data))
     return iter([str(png), str(npy)])

@@ -1,0 +1,35 @@
+"""Writing result files that readers may be watching.
+
+Files are written under a temporary name and renamed, so a viewer polling the
+directory never sees half a file; live previews are throttled per key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)
+
+
+class PreviewThrottle:
+    """Lets a preview through at most once every ``interval_s`` per key, in this process."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, float] = {}
+
+    def due(self, key: Hashable, interval_s: float) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < interval_s:
+            return False
+        self._last[key] = now
+        return True
