@@ -418,3 +418,11 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
         raise FrameDecodeError("stream holds no record batch") from exc
     except Exception as exc:  # any failure on untrusted bytes is a decode error
         raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def decode_sparse_batch(data: bytes | memoryview | pa.Buffer) -> SparseFrameBatch:
+    """:func:`decode_batch` for a stream that must hold counted frames; FrameDecodeError otherwise."""
+    batch = decode_batch(data)
+    if not isinstance(batch, SparseFrameBatch):
+        raise FrameDecodeError(f"expected sparse frames, got a {type(batch).__name__}")
+    return batch

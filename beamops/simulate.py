@@ -14,12 +14,23 @@ i)``: any worker can make any batch, and reruns give identical events.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from beamops.frames import DenseFrameBatch, FrameHeader, SparseFrameBatch
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_shift_field(scan_shape: tuple[int, int], amplitude: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shift field, flat in scan order; cached because every batch of a scan needs it."""
+    rows, cols = scan_shape
+    r, c = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    sx = amplitude * np.sin(2 * np.pi * c / cols) * (0.5 + 0.5 * r / rows)
+    sy = 0.5 * amplitude * np.cos(2 * np.pi * r / rows)
+    return sx.reshape(-1), sy.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -73,12 +84,8 @@ class ScanSimulation:
 
     def shift_field(self) -> tuple[np.ndarray, np.ndarray]:
         """The known COM shift (x = column, y = row) per scan position, px, shape scan_shape."""
-        rows, cols = self.scan_shape
-        r, c = np.mgrid[0:rows, 0:cols].astype(np.float64)
-        a = self.shift_amplitude
-        sx = a * np.sin(2 * np.pi * c / cols) * (0.5 + 0.5 * r / rows)
-        sy = 0.5 * a * np.cos(2 * np.pi * r / rows)
-        return sx, sy
+        sx, sy = _flat_shift_field(self.scan_shape, self.shift_amplitude)
+        return sx.reshape(self.scan_shape).copy(), sy.reshape(self.scan_shape).copy()
 
     def expected_com(self) -> tuple[np.ndarray, np.ndarray]:
         """The true COM (x, y) per position in px: what an exact estimator converges to."""
@@ -111,10 +118,10 @@ class ScanSimulation:
         event_pos = np.repeat(positions, counts)
         radius = self.disc_radius * np.sqrt(rng.random(len(event_pos)))
         angle = 2 * np.pi * rng.random(len(event_pos))
-        sx, sy = self.shift_field()
+        sx, sy = _flat_shift_field(self.scan_shape, self.shift_amplitude)
         cx, cy = self.center
-        col = np.rint(cx + sx.reshape(-1)[event_pos] + radius * np.cos(angle)).astype(np.uint32)
-        row = np.rint(cy + sy.reshape(-1)[event_pos] + radius * np.sin(angle)).astype(np.uint32)
+        col = np.rint(cx + sx[event_pos] + radius * np.cos(angle)).astype(np.uint32)
+        row = np.rint(cy + sy[event_pos] + radius * np.sin(angle)).astype(np.uint32)
         events = row * np.uint32(self.frame_shape[1]) + col
         offsets = np.zeros(len(positions) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])

@@ -8,7 +8,8 @@ with their raw bytes; the stream goes on.
 
 from __future__ import annotations
 
-from beamops import FrameDecodeError, SparseFrameBatch, decode_batch, operator
+from beamops import SparseFrameBatch, operator
+from beamops.frames import decode_sparse_batch
 
 
 @operator(
@@ -19,7 +20,4 @@ from beamops import FrameDecodeError, SparseFrameBatch, decode_batch, operator
 )
 def decode_sparse_frames(message: bytes) -> SparseFrameBatch:
     """Decode and validate one encoded batch of counted frames."""
-    batch = decode_batch(message)
-    if not isinstance(batch, SparseFrameBatch):
-        raise FrameDecodeError(f"expected sparse frames, got a {type(batch).__name__}")
-    return batch
+    return decode_sparse_batch(message)

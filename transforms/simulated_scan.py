@@ -54,11 +54,13 @@ class _SimulateBatchFn(beam.DoFn):
 
     def setup(self) -> None:
         self._metrics = OperatorMetrics()
+        self._scans: dict[int, ScanSimulation] = {}
 
     def process(self, element: tuple[int, int]) -> Iterator[object]:
         scan_index, batch_index = element
         p = self._params
-        sim = p.simulation(p.first_scan_number + scan_index)
+        number = p.first_scan_number + scan_index
+        sim = self._scans.get(number) or self._scans.setdefault(number, p.simulation(number))
         try:
             batch = sim.batch(batch_index, p.batch_size)
         except Exception as exc:

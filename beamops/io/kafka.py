@@ -43,7 +43,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
-from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_batch
+from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_sparse_batch
 from beamops.io.kafka_config import KafkaClientConfig, ReadPosition, redact
 from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
 from beamops.results import ComMap
@@ -326,9 +326,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._bytes.inc(len(raw))
         try:
             _check_headers(msg.headers())
-            batch = decode_batch(raw)
-            if not isinstance(batch, SparseFrameBatch):
-                raise FrameDecodeError(f"expected sparse frames, got a {type(batch).__name__}")
+            batch = decode_sparse_batch(raw)
         except FrameDecodeError as exc:
             self._metrics.errors.inc()
             letter = DeadLetter.from_raw(self._name, raw, exc, origin)
