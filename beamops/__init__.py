@@ -28,6 +28,9 @@ from beamops.ports import PortTypeError, register_port_type
 from beamops.results import ComMap, ComPartial, Image
 from beamops.spec import OperatorSpec
 
+# Registers the coders of the batch and result types with Beam, before any pipeline is built.
+import beamops.coders  # noqa: F401  isort: skip
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import apache_beam as beam
 import numpy as np
+import objsize
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
@@ -219,7 +220,8 @@ class ScanState:
 
     acc: ScanProgress | None = None
     finished: bool = False
-    latest: Timestamp | None = None
+    latest: Timestamp | None = None  # the latest event time of its frames
+    timer_at: Timestamp | None = None  # when the timeout timer is set to fire
 
 
 class ScanReduceFn(beam.DoFn):
@@ -253,6 +255,7 @@ class ScanReduceFn(beam.DoFn):
     # --- the machinery ------------------------------------------------------------------------
 
     def setup(self) -> None:
+        _weigh_state_without_module_scan()
         self._log = logging.getLogger(type(self).__module__)
         self._metrics = OperatorMetrics()
         self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
@@ -302,7 +305,11 @@ class ScanReduceFn(beam.DoFn):
             self._log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
             yield from self.outputs(acc, final=True)
             return
-        timeout.set(state.latest + Duration.of(params.timeout_s))
+        if state.timer_at is None:
+            # Set once; flush moves it on when frames came after it was set. Setting it
+            # for every batch would cost a timer write per batch.
+            state.timer_at = state.latest + Duration.of(params.timeout_s)
+            timeout.set(state.timer_at)
         every = params.emit_every
         if every and acc.frames_seen >= acc.next_emit and acc.progressive_ready:
             acc.next_emit = (acc.frames_seen // every + 1) * every
@@ -316,12 +323,23 @@ class ScanReduceFn(beam.DoFn):
     def flush(
         self,
         key: int = beam.DoFn.KeyParam,
+        fired_at: Timestamp = beam.DoFn.TimestampParam,
         state_cell: Any = beam.DoFn.StateParam(STATE),
+        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
     ) -> Iterator[Any]:
-        """The timeout (final, incomplete outputs) or the end of a finished scan's retention (nothing)."""
+        """The timeout (final, incomplete outputs) or the end of a finished scan's retention (nothing).
+
+        A timeout timer that fires before ``timeout_s`` have passed since the
+        scan's latest frame is set again for then.
+        """
         state = state_cell.read()
-        state_cell.clear()
         acc = state.acc if state else None
+        if acc is not None and state.latest + Duration.of(self._params.timeout_s) > fired_at:
+            state.timer_at = state.latest + Duration.of(self._params.timeout_s)
+            timeout.set(state.timer_at)
+            state_cell.write(state)
+            return
+        state_cell.clear()
         if acc is not None:
             self._timed_out.inc()
             self._metrics.frames_out.inc(acc.frames_seen)
@@ -330,6 +348,23 @@ class ScanReduceFn(beam.DoFn):
                 key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
             )  # fmt: skip
             yield from self.outputs(acc, final=True)
+
+
+def _weigh_state_without_module_scan() -> None:
+    """Make the SDK harness's state-cache weighing cost microseconds instead of milliseconds.
+
+    The harness weighs every state value it caches with objsize: on each read
+    of a key not yet cached and twice on each commit (clear, then write), so
+    three times per key per bundle. objsize starts each weighing by collecting
+    the ids of every loaded module's globals, 1-3 ms with Beam, numba and
+    pyarrow loaded, whatever the value (apache/beam#28802 tracks the cache's
+    cost). An accumulator holds numpy arrays and a header, nothing from a
+    module's globals, so skipping that scan changes no weight; for other
+    state it can only make a weight larger, never smaller. objsize documents
+    ``default_settings`` as the place to change its defaults, and the harness
+    uses them.
+    """
+    objsize.default_settings.exclude_modules_globals = False
 
 
 def _scan_key(batch: Any) -> tuple[int, Any]:

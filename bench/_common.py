@@ -81,6 +81,23 @@ def measure_interleaved(
     return [Timing(tuple(t)) for t in times]
 
 
+def robust_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(slope, intercept) of ``y = intercept + slope * x`` by Theil-Sen.
+
+    The slope is the median of the slopes between every two points with
+    different ``x``, the intercept the median of ``y - slope * x``: one slow
+    run of a noisy neighbour moves neither, where a least-squares fit or a
+    difference of two runs would follow it.
+    """
+    slopes = [
+        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+    ]
+    if not slopes:
+        raise ValueError("a line needs points at two different x at least")
+    slope = statistics.median(slopes)
+    return slope, statistics.median(y - slope * x for x, y in zip(xs, ys, strict=True))
+
+
 def machine_line() -> str:
     """One line about the machine, to print above every table."""
     cpu = platform.processor() or platform.machine()

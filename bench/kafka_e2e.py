@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import hashlib
 import logging
 import math
@@ -78,7 +79,7 @@ from beamops.io.kafka_config import KafkaClientConfig
 from beamops.results import ComMap
 from beamops.simulate import ScanSimulation
 from bench import _probe
-from bench._common import Derived, Timing, machine_line, measure_interleaved, table
+from bench._common import Derived, Timing, machine_line, measure_interleaved, robust_line, table
 from transforms.com_partial import com_partial
 from transforms.com_reduce import ScanAccumulator
 
@@ -200,8 +201,12 @@ def bare_consume(
     one_partition_at_a_time: bool = False,
     on_value: Callable[[int, int, bytes], None] | None = None,
     batch: int = 64,
+    stops: Mapping[int, int] | None = None,
 ) -> ConsumeRun:
-    """Read the whole topic (earliest..latest when called); see the module docstring."""
+    """Read the topic from earliest to ``stops`` (partition -> offset; default latest); see the module docstring.
+
+    Messages a fetch brings beyond a partition's stop are dropped unread.
+    """
     from confluent_kafka import Consumer, TopicPartition
 
     started = time.perf_counter()
@@ -211,6 +216,8 @@ def bare_consume(
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in partitions}
+        if stops is not None:
+            ends = {p: (lo, min(hi, stops.get(p, lo))) for p, (lo, hi) in ends.items()}
         groups = [[p] for p in partitions] if one_partition_at_a_time else [partitions]
         for i, group in enumerate(groups):
             if i:
@@ -226,8 +233,8 @@ def bare_consume(
                 else:
                     msgs = consumer.consume(min(batch, left), 0.5)
                 for msg in msgs:
-                    if msg.error() is not None:
-                        continue  # end of a partition
+                    if msg.error() is not None or msg.offset() >= ends[msg.partition()][1]:
+                        continue  # end of a partition, or beyond its stop
                     value = msg.value()
                     np.frombuffer(value, np.uint8)[::64].sum()  # touch every cache line
                     if on_value is not None:
@@ -276,8 +283,10 @@ class BeamRun:
     maps: list[ComMap]
 
 
-def run_pipeline(client: KafkaClientConfig, topic: str, emit_every: int, beam_args: Sequence[str] = ()) -> BeamRun:
-    """read_kafka_frames (earliest..latest, no group) | com_partial | com_reduce on FnApiRunner."""
+def run_pipeline(
+    client: KafkaClientConfig, topic: str, emit_every: int, beam_args: Sequence[str] = (), stop: str = "latest"
+) -> BeamRun:
+    """read_kafka_frames (earliest..``stop``, no group) | com_partial | com_reduce on FnApiRunner."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -287,7 +296,7 @@ def run_pipeline(client: KafkaClientConfig, topic: str, emit_every: int, beam_ar
     key = uuid.uuid4().hex
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner", *beam_args]))
-    read = pipeline | read_kafka_frames({"topic": topic, "start": "earliest", "stop": "latest"}, client=client)
+    read = pipeline | read_kafka_frames({"topic": topic, "start": "earliest", "stop": stop}, client=client)
     stamped = read.frames | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(SparseFrameBatch)
     out = stamped | com_partial() | com_reduce(emit_every=emit_every)
     out.com_map | "Collect" >> beam.Map(_probe.collect, key)
@@ -371,6 +380,57 @@ def profile_pipeline(client: KafkaClientConfig, topic: str, emit_every: int) -> 
 
 
 # --- main ----------------------------------------------------------------------------------------
+
+
+def steady_state(
+    args: argparse.Namespace,
+    plain: KafkaClientConfig,
+    tuned: KafkaClientConfig,
+    topic: str,
+    ranges: Mapping[int, tuple[int, int]],
+    frames_per_byte: float,
+) -> str:
+    """Wall time against the amount read, over reads up to a quarter, half, three quarters and all of
+    every partition; the slope (Theil-Sen) is the steady-state cost per byte, every fixed cost is in the
+    intercept. Returns the table and the target lines."""
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    stops = {f: {p: lo + round(f * (hi - lo)) for p, (lo, hi) in ranges.items()} for f in fractions}
+    cases: dict[str, tuple[str, KafkaClientConfig]] = {
+        "bare consume (defaults)": ("bare", plain),
+        "bare consume (tuned)": ("bare", tuned),
+        "end to end": ("e2e", plain),
+        "end to end, tuned": ("e2e", tuned),
+    }
+    points: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}  # (bytes read, wall s)
+    for _ in range(args.repeat):
+        for f in fractions:
+            for name, (kind, client) in cases.items():
+                gc.collect()
+                if kind == "bare":
+                    run = bare_consume(client, topic, stops=stops[f])
+                    points[name].append((run.bytes, run.wall))
+                    continue
+                stop = "offset:" + ",".join(f"{p}={o}" for p, o in stops[f].items())
+                beam_run = run_pipeline(client, topic, args.emit_every, stop=stop)
+                read = sum(m.frames_seen for m in beam_run.maps if m.final) / frames_per_byte
+                points[name].append((read, beam_run.wall))
+    fits = {name: robust_line(*zip(*pts, strict=True)) for name, pts in points.items()}
+    rows, lines = [], []
+    for name, (per_byte, fixed) in fits.items():
+        mb_s, ref = 1e-6 / per_byte, fits["bare consume (tuned)" if "tuned" in name else "bare consume (defaults)"][0]
+        rows.append([name, fixed, mb_s, mb_s * 1e6 * frames_per_byte / 1e3, f"{ref / per_byte:.0%}"])
+        if name.startswith("end to end"):
+            verdict = "PASS" if ref / per_byte >= TARGET else "FAIL"
+            lines.append(
+                f"  {name}: steady state / bare consume (target >= {TARGET:.0%}): {ref / per_byte:.0%} {verdict}"
+            )
+    head = (
+        f"\nsteady state: wall time against the amount read (earliest to 25/50/75/100% of every partition, "
+        f"{args.repeat} rounds taking turns), slope fitted by Theil-Sen; the intercept holds every fixed cost "
+        "(pipeline start-up, consumer creation, metadata)"
+    )
+    table_ = table(["case", "fixed s", "MB/s", "kframe/s", "vs bare consume"], rows)
+    return "\n".join([head, table_, *lines])
 
 
 def publish(
@@ -568,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
             "  frames/s (median) vs the 4D Camera's 87,000 frames/s: "
             + "; ".join(f"{k} {v:,.0f} ({v / CAMERA_HZ:.1f}x)" for k, v in rate.items())
         )
+
+        if quick:
+            print("\nsteady state: skipped with --quick (a 14 MB topic is too small for a slope)")
+        else:
+            print(steady_state(args, plain, tuned, topic, ranges, n_frames / n_bytes))
 
         if not args.no_profile:
             for name in ("end to end", "end to end, tuned"):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the external (non-Python-package) components that beamops'
 # integration tests run against: a Kafka 4.x broker's jars, the Flink 1.20.5
-# distribution, and Beam's Flink job-server jar.
+# distribution, and Beam's Flink job-server jar (the official one of the SDK's
+# version when the Maven registry serves it, else one shaded from the Beam and
+# Flink artifacts it does serve: scripts/maven/beam-jobserver-assembled/pom.xml).
 #
 # Usage: scripts/install_components.sh [--check] [--retry]
 #   --check   also start a throwaway single-node Kafka on 127.0.0.1, send and
@@ -201,6 +203,10 @@ install_flink() {
 }
 
 # ---------------------------------------------------------------------------
+# A shaded job-server jar is >100 MB; anything without the driver is an error page or stub.
+# (unzip's own pattern, not a pipe into grep -q: with pipefail, grep closing early fails the pipe.)
+is_job_server_jar() { unzip -l "$1" 'org/apache/beam/runners/flink/FlinkJobServerDriver.class' >/dev/null 2>&1; }
+
 BEAM_DIR="$CACHE/beam-$BEAM_VERSION"
 JOB_SERVER_JAR="$BEAM_DIR/beam-runners-flink-$FLINK_MINOR-job-server-$BEAM_VERSION.jar"
 JOB_SERVER_STATUS="missing"
@@ -229,27 +235,24 @@ install_job_server() {
     if [[ -n "$(find "$BEAM_DIR.unavailable" -mmin -1440 2>/dev/null)" \
           && "$(cat "$BEAM_DIR.unavailable")" == "$key" && "$RETRY" == 0 ]]; then
       rmdir "$stage"
-      log "WARNING: beam job server $BEAM_VERSION: not served by the Maven registry" \
+      log "beam job server $BEAM_VERSION: not served by the Maven registry" \
           "(known since $(date -r "$BEAM_DIR.unavailable" '+%F %T'); --retry to ask again)"
+      install_assembled_job_server
       return
     fi
     log "beam job server $BEAM_VERSION: resolving beam-runners-flink-$FLINK_MINOR-job-server with Maven"
     if ! mvn_q -f "$pom" "$MAVEN_DEP_PLUGIN:copy" -Dbeam.version="$BEAM_VERSION" \
         -Dflink.minor="$FLINK_MINOR" -Djobserver.outputDirectory="$stage" \
         >"$CACHE/logs/beam-jobserver.log" 2>&1; then
-      # Not fatal: Kafka- and DirectRunner-based tests do not need it, and
-      # the tests that do can skip when BEAMOPS_FLINK_JOB_SERVER_JAR is empty.
       rm -rf "$stage"
       printf '%s' "$key" >"$BEAM_DIR.unavailable"
-      log "WARNING: beam job server $BEAM_VERSION: not obtained after $(elapsed "$t0");" \
-          "Flink-runner tests will have no job server (details: $CACHE/logs/beam-jobserver.log)." \
-          "Pass one with BEAMOPS_FLINK_JOB_SERVER_JAR=/path/to.jar to use it."
+      log "beam job server $BEAM_VERSION: not served by the Maven registry" \
+          "(after $(elapsed "$t0"); details: $CACHE/logs/beam-jobserver.log)"
+      install_assembled_job_server
       return
     fi
   fi
-  # A shaded job-server jar is >100 MB; anything tiny is an error page or stub.
-  unzip -l "$stage/$(basename "$JOB_SERVER_JAR")" 2>/dev/null \
-      | grep -q 'org/apache/beam/runners/flink/FlinkJobServerDriver.class' \
+  is_job_server_jar "$stage/$(basename "$JOB_SERVER_JAR")" \
     || die "$(basename "$JOB_SERVER_JAR") lacks FlinkJobServerDriver; not a job-server jar"
   rm -rf "$BEAM_DIR"
   mv "$stage" "$BEAM_DIR"
@@ -257,6 +260,43 @@ install_job_server() {
   rm -f "$BEAM_DIR.unavailable"
   JOB_SERVER_STATUS="ok"
   log "beam job server $BEAM_VERSION: done in $(elapsed "$t0") ($(du -sh "$BEAM_DIR" | cut -f1))"
+}
+
+# The official jar of the SDK's version is not served here (apache/beam#36338):
+# shade one from the newest Flink runner library and job service that are, with
+# Flink 1.20.5's client jars (see the pom's header for why that combination).
+ASSEMBLED_BEAM_VERSION="2.70.0"
+ASSEMBLED_DIR="$CACHE/beam-jobserver-assembled-$ASSEMBLED_BEAM_VERSION-flink$FLINK_VERSION"
+ASSEMBLED_JAR="$ASSEMBLED_DIR/beam-flink-$FLINK_MINOR-job-server-assembled-$ASSEMBLED_BEAM_VERSION.jar"
+
+install_assembled_job_server() {
+  local pom="$SCRIPT_DIR/maven/beam-jobserver-assembled/pom.xml"
+  local key="pom=$(file_key "$pom")"
+  local t0; t0="$(now)"
+  if marker_ok "$ASSEMBLED_DIR" "$key" && [[ -f "$ASSEMBLED_JAR" ]]; then
+    log "beam job server (assembled, runner $ASSEMBLED_BEAM_VERSION): already built ($ASSEMBLED_JAR)"
+    JOB_SERVER_JAR="$ASSEMBLED_JAR"
+    JOB_SERVER_STATUS="assembled"
+    return
+  fi
+  local stage="$ASSEMBLED_DIR.tmp"
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  log "beam job server (assembled, runner $ASSEMBLED_BEAM_VERSION): building a shaded jar with Maven" \
+      "(first time: ~300 MB of dependencies, about 1-3 min)"
+  mvn_q -f "$pom" package -Djobserver.buildDirectory="$stage/build" -Dbeam.version="$ASSEMBLED_BEAM_VERSION" \
+      -Dflink.version="$FLINK_VERSION" >"$CACHE/logs/beam-jobserver-assembled.log" 2>&1 \
+    || die "could not build the assembled job server (see $CACHE/logs/beam-jobserver-assembled.log)"
+  mv "$stage/build/$(basename "$ASSEMBLED_JAR")" "$stage/"
+  rm -rf "$stage/build"
+  is_job_server_jar "$stage/$(basename "$ASSEMBLED_JAR")" \
+    || die "$(basename "$ASSEMBLED_JAR") lacks FlinkJobServerDriver; not a job-server jar"
+  rm -rf "$ASSEMBLED_DIR"
+  mv "$stage" "$ASSEMBLED_DIR"
+  printf '%s' "$key" >"$ASSEMBLED_DIR/.complete"
+  JOB_SERVER_JAR="$ASSEMBLED_JAR"
+  JOB_SERVER_STATUS="assembled"
+  log "beam job server (assembled): done in $(elapsed "$t0") ($(du -sh "$ASSEMBLED_DIR" | cut -f1))"
 }
 
 # ---------------------------------------------------------------------------
@@ -364,7 +404,7 @@ write_env() {
   local env="$CACHE/components.env" flink_home=""
   [[ -f "$FLINK_DIR/FLINK_HOME" ]] && flink_home="$(cat "$FLINK_DIR/FLINK_HOME")"
   local jar=""
-  [[ "$JOB_SERVER_STATUS" == ok ]] && jar="$JOB_SERVER_JAR"
+  [[ "$JOB_SERVER_STATUS" != missing ]] && jar="$JOB_SERVER_JAR"
   {
     echo "# Written by scripts/install_components.sh; source it to find the components."
     printf 'export BEAMOPS_KAFKA_VERSION=%q\n' "$KAFKA_VERSION"
@@ -391,11 +431,11 @@ main() {
   log "  BEAMOPS_KAFKA_LIBS=$KAFKA_LIBS   (java -cp \"\$BEAMOPS_KAFKA_LIBS/*\" kafka.Kafka | kafka.tools.StorageTool)"
   log "  BEAMOPS_KAFKA_LOG4J_CONFIG=$KAFKA_LOG4J"
   log "  FLINK_HOME=$(cat "$FLINK_DIR/FLINK_HOME")"
-  if [[ "$JOB_SERVER_STATUS" == ok ]]; then
-    log "  BEAMOPS_FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR"
-  else
-    log "  BEAMOPS_FLINK_JOB_SERVER_JAR= (MISSING: not served by the Maven registry here)"
-  fi
+  case "$JOB_SERVER_STATUS" in
+    ok) log "  BEAMOPS_FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR" ;;
+    assembled) log "  BEAMOPS_FLINK_JOB_SERVER_JAR=$JOB_SERVER_JAR (assembled: Beam's $BEAM_VERSION jar is not served)" ;;
+    *) log "  BEAMOPS_FLINK_JOB_SERVER_JAR= (MISSING)" ;;
+  esac
   log "  env file: $CACHE/components.env"
 }
 

@@ -318,6 +318,24 @@ def test_timeout_counts_from_the_latest_event_time_seen():
         assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True)]))
 
 
+def test_frames_arriving_steadily_for_longer_than_the_timeout_keep_the_scan_open():
+    # The timer is set once and moved on when it fires early: at 10 (moved to 18),
+    # at 18 (moved to 26); the last batch at 24 completes the scan before that.
+    b = list(small_scan().batches(12))
+    stream = timestamped_stream(
+        (0.0, b[0]),
+        ("watermark", 7.0),
+        (8.0, b[1]),
+        ("watermark", 15.0),
+        (16.0, b[2]),
+        ("watermark", 23.0),
+        (24.0, b[3]),
+    )
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0)
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 48, True, True)]))
+
+
 def test_late_frames_of_finished_scan_go_to_dead_letters():
     sim = small_scan()
     batches = list(sim.batches(12))  # 4 batches of 12
@@ -466,3 +484,24 @@ def test_replace_nans_fills_each_axis_with_its_nanmean():
     np.testing.assert_array_equal(np.isnan(plain.y), np.isnan(plain.x))
     np.testing.assert_allclose(filled.x, [[11, mean_x, 20], [43, mean_x, 1]], rtol=1e-6)
     np.testing.assert_allclose(filled.y, [[30, mean_y, 2], [7, mean_y, 2]], rtol=1e-6)
+
+
+def test_state_cache_weighs_accumulators_without_scanning_module_globals(monkeypatch):
+    """Setup switches off objsize's per-call scan of module globals; an accumulator weighs the same either way."""
+    import objsize
+    from apache_beam.runners.worker.statecache import get_deep_size
+
+    from beamops.scan_reduce import ScanState
+    from transforms.com_reduce import ScanAccumulator
+
+    monkeypatch.setattr(objsize.default_settings, "exclude_modules_globals", True)
+    partial = com_partial().process(next(iter(small_scan().batches(48))))
+    assert run_operator(com_reduce(), [partial]).outputs, "the reduce ran"
+    assert objsize.default_settings.exclude_modules_globals is False
+
+    acc = ScanAccumulator.empty(partial.header, 0)
+    acc.add(partial)
+    state = [ScanState(acc=acc, latest=beam.utils.timestamp.Timestamp(5))]
+    weight = get_deep_size(state)
+    monkeypatch.setattr(objsize.default_settings, "exclude_modules_globals", True)
+    assert get_deep_size(state) == weight

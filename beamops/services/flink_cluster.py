@@ -227,13 +227,12 @@ def flink_runner_args(flink_master: str, *, conf_dir: str | os.PathLike[str] | N
         artifact, _ = _job_server_name(FLINK_MINOR, version)
         looked = "\n".join(f"  {p}" for p in job_server_candidates(FLINK_MINOR, version))
         raise JobServerJarMissingError(
-            f"Beam's Flink job-server jar (org.apache.beam:{artifact}:{version}) is not available on this "
-            f"machine: the Maven registry it reaches does not serve that artifact (`mvn dependency:get "
-            f"-Dartifact=org.apache.beam:{artifact}:{version}` fails with 'Could not find artifact'), and "
-            f"without --flink_job_server_jar Beam's FlinkRunner tries to download it itself, which fails too. "
-            f"Provide one built or downloaded elsewhere (it must be {version}, the Python SDK's version): "
-            f"BEAMOPS_FLINK_JOB_SERVER_JAR=/path/to/{artifact}-{version}.jar (then "
-            f"scripts/install_components.sh copies it into the cache). Looked in:\n{looked}"
+            f"no Beam Flink job-server jar on this machine. The Maven registry it reaches does not serve "
+            f"org.apache.beam:{artifact}:{version} (apache/beam#36338), and without --flink_job_server_jar "
+            f"Beam's FlinkRunner tries to download it itself, which fails too. scripts/install_components.sh "
+            f"builds one from the Beam and Flink artifacts the registry does serve (the README's test command "
+            f"runs it), or name one built or downloaded elsewhere: "
+            f"BEAMOPS_FLINK_JOB_SERVER_JAR=/path/to/{artifact}-{version}.jar. Looked in:\n{looked}"
         )
     args = [f"--flink_version={FLINK_MINOR}", f"--flink_master={flink_master}", f"--flink_job_server_jar={jar}"]
     if conf_dir is not None:
@@ -493,6 +492,19 @@ class FlinkCluster(LocalServer):
 
     def job(self, job_id: str, timeout: float = 5.0) -> dict[str, Any]:
         return self.rest(f"/jobs/{job_id}", timeout)
+
+    def cancel_job(self, job_id: str, timeout: float = 30.0) -> None:
+        """PATCH /jobs/<id>?mode=cancel, then wait until the job is CANCELED (or otherwise over)."""
+        req = urllib.request.Request(f"{self.rest_url}/jobs/{job_id}?mode=cancel", method="PATCH")
+        try:
+            urllib.request.urlopen(req, timeout=5).close()
+        except urllib.error.HTTPError as exc:
+            raise FlinkClusterError(f"cancel {job_id}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
+        deadline = time.monotonic() + timeout
+        while self.job(job_id)["state"] not in ("CANCELED", "FAILED", "FINISHED"):
+            if time.monotonic() > deadline:
+                raise FlinkClusterError(f"job {job_id} still {self.job(job_id)['state']} {timeout:g} s after cancel")
+            time.sleep(0.25)
 
     def registered_taskmanagers(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """GET /taskmanagers: the TaskManagers the JobManager knows (id, slotsNumber, freeSlots, ...)."""
