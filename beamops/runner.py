@@ -35,14 +35,22 @@ def flink_defaults(beam_args: list[str]) -> list[str]:
 
     ``--flink_version=1.20``, ``--flink_master=localhost:8081``, the cached job-server jar,
     ``--environment_type=LOOPBACK`` (development; production passes EXTERNAL with its worker
-    pool) and ``--checkpointing_interval=10000`` (Beam's Flink runner checkpoints only when asked).
+    pool), ``--checkpointing_interval=10000`` (Beam's Flink runner checkpoints only when asked) and
+    ``--finish_bundle_before_checkpointing``. Without the last, a checkpoint taken while the Kafka
+    reader's first bundle is in flight sometimes leaves the reader never running again: no error,
+    no output (7 of about 30 jobs here; none of 17 with it, none of 7 without checkpoints).
     Options the user gave win.
     """
     from beamops.services.flink_cluster import flink_runner_args
 
     master = _given(beam_args, "flink_master") or "localhost:8081"
     extra = [] if _given(beam_args, "flink_job_server_jar") else flink_runner_args(master)
-    defaults = {"environment_type": "LOOPBACK", "checkpointing_interval": "10000", "streaming": None}
+    defaults = {
+        "environment_type": "LOOPBACK",
+        "checkpointing_interval": "10000",
+        "finish_bundle_before_checkpointing": None,
+        "streaming": None,
+    }
     for name, value in defaults.items():
         if _given(beam_args, name) is None and f"--{name}" not in beam_args:
             extra.append(f"--{name}" if value is None else f"--{name}={value}")

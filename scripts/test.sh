@@ -13,9 +13,8 @@ echo "[test] ruff" >&2
 
 echo "[test] pytest" >&2
 # GPU tests need a real GPU (the CUDA kernels are still tested here under numba's simulator) and
-# docker tests the compose plugin; flink_streaming is flaky upstream (see tests/integration/test_flink_pipeline.py).
-# Pass your own -m (for example -m gpu on a GPU machine, or -m flink_streaming) to choose.
-select=(-m "not gpu and not docker and not flink_streaming")
+# docker tests the compose plugin. Pass your own -m (for example -m gpu on a GPU machine) to choose.
+select=(-m "not gpu and not docker")
 for arg in "$@"; do [[ "$arg" == -m* ]] && select=(); done
 set +e
 "$PY" -m pytest "${select[@]}" "$@"

@@ -102,6 +102,7 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     assert f"--flink_job_server_jar={jar}" in args
     assert "--flink_version=1.20" in args and "--flink_master=localhost:8081" in args
     assert "--checkpointing_interval=10000" in args and "--streaming" in args
+    assert "--finish_bundle_before_checkpointing" in args
     assert "--environment_type=EXTERNAL" in args and "--environment_type=LOOPBACK" not in args
 
 
