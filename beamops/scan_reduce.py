@@ -334,9 +334,10 @@ class ScanReduceFn(beam.DoFn):
         """
         state = state_cell.read()
         acc = state.acc if state else None
-        if acc is not None and state.latest + Duration.of(self._params.timeout_s) > fired_at:
-            state.timer_at = state.latest + Duration.of(self._params.timeout_s)
-            timeout.set(state.timer_at)
+        due = state.latest + Duration.of(self._params.timeout_s) if acc is not None else None
+        if due is not None and due > fired_at:
+            state.timer_at = due
+            timeout.set(due)
             state_cell.write(state)
             return
         state_cell.clear()

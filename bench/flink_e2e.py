@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,7 @@ from confluent_kafka import Consumer
 from beamops import ComMap
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
+from beamops.services._local import stop_process_group
 from beamops.services.flink_cluster import FlinkCluster
 from beamops.services.kafka_broker import KafkaBroker
 from beamops.simulate import ScanSimulation
@@ -147,21 +146,7 @@ def run_flink(
         for job_info in cluster.jobs():
             if job_info["state"] == "RUNNING":
                 cluster.cancel_job(job_info["jid"])
-        stop_group(job)
-
-
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL what is left of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            continue
-        time.sleep(1)  # the JVM leaves after the Python process
+        stop_process_group(job)
 
 
 def main(argv: list[str] | None = None) -> int:

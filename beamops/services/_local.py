@@ -195,6 +195,21 @@ def terminate(
                 raise error(f"pid {pid} survived SIGKILL")
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM the process group that ``proc`` leads (started with ``start_new_session=True``), then
+    SIGKILL whatever is left of the group: children such as a JVM the process started go with it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(1)  # the group's other members may leave after its leader
+
+
 def spawn(
     cmd: list[str], log_path: Path, cwd: Path, env: Mapping[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:

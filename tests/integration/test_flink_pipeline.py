@@ -14,8 +14,6 @@ production). About a minute each here.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from confluent_kafka import Consumer
 from beamops import ComMap
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
+from beamops.services._local import stop_process_group
 from beamops.services.flink_cluster import FlinkCluster
 from beamops.simulate import ScanSimulation
 from jobs import com_pipeline
@@ -72,16 +71,7 @@ def child(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                continue
-            time.sleep(1)  # the JVM leaves after the Python process
+        stop_process_group(proc)
 
 
 @contextmanager
@@ -148,6 +138,19 @@ def collect_maps(consumer: Consumer, scans: set[int], timeout: float, arrived: l
     read_maps(consumer, arrived, finals, lambda: scans <= set(finals), timeout, f"final maps of {sorted(scans)}")
 
 
+def direct_runner_finals(kafka_broker, frames_in: str, scans: set[int]) -> dict[int, bytes]:
+    """The final maps (bytes) jobs.com_pipeline writes on the DirectRunner over all of ``frames_in``."""
+    reference = kafka_broker.new_topic(prefix="ref")
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", frames_in,
+            "--output_topic", reference, "--start", "earliest", "--stop", "latest",
+            "--emit_every", str(EMIT_EVERY)]  # fmt: skip
+    assert com_pipeline.main(argv) == 0
+    expected: dict[int, bytes] = {}
+    with map_reader(kafka_broker.bootstrap_servers, reference) as consumer:
+        collect_maps(consumer, scans, 60, [], expected)
+    return expected
+
+
 @pytest.mark.parametrize("environment", ["LOOPBACK", "EXTERNAL"])
 def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafka_broker, tmp_path, environment):
     frames_in, maps_out = kafka_broker.new_topic(partitions=2, prefix="in"), kafka_broker.new_topic(prefix="out")
@@ -201,13 +204,7 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
     assert progressive == {n: [256, 512, 768] for n in (1, 2, 9)}, timeline
 
     # The DirectRunner over the same messages writes the same final maps, byte for byte.
-    reference = kafka_broker.new_topic(prefix="ref")
-    argv = ["--bootstrap_servers", bootstrap, "--input_topic", frames_in, "--output_topic", reference,
-            "--start", "earliest", "--stop", "latest", "--emit_every", str(EMIT_EVERY)]  # fmt: skip
-    assert com_pipeline.main(argv) == 0
-    expected: dict[int, bytes] = {}
-    with map_reader(bootstrap, reference) as consumer:
-        collect_maps(consumer, {1, 2, 9}, 60, [], expected)
+    expected = direct_runner_finals(kafka_broker, frames_in, {1, 2, 9})
     for scan in (1, 2, 9):
         got = ComMap.from_bytes(finals[scan])
         assert (got.final, got.complete, got.frames_seen) == (True, True, SIM.n_frames)
@@ -267,13 +264,7 @@ def test_a_killed_taskmanager_resumes_from_the_last_checkpoint_with_an_exact_map
     assert killed.pid not in [tm.pid for tm in flink.taskmanagers]
     assert restarts, f"the job did not fail over (state after the kill: {restarted['state']})"
 
-    reference = kafka_broker.new_topic(prefix="ref")
-    argv = ["--bootstrap_servers", bootstrap, "--input_topic", frames_in, "--output_topic", reference,
-            "--start", "earliest", "--stop", "latest", "--emit_every", str(EMIT_EVERY)]  # fmt: skip
-    assert com_pipeline.main(argv) == 0
-    expected: dict[int, bytes] = {}
-    with map_reader(bootstrap, reference) as consumer:
-        collect_maps(consumer, {1}, 60, [], expected)
+    expected = direct_runner_finals(kafka_broker, frames_in, {1})
     got = ComMap.from_bytes(finals[1])
     assert (got.final, got.complete, got.frames_seen) == (True, True, SIM.n_frames)
     assert finals[1] == expected[1], "the final map after recovery differs from the DirectRunner's"
