@@ -236,21 +236,24 @@ class SparseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader) -> SparseFrameBatch:
-        _expect_columns(rb, _SPARSE_FIELDS)
-        events_col = rb.column(0)
+    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, schema: pa.Schema | None = None) -> SparseFrameBatch:
+        """The batch in ``rb`` (zero-copy views); ``schema``: ``rb``'s, when the caller already holds it."""
+        events_col, positions, numbers = _expect_columns(rb, schema or rb.schema, _SPARSE_FIELDS)
         raw_offsets = events_col.offsets.to_numpy(zero_copy_only=True)
         start = int(raw_offsets[0]) if len(raw_offsets) else 0
         values = events_col.values.to_numpy(zero_copy_only=True)
         end = int(raw_offsets[-1]) if len(raw_offsets) else 0
         if not 0 <= start <= end <= len(values):
             raise FrameDecodeError("list offsets out of bounds")
+        offsets = raw_offsets.astype(np.int64)
+        if start:
+            offsets -= start
         batch = cls(
             header,
             values[start:end],
-            raw_offsets.astype(np.int64) - start,
-            rb.column(1).to_numpy(zero_copy_only=True),
-            rb.column(2).to_numpy(zero_copy_only=True),
+            offsets,
+            positions.to_numpy(zero_copy_only=True),
+            numbers.to_numpy(zero_copy_only=True),
         )
         batch.validate(offsets_checked=True)
         return batch
@@ -309,10 +312,10 @@ class DenseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader) -> DenseFrameBatch:
-        _expect_columns(rb, _dense_fields(header.n_pixels))
+    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, schema: pa.Schema | None = None) -> DenseFrameBatch:
+        """The batch in ``rb`` (zero-copy views); ``schema``: ``rb``'s, when the caller already holds it."""
+        col, positions, numbers = _expect_columns(rb, schema or rb.schema, _dense_fields(header.n_pixels))
         n = rb.num_rows
-        col = rb.column(0)
         values = col.values.to_numpy(zero_copy_only=True)
         start = col.offset * header.n_pixels
         flat = values[start : start + n * header.n_pixels]
@@ -321,8 +324,8 @@ class DenseFrameBatch:
         batch = cls(
             header,
             flat.reshape(n, *header.frame_shape),
-            rb.column(1).to_numpy(zero_copy_only=True),
-            rb.column(2).to_numpy(zero_copy_only=True),
+            positions.to_numpy(zero_copy_only=True),
+            numbers.to_numpy(zero_copy_only=True),
         )
         batch.validate()
         return batch
@@ -353,14 +356,17 @@ def _schema(fields: list[pa.Field], kind: str, header: FrameHeader) -> pa.Schema
     return pa.schema(fields, metadata={_KIND_KEY: kind.encode(), _HEADER_KEY: header.to_json()})
 
 
-def _expect_columns(rb: pa.RecordBatch, fields: list[pa.Field]) -> None:
-    if not rb.schema.equals(_bare_schema(tuple(fields)), check_metadata=False):
-        got = [(f.name, str(f.type)) for f in rb.schema]
+def _expect_columns(rb: pa.RecordBatch, schema: pa.Schema, fields: list[pa.Field]) -> list[pa.Array]:
+    """``rb``'s columns, after checking that they are ``fields`` (metadata aside) and hold no nulls."""
+    if not schema.equals(_bare_schema(tuple(fields)), check_metadata=False):
+        got = [(f.name, str(f.type)) for f in schema]
         want = [(f.name, str(f.type)) for f in fields]
         raise FrameDecodeError(f"unexpected columns {got}; expected {want}")
-    for i in range(rb.num_columns):
-        if rb.column(i).null_count:
-            raise FrameDecodeError(f"column {rb.schema.field(i).name!r} has nulls")
+    columns = rb.columns
+    for f, column in zip(fields, columns, strict=True):
+        if column.null_count:
+            raise FrameDecodeError(f"column {f.name!r} has nulls")
+    return columns
 
 
 @functools.lru_cache(maxsize=64)
@@ -398,7 +404,8 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
     """
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-        metadata = reader.schema.metadata or {}
+        schema = reader.schema  # a new Python object on every access: take it once
+        metadata = schema.metadata or {}
         kind = _KINDS.get(metadata.get(_KIND_KEY, b""))
         if kind is None:
             raise FrameDecodeError(f"not a beamops frame batch (kind={metadata.get(_KIND_KEY)!r})")
@@ -411,7 +418,7 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
         else:
             raise FrameDecodeError("a message must hold exactly one record batch")
         rb.validate(full=True)
-        return kind.from_arrow(rb, header)
+        return kind.from_arrow(rb, header, schema)
     except FrameDecodeError:
         raise
     except StopIteration as exc:

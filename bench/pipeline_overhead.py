@@ -7,7 +7,8 @@ Inputs are pre-encoded batches: the bytes of ``SparseFrameBatch.to_bytes()``.
 
 * **bare loop**: ``decode_batch`` + ``com_partial().process`` + ``ScanAccumulator.add``
   / ``com_map`` (emitting the same progressive and final maps as com_reduce),
-  over the same bytes, in this process.
+  over the same bytes, in this process, timed at the start and the end of
+  every round (below), so that it meets the same neighbours as the pipeline.
 * **Beam, Create(indices)**: ``beam.Create`` holds message indices and a Map
   looks the bytes up in this process's memory (possible because FnApiRunner
   runs the worker in-process), then ``decode_sparse_frames()`` |
@@ -21,6 +22,11 @@ Inputs are pre-encoded batches: the bytes of ``SparseFrameBatch.to_bytes()``.
   first scan(s) (``--bytes-scans``): it shows why the other variant exists.
 * **empty pipeline**: the same shape over ``Create([])``: Beam's fixed start-up
   and tear-down cost.
+
+Both Create variants pass ``reshuffle=False``. By default ``Create`` of more
+than one element adds a ``Reshuffle`` (a keyed shuffle, so that a runner can
+spread the elements over workers), which costs about 50 us per message here;
+a Kafka source has no such step, and neither has the bare loop.
 
 Reported for Create(indices):
 
@@ -59,7 +65,7 @@ from beamops.frames import SparseFrameBatch, decode_batch
 from beamops.results import ComMap
 from beamops.simulate import ScanSimulation
 from bench import _probe
-from bench._common import Derived, Timing, machine_line, measure, robust_line, table, target_line
+from bench._common import Derived, Timing, machine_line, robust_line, table, target_line
 from transforms.com_partial import com_partial
 from transforms.com_reduce import ScanAccumulator
 
@@ -114,12 +120,12 @@ def run_beam(messages: list[bytes], source: str, emit_every: int) -> tuple[float
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
     if source == "bytes":
-        raw = pipeline | "Messages" >> beam.Create(messages).with_output_types(bytes)
+        raw = pipeline | "Messages" >> beam.Create(messages, reshuffle=False).with_output_types(bytes)
     else:
         _probe.register_inputs(key, messages)
         raw = (
             pipeline
-            | "Indices" >> beam.Create(list(range(len(messages)))).with_output_types(int)
+            | "Indices" >> beam.Create(list(range(len(messages))), reshuffle=False).with_output_types(int)
             | "Lookup" >> beam.Map(_probe.lookup, key).with_output_types(bytes)
         )
     stamped = raw | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(bytes)
@@ -173,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emit-every", type=int, default=10_000, help="com_reduce emit_every (library default)")
     parser.add_argument("--rounds", type=int, default=None, help="Beam runs per input size (default 5, quick 3)")
     parser.add_argument("--bytes-repeat", type=int, default=2, help="Create(bytes) runs (slow: default 2)")
-    parser.add_argument("--bare-repeat", type=int, default=7, help="timed runs of the bare loop")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.scans = args.scans or (4 if args.quick else 16)
@@ -208,15 +213,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     bare_maps = bare_loop(messages, args.emit_every)  # also warms up numba (read-only arrays from Arrow)
-    bare = measure(lambda: bare_loop(messages, args.emit_every), args.bare_repeat)
-
     run_beam(small[:2], "indices", args.emit_every)  # warm up Beam's imports and code paths
-    empty = Timing(tuple(run_beam([], "bytes", args.emit_every)[0] for _ in range(args.rounds)))
 
+    def time_bare() -> float:
+        started = time.perf_counter()
+        bare_loop(messages, args.emit_every)
+        return time.perf_counter() - started
+
+    bare_times: list[float] = []
+    empty_times: list[float] = []
     points: list[tuple[int, float]] = []  # (frames, wall s) of every Create(indices) run
     walls: dict[int, list[float]] = {k: [] for k in sizes}
     spans: list[float] = []
     for r in range(args.rounds):
+        # Every round times the bare loop (twice), the empty pipeline and every size, so that a
+        # neighbour's load, which comes and goes over minutes here, weighs on all of them alike.
+        bare_times.append(time_bare())
+        empty_times.append(run_beam([], "bytes", args.emit_every)[0])
         for k in sizes:
             batch, frames = inputs[k]
             wall, span, outputs = run_beam(batch, "indices", args.emit_every)
@@ -229,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             walls[k].append(wall)
             if k == args.scans and span is not None:
                 spans.append(span)
+        bare_times.append(time_bare())
+    bare, empty = Timing(tuple(bare_times)), Timing(tuple(empty_times))
     b_walls, b_spans = [], []
     for i in range(args.bytes_repeat):
         wall, span, outputs = run_beam(small, "bytes", args.emit_every)
@@ -272,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(target_line(f"{name} / bare loop, median", 100 * fm / bare_med, 100 * TARGET, "%"))
     headers = ["case", "frames", "best s", "median s", "kframe/s best", "kframe/s med", "vs bare best", "vs bare med"]
     print(
-        f"times: best and median of {args.bare_repeat} bare-loop runs, {args.rounds} rounds of Create(indices) "
-        f"and empty runs, {args.bytes_repeat} Create(bytes) runs; steady state = all {n_frames} frames at the "
-        f"fitted per-frame cost (best: fit through each size's best run; median: through every run)"
+        f"times: best and median over {args.rounds} rounds, each timing the bare loop (at its start and end), the "
+        f"empty pipeline and Create(indices) at every size; {args.bytes_repeat} Create(bytes) runs; "
+        f"steady state = all {n_frames} frames at the fitted per-frame cost "
+        "(best: fit through each size's best run; median: through every run)"
     )
     print(table(headers, rows))
     print(

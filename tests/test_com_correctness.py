@@ -258,3 +258,44 @@ def test_full_chain_writes_npz_and_png(tmp_path):
     image = matplotlib.image.imread(png_path)
     assert image.shape[:2] == (460, 1000)  # figsize 10 x 4.6 in at 100 dpi
     assert image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0.05  # not a blank picture
+
+
+@pytest.mark.parametrize(
+    "frame_shape",
+    [(576, 576), (1448, 1448), (512, 4096), (1, 2**21), (2048, 2048)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
+def test_sparse_kernel_splits_every_pixel_index_exactly(frame_shape):
+    """Every index of the frame, one event per frame: the float32 split (below 2**21) and the float64 one."""
+    from transforms.com_partial import FLOAT32_SPLIT_MAX_PIXELS, NO_CROP, com_sparse_kernel
+
+    rows, cols = frame_shape
+    events = np.arange(rows * cols, dtype=np.uint32)
+    offsets = np.arange(rows * cols + 1, dtype=np.int64)
+    sums = np.empty(len(events)), np.empty(len(events)), np.empty(len(events), np.int64)
+    com_sparse_kernel(events, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *sums)
+    assert (rows * cols <= FLOAT32_SPLIT_MAX_PIXELS) == (frame_shape != (2048, 2048))
+    np.testing.assert_array_equal(sums[0], events % cols)
+    np.testing.assert_array_equal(sums[1], events // cols)
+    np.testing.assert_array_equal(sums[2], 1)
+
+
+def test_sparse_kernel_float32_and_float64_splits_give_the_same_sums():
+    """Many events per frame: the vectorized float32 sums equal the float64 ones (an index >= 2**21 forces them)."""
+    from transforms.com_partial import FLOAT32_SPLIT_MAX_PIXELS, NO_CROP, com_sparse_kernel
+
+    rng = np.random.default_rng(4)
+    cols = 576
+    lengths = rng.poisson(300, 200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    events = rng.integers(0, cols * cols, offsets[-1]).astype(np.uint32)
+    forced = np.concatenate([events, [FLOAT32_SPLIT_MAX_PIXELS]]).astype(np.uint32)  # in no frame's range
+    out32 = np.empty(200), np.empty(200), np.empty(200, np.int64)
+    out64 = np.empty(200), np.empty(200), np.empty(200, np.int64)
+    com_sparse_kernel(events, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *out32)
+    com_sparse_kernel(forced, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *out64)
+    for a, b in zip(out32, out64, strict=True):
+        np.testing.assert_array_equal(a, b)
+    frames = [events[offsets[i] : offsets[i + 1]].astype(np.int64) for i in range(200)]
+    np.testing.assert_array_equal(out32[0], [int((f % cols).sum()) for f in frames])
+    np.testing.assert_array_equal(out32[1], [int((f // cols).sum()) for f in frames])

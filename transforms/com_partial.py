@@ -116,12 +116,43 @@ class ComCropParams(OperatorParams):
         )
 
 
+# Event indices below this split into (row, col) in float32, which LLVM vectorizes (AVX2 has no
+# packed float64 -> int64 conversion). The float32 quotient (e + 0.5) / cols is off by at most
+# (e / cols) * 2**-23 and at least 0.5 / cols away from an integer, so truncating it gives the
+# exact row for every e < 2**22, whatever cols; 2**21 leaves a margin (a 1448x1448 frame has
+# 2.1 M pixels; tests check every index of several shapes).
+FLOAT32_SPLIT_MAX_PIXELS = 2**21
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _split(event: np.uint32, inv_cols: float, cols: int) -> tuple[int, int]:
     # (event + 0.5) / cols is at least 0.5 / cols away from an integer, far more
     # than float64 rounding, so this equals event // cols without a division.
     row = int((event + 0.5) * inv_cols)
     return event - row * cols, row
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _uncropped_sums(frame: np.ndarray, cols: int, float32_split: bool) -> tuple[int, int]:
+    """(sum of columns, sum of rows) of one frame's events."""
+    sx = 0
+    sy = 0
+    if float32_split:
+        # sum(col) = sum(event) - cols * sum(row): one conversion per event, in a loop LLVM vectorizes
+        # (a loop over range(len(slice)), not range(start, stop), which it does not).
+        inv32 = np.float32(1.0 / cols)
+        half = np.float32(0.5)
+        for k in range(len(frame)):
+            e = frame[k]
+            sx += e
+            sy += np.int32((np.float32(e) + half) * inv32)
+        return sx - sy * cols, sy
+    inv_cols = 1.0 / cols
+    for k in range(len(frame)):
+        col, row = _split(frame[k], inv_cols, cols)
+        sx += col
+        sy += row
+    return sx, sy
 
 
 @njit(cache=True, nogil=True)
@@ -142,17 +173,20 @@ def com_sparse_kernel(
 ) -> None:
     """Fill per-frame sums of column (x) and row (y) and event counts (CSR input)."""
     inv_cols = 1.0 / frame_cols
+    float32_split = events.size == 0 or events.max() < FLOAT32_SPLIT_MAX_PIXELS
+    if mode == NO_CROP and float32_split:
+        # The common case, as one tight loop per frame: about 1.5x faster than through the branches below.
+        for i in range(len(offsets) - 1):
+            frame = events[offsets[i] : offsets[i + 1]]
+            sum_x[i], sum_y[i] = _uncropped_sums(frame, frame_cols, True)
+            counts[i] = len(frame)
+        return
     for i in range(len(offsets) - 1):
-        start, stop = offsets[i], offsets[i + 1]
-        n = stop - start
+        frame = events[offsets[i] : offsets[i + 1]]
+        n = len(frame)
         if mode == NO_CROP or not use_init or n == 0:
             # The uncropped sums: the result without a crop, else the frame's own centre.
-            sx = 0
-            sy = 0
-            for k in range(start, stop):
-                col, row = _split(events[k], inv_cols, frame_cols)
-                sx += col
-                sy += row
+            sx, sy = _uncropped_sums(frame, frame_cols, float32_split)
             if mode == NO_CROP or n == 0:
                 sum_x[i], sum_y[i], counts[i] = sx, sy, n
                 continue
@@ -164,8 +198,8 @@ def com_sparse_kernel(
         kn = 0
         # Branchless masks: an `if` per event costs 5-7x here.
         if mode == CIRCLE:
-            for k in range(start, stop):
-                col, row = _split(events[k], inv_cols, frame_cols)
+            for k in range(n):
+                col, row = _split(frame[k], inv_cols, frame_cols)
                 dx = col - ccx
                 dy = row - ccy
                 keep = np.int64(dx * dx + dy * dy <= r2)
@@ -174,8 +208,8 @@ def com_sparse_kernel(
                 kn += keep
         else:
             x_lo, x_hi, y_lo, y_hi = ccx - wx, ccx + wx, ccy - wy, ccy + wy
-            for k in range(start, stop):
-                col, row = _split(events[k], inv_cols, frame_cols)
+            for k in range(n):
+                col, row = _split(frame[k], inv_cols, frame_cols)
                 keep = np.int64((col > x_lo) & (col <= x_hi) & (row > y_lo) & (row <= y_hi))
                 kx += keep * col
                 ky += keep * row

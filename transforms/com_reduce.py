@@ -82,6 +82,19 @@ def _accumulate(
     return new_positions
 
 
+@njit(cache=True, nogil=True)
+def _means(sum_x: np.ndarray, sum_y: np.ndarray, counts: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """x, y = sums / counts per position (divided in float64, stored as float32); NaN where no events."""
+    for p in range(len(counts)):
+        n = counts[p]
+        if n:
+            x[p] = sum_x[p] / n
+            y[p] = sum_y[p] / n
+        else:
+            x[p] = np.nan
+            y[p] = np.nan
+
+
 @dataclass
 class ScanAccumulator(ScanProgress):
     """Running COM sums of one scan (LiberTEM-style mergeable result buffers)."""
@@ -125,17 +138,18 @@ class ScanAccumulator(ScanProgress):
         return self.count(n, new_positions, duplicates)
 
     def com_map(self, final: bool, replace_nans: bool) -> ComMap:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x = (self.sum_x / self.counts).reshape(self.header.scan_shape)
-            y = (self.sum_y / self.counts).reshape(self.header.scan_shape)
+        x = np.empty(self.header.scan_shape, np.float32)
+        y = np.empty(self.header.scan_shape, np.float32)
+        _means(self.sum_x, self.sum_y, self.counts, x.reshape(-1), y.reshape(-1))
         if replace_nans:
             for axis in (x, y):
                 if np.isfinite(axis).any():
-                    axis[~np.isfinite(axis)] = np.nanmean(axis)
+                    # the mean in float64, as stempy takes it of its float64 map
+                    axis[~np.isfinite(axis)] = np.nanmean(axis, dtype=np.float64)
         return ComMap(
             self.header,
-            x.astype(np.float32),
-            y.astype(np.float32),
+            x,
+            y,
             frames_seen=self.frames_seen,
             positions_seen=self.positions_seen,
             final=final,

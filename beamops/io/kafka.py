@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_sparse_batch
-from beamops.io.kafka_config import KafkaClientConfig, ReadPosition, redact
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition, redact
 from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
 from beamops.results import ComMap
 
@@ -111,9 +111,9 @@ class ReadFromKafkaParams(OperatorParams):
         return ReadPosition.parse(self.stop, stop=True).kind == "never"
 
 
-def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
-    from confluent_kafka import Consumer
-
+def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> dict[str, Any]:
+    """The settings of the reader's consumers: throughput defaults, the user's settings over them, then
+    what the reader relies on (manual assignment, no auto commit, end-of-partition events)."""
     # Throughput defaults (measured in bench/kafka_e2e.py); the user's settings win over them.
     tuning = {
         # librdkafka pauses up to 1 s once its local queue is full; a reader drains it at once.
@@ -122,21 +122,25 @@ def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool 
         # A bounded read wants the tail of the range now; a live one can wait a little for more.
         "fetch.wait.max.ms": 10 if bounded else 100,
     }
-    return Consumer(
-        {
-            **tuning,
-            **client.client(
-                **{
-                    # Partitions are assigned, never subscribed, so a group only matters for commits.
-                    "group.id": group_id or f"beamops-reader-{uuid.uuid4().hex}",
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "enable.partition.eof": True,
-                    "auto.offset.reset": "earliest",
-                }
-            ),
-        }
-    )
+    return {
+        **tuning,
+        **client.client(
+            **{
+                # Partitions are assigned, never subscribed, so a group only matters for commits.
+                "group.id": group_id or f"beamops-reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+            }
+        ),
+    }
+
+
+def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
+    from confluent_kafka import Consumer
+
+    return Consumer(consumer_settings(client, group_id, bounded=bounded))
 
 
 def _offsets_at(consumer: Any, topic: str, ends: dict[int, tuple[int, int]], ms: int) -> dict[int, int]:
@@ -484,7 +488,12 @@ class _WriteFn(beam.DoFn):
     def setup(self) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer(self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5}))
+        self._producer = Producer(
+            {
+                "message.max.bytes": MAX_MESSAGE_BYTES,
+                **self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5}),
+            }
+        )
         self._written = Metrics.counter(METRICS_NAMESPACE, "messages_out")
 
     def start_bundle(self) -> None:

@@ -16,6 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+# The largest message beamops writes and its broker accepts. Kafka's default is 1 MB, and a batch of
+# dense frames (663 KB per 576x576 frame), a batch of 1000 counted frames at 500 events each (2 MB) or
+# the COM map of a 512x512 scan (2 MB) is larger. A broker not started by beamops needs its
+# ``message.max.bytes`` (or the topic's ``max.message.bytes``) raised as well.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 _SECRET = re.compile(r"password|secret|token|private|\.key\.pem|credentials|sasl\.oauthbearer\.config", re.I)
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameBatch
 from beamops.io.kafka import CONTENT_TYPE_HEADER, SCHEMA_VERSION_HEADER
-from beamops.io.kafka_config import KafkaClientConfig, redact
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, redact
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class FramePublisher:
         self.limiter = RateLimiter(rate, clock=clock, sleep=sleep)
         settings: dict[str, Any] = {
             "linger.ms": 5,
+            "message.max.bytes": MAX_MESSAGE_BYTES,
             "allow.auto.create.topics": False,
             "message.timeout.ms": DEFAULT_MESSAGE_TIMEOUT_MS,
         }

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 # HOST, Progress, cache_dir, run_dir, free_port, port_is_free and STATE_FILE stay importable from here.
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES
 from beamops.services._local import (
     HOST,
     LocalServer,
@@ -439,6 +440,7 @@ class KafkaBroker(LocalServer):
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": str(MAX_MESSAGE_BYTES),
             # Tests replay by timestamp, often old ones: never delete by age or size.
             "log.retention.ms": "-1",
             "log.retention.bytes": "-1",

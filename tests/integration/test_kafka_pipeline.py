@@ -571,6 +571,26 @@ def test_four_partitions_give_the_same_maps_as_one(kafka_broker):
         assert_com_close(four[0], sim.expected_com(), atol=6 * sim.com_standard_error())
 
 
+def test_messages_of_several_megabytes_go_through(kafka_broker):
+    """Frame batches and COM maps beyond Kafka's 1 MB default message size (MAX_MESSAGE_BYTES)."""
+    # 512x512 positions: the map is 2 MiB; 65536 frames per message: about 1.5 MB each.
+    sim = ScanSimulation(
+        scan_shape=(512, 512), frame_shape=(64, 64), events_per_frame=2, disc_radius=10, seed=5, scan_number=9
+    )
+    batches = list(sim.batches(65_536))
+    topic = kafka_broker.new_topic(partitions=2)
+    publish(kafka_broker, topic, batches)
+    assert min(len(m.value()) for m in read_topic(kafka_broker, topic)) > 1_100_000
+    args = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *args, "--emit_every", "0")
+    assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
+    ((com, value),) = final_maps(kafka_broker, topic_arg(args, "--output_topic")).values()
+    assert len(value) > 2 * 1024 * 1024
+    expected = run_operator(lambda frames: frames | com_partial() | com_reduce(emit_every=0), batches).final_maps()
+    assert_same_map(com, expected[9])
+    assert com.complete and com.frames_seen == sim.n_frames
+
+
 # --- start and stop positions -----------------------------------------------------------------------------
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z, in ms
