@@ -2,7 +2,7 @@
 
     python -m bench.kafka_e2e            # two topics of 1000-frame messages: 16 scans of 256x256 at
                                          # Poisson 50 events/frame (0.2 MB messages, 227 MB) and
-                                         # 16 scans of 128x128 at 500 (1.7 MB messages, 529 MB)
+                                         # 16 scans of 128x128 at 500 (1.9 MB messages, 529 MB)
     python -m bench.kafka_e2e --quick    # 4 scans of each, half as wide, 3 runs per case (< 2 minutes)
     python -m bench.kafka_e2e --events 50 --batch-size 4000   # one topic, other sizes
 
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         nargs="+",
         default=[50.0, 500.0],
-        help="mean events per frame, one topic each (default 50 and 500: 1000-frame messages of 0.2 and 1.7 MB)",
+        help="mean events per frame, one topic each (default 50 and 500: 1000-frame messages of about 0.2 and 2 MB)",
     )
     parser.add_argument("--batch-size", type=int, default=1000, help="frames per message (default 1000)")
     parser.add_argument("--partitions", type=int, default=4, help="topic partitions (default 4)")
