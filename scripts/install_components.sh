@@ -82,6 +82,8 @@ run_logged() {
 # The marker holds a key naming the inputs (versions and pom contents), so a
 # changed pom or version reinstalls instead of trusting stale output.
 marker_ok() { [[ -f "$1/.complete" && "$(cat "$1/.complete")" == "$2" ]]; }
+# commit_stage STAGE DIR KEY: replace DIR by the finished STAGE and mark it complete for KEY.
+commit_stage() { rm -rf "$2"; mv "$1" "$2"; printf '%s' "$3" >"$2/.complete"; }
 file_key() { sha256sum "$1" | cut -c1-16; }
 
 mvn_q() {
@@ -158,9 +160,7 @@ EOF
   java -cp "$stage/libs/*" kafka.Kafka --version >/dev/null 2>&1 \
     || die "kafka.Kafka does not run from $stage/libs"
 
-  rm -rf "$KAFKA_DIR"
-  mv "$stage" "$KAFKA_DIR"
-  printf '%s' "$key" >"$KAFKA_DIR/.complete"
+  commit_stage "$stage" "$KAFKA_DIR" "$key"
   log "kafka $KAFKA_VERSION: done in $(elapsed "$t0") ($(du -sh "$KAFKA_DIR" | cut -f1))"
 }
 
@@ -254,9 +254,7 @@ install_job_server() {
   fi
   is_job_server_jar "$stage/$(basename "$JOB_SERVER_JAR")" \
     || die "$(basename "$JOB_SERVER_JAR") lacks FlinkJobServerDriver; not a job-server jar"
-  rm -rf "$BEAM_DIR"
-  mv "$stage" "$BEAM_DIR"
-  printf '%s' "$key" >"$BEAM_DIR/.complete"
+  commit_stage "$stage" "$BEAM_DIR" "$key"
   rm -f "$BEAM_DIR.unavailable"
   JOB_SERVER_STATUS="ok"
   log "beam job server $BEAM_VERSION: done in $(elapsed "$t0") ($(du -sh "$BEAM_DIR" | cut -f1))"
@@ -291,9 +289,7 @@ install_assembled_job_server() {
   rm -rf "$stage/build"
   is_job_server_jar "$stage/$(basename "$ASSEMBLED_JAR")" \
     || die "$(basename "$ASSEMBLED_JAR") lacks FlinkJobServerDriver; not a job-server jar"
-  rm -rf "$ASSEMBLED_DIR"
-  mv "$stage" "$ASSEMBLED_DIR"
-  printf '%s' "$key" >"$ASSEMBLED_DIR/.complete"
+  commit_stage "$stage" "$ASSEMBLED_DIR" "$key"
   JOB_SERVER_JAR="$ASSEMBLED_JAR"
   JOB_SERVER_STATUS="assembled"
   log "beam job server (assembled): done in $(elapsed "$t0") ($(du -sh "$ASSEMBLED_DIR" | cut -f1))"
