@@ -211,6 +211,27 @@ def _compare(kind: str) -> dict:
     }
 
 
+def _switch_threads_in_every_simulated_allocation() -> None:
+    """Let another simulated GPU thread run while the simulator allocates a shared array.
+
+    Without transforms._cuda_kernels' lock around the simulator's shared arrays,
+    two threads of the first block then always create an array each, and the
+    comparisons below fail on frame 0 every time instead of once in a few runs.
+    """
+    import types
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    def empty(*args, **kwargs):
+        time.sleep(0.001)  # gives up the GIL, as an expiring switch interval can right there
+        return np.empty(*args, **kwargs)
+
+    slow_numpy = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
+    slow_numpy.empty = empty
+    kernelapi.np = slow_numpy
+
+
 def main(argv: list[str]) -> None:
     (kind,) = argv
     if kind not in KINDS:
@@ -218,6 +239,8 @@ def main(argv: list[str]) -> None:
     # The simulator's block manager polls its threads for syncthreads(); with Python's
     # default 5 ms switch interval most of a launch is spent waiting for the GIL.
     sys.setswitchinterval(1e-3)
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        _switch_threads_in_every_simulated_allocation()
     start = time.perf_counter()
     report = _compare(kind)
     report["seconds"] = round(time.perf_counter() - start, 3)

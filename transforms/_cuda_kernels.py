@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -125,9 +127,47 @@ def _cuda_error() -> str:
     return " ".join(str(error).split()) or "no further detail"
 
 
+def _one_shared_array_per_simulated_block() -> None:
+    """Make numba's simulator give every thread of a block the same ``cuda.shared.array``.
+
+    The simulator creates a shared array when the first thread of a launch asks
+    for it (``FakeCUDAShared.array``, keyed by the caller's file and line), with
+    no lock between looking the key up and storing the new array. A thread
+    switch there lets several threads of the first block create arrays of their
+    own, and a block reduction over them reads uninitialised memory: frame 0's
+    sums came out as garbage about once in a few test runs. On a GPU a block has
+    one shared array; here the lookup and the store become one step. The
+    simulator's blocks run one after another, so they may share the arrays.
+    """
+    from numba.core import types
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+
+    unlocked = FakeCUDAShared.array
+    if getattr(unlocked, "one_per_block", False):
+        return
+    lock = threading.Lock()
+
+    def array(self: Any, shape: Any, dtype: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        if shape == 0 or args or kwargs:  # dynamic shared memory (made up front), or options left to numba
+            return unlocked(self, shape, dtype, *args, **kwargs)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = np.empty(shape, numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype)
+                self._allocations[key] = found
+        return found
+
+    array.one_per_block = True  # type: ignore[attr-defined]
+    FakeCUDAShared.array = array
+
+
 # --- device functions --------------------------------------------------------------------------------------------
 
 if cuda_simulated():
+    _one_shared_array_per_simulated_block()
 
     @cuda.jit(device=True)
     def _dist2(dx, dy):
