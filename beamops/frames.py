@@ -236,9 +236,9 @@ class SparseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, schema: pa.Schema | None = None) -> SparseFrameBatch:
-        """The batch in ``rb`` (zero-copy views); ``schema``: ``rb``'s, when the caller already holds it."""
-        events_col, positions, numbers = _expect_columns(rb, schema or rb.schema, _SPARSE_FIELDS)
+    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, *, schema_checked: bool = False) -> SparseFrameBatch:
+        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns."""
+        events_col, positions, numbers = _expect_columns(rb, _SPARSE_FIELDS, schema_checked)
         raw_offsets = events_col.offsets.to_numpy(zero_copy_only=True)
         start = int(raw_offsets[0]) if len(raw_offsets) else 0
         values = events_col.values.to_numpy(zero_copy_only=True)
@@ -312,9 +312,9 @@ class DenseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, schema: pa.Schema | None = None) -> DenseFrameBatch:
-        """The batch in ``rb`` (zero-copy views); ``schema``: ``rb``'s, when the caller already holds it."""
-        col, positions, numbers = _expect_columns(rb, schema or rb.schema, _dense_fields(header.n_pixels))
+    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, *, schema_checked: bool = False) -> DenseFrameBatch:
+        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns."""
+        col, positions, numbers = _expect_columns(rb, _dense_fields(header.n_pixels), schema_checked)
         n = rb.num_rows
         values = col.values.to_numpy(zero_copy_only=True)
         start = col.offset * header.n_pixels
@@ -356,12 +356,18 @@ def _schema(fields: list[pa.Field], kind: str, header: FrameHeader) -> pa.Schema
     return pa.schema(fields, metadata={_KIND_KEY: kind.encode(), _HEADER_KEY: header.to_json()})
 
 
-def _expect_columns(rb: pa.RecordBatch, schema: pa.Schema, fields: list[pa.Field]) -> list[pa.Array]:
-    """``rb``'s columns, after checking that they are ``fields`` (metadata aside) and hold no nulls."""
+def _check_columns(schema: pa.Schema, fields: list[pa.Field]) -> None:
+    """FrameDecodeError unless ``schema``'s columns are ``fields`` (metadata aside)."""
     if not schema.equals(_bare_schema(tuple(fields)), check_metadata=False):
         got = [(f.name, str(f.type)) for f in schema]
         want = [(f.name, str(f.type)) for f in fields]
         raise FrameDecodeError(f"unexpected columns {got}; expected {want}")
+
+
+def _expect_columns(rb: pa.RecordBatch, fields: list[pa.Field], schema_checked: bool) -> list[pa.Array]:
+    """``rb``'s columns, after checking that they are ``fields`` (unless ``schema_checked``) and hold no nulls."""
+    if not schema_checked:
+        _check_columns(rb.schema, fields)
     columns = rb.columns
     for f, column in zip(fields, columns, strict=True):
         if column.null_count:
@@ -397,32 +403,56 @@ def encode_batch(batch: FrameBatch) -> bytes:
     return batch.to_bytes()
 
 
+@dataclass(frozen=True)
+class _StreamSchema:
+    """A batch stream's schema message, parsed and checked: what every batch of a scan shares."""
+
+    kind: type[SparseFrameBatch] | type[DenseFrameBatch]
+    header: FrameHeader
+    schema: pa.Schema
+
+
+@functools.lru_cache(maxsize=1024)
+def _stream_schema(schema_message: bytes) -> _StreamSchema:
+    # Every batch of a scan starts with the same schema message: parse and check it once.
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_message))
+    metadata = schema.metadata or {}
+    kind = _KINDS.get(metadata.get(_KIND_KEY, b""))
+    if kind is None:
+        raise FrameDecodeError(f"not a beamops frame batch (kind={metadata.get(_KIND_KEY)!r})")
+    header = FrameHeader.from_json(metadata.get(_HEADER_KEY, b""))
+    _check_columns(schema, _SPARSE_FIELDS if kind is SparseFrameBatch else _dense_fields(header.n_pixels))
+    return _StreamSchema(kind, header, schema)
+
+
 def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
     """Decode untrusted bytes into a validated batch without copying the arrays.
 
     Raises :class:`FrameDecodeError` and nothing else.
     """
     try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data))
-        schema = reader.schema  # a new Python object on every access: take it once
-        metadata = schema.metadata or {}
-        kind = _KINDS.get(metadata.get(_KIND_KEY, b""))
-        if kind is None:
-            raise FrameDecodeError(f"not a beamops frame batch (kind={metadata.get(_KIND_KEY)!r})")
-        header = FrameHeader.from_json(metadata.get(_HEADER_KEY, b""))
-        rb = reader.read_next_batch()
+        messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
+        first = messages.read_next_message()
+        if first.type != "schema":
+            raise FrameDecodeError(f"the stream starts with a {first.type} message, not a schema")
+        stream = _stream_schema(first.serialize().to_pybytes())
         try:
-            reader.read_next_batch()
+            body = messages.read_next_message()
+        except StopIteration as exc:
+            raise FrameDecodeError("stream holds no record batch") from exc
+        if body.type != "record batch":
+            raise FrameDecodeError(f"expected a record batch after the schema, got a {body.type} message")
+        try:
+            messages.read_next_message()
         except StopIteration:
             pass
         else:
             raise FrameDecodeError("a message must hold exactly one record batch")
+        rb = pa.ipc.read_record_batch(body, stream.schema)
         rb.validate(full=True)
-        return kind.from_arrow(rb, header, schema)
+        return stream.kind.from_arrow(rb, stream.header, schema_checked=True)
     except FrameDecodeError:
         raise
-    except StopIteration as exc:
-        raise FrameDecodeError("stream holds no record batch") from exc
     except Exception as exc:  # any failure on untrusted bytes is a decode error
         raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
 

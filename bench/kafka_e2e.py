@@ -35,8 +35,15 @@ publishes simulated scans (``ScanSimulation``, 576x576 frames) with
 * **bare consume + decode + COM, no Beam** (info): the bare consume loop plus
   ``decode_batch`` -> ``com_partial().process`` -> ``ScanAccumulator``, i.e. what
   one Python thread can do at best; and **decode + COM only** (info), the same
-  work over the messages held in memory: no Kafka at all. If it is slower than
-  70% of the bare consume rate, no single-threaded pipeline can meet the target.
+  work over the messages held in memory: no Kafka at all.
+* **single-thread ceiling**: one Python thread has to take every message out
+  of librdkafka (the CPU time the reference loop's own thread spends from
+  ``assign()`` to its last message, ``time.thread_time()``) and decode, COM and
+  reduce it (decode + COM only); librdkafka's fetches run in its own threads and
+  may overlap. So no pipeline that does this work in one thread, whatever its
+  framework costs, can keep more than reference / (that CPU + decode + COM only)
+  of the reference's rate; a ceiling under 70% means the target needs a second
+  thread or process, not a leaner pipeline.
 * **end to end**: ``read_kafka_frames`` (earliest..latest, no group: jobs.replay
   semantics) | ``com_partial()`` | ``com_reduce()`` on ``--runner=FnApiRunner``,
   maps collected in this process (FnApiRunner runs the SDK worker in-process).
@@ -192,6 +199,7 @@ def check_same(got_maps: list[ComMap], want: Mapping[int, ComMap], what: str) ->
 class ConsumeRun:
     wall: float  # creating the consumer -> last message
     steady: float  # assign() (the first fetch starts) -> last message
+    thread_cpu: float  # CPU time of the calling thread over ``steady``
     messages: int
     bytes: int
 
@@ -213,6 +221,7 @@ def bare_consume(
 
     started = time.perf_counter()
     assigned = last = None
+    cpu_at_assign = 0.0
     n = n_bytes = 0
     consumer = Consumer(consumer_settings(client))
     try:
@@ -225,7 +234,8 @@ def bare_consume(
             if i:
                 consumer.close()
                 consumer = Consumer(consumer_settings(client))
-            assigned = assigned or time.perf_counter()
+            if assigned is None:
+                assigned, cpu_at_assign = time.perf_counter(), time.thread_time()
             consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in group])
             left = sum(ends[p][1] - ends[p][0] for p in group)
             while left > 0:
@@ -247,12 +257,12 @@ def bare_consume(
                     n += 1
                     n_bytes += len(value)
                     left -= 1
-        last = time.perf_counter()
+        last, cpu_at_last = time.perf_counter(), time.thread_time()
     finally:
         consumer.close()
     if not n or assigned is None or last is None:
         raise AssertionError(f"topic {topic!r} is empty")
-    return ConsumeRun(last - started, last - assigned, n, n_bytes)
+    return ConsumeRun(last - started, last - assigned, cpu_at_last - cpu_at_assign, n, n_bytes)
 
 
 def consume_and_reduce(client: KafkaClientConfig, topic: str, emit_every: int) -> tuple[ConsumeRun, list[ComMap]]:
@@ -431,6 +441,23 @@ def steady_state(
     return "\n".join([head, table_, *lines]), lines
 
 
+def single_thread_ceiling(reference: Timing, reference_cpu: Timing, compute: Timing) -> str:
+    """The most a one-thread pipeline can keep of the reference (medians); see the module docstring."""
+    floor = reference_cpu.median + compute.median
+    ceiling = reference.median / floor
+    verdict = (
+        "below the target: one thread cannot reach it at this message size"
+        if ceiling < TARGET
+        else "the target is within reach of one thread"
+    )
+    return (
+        f"  single-thread ceiling: the reference's own thread spends {reference_cpu.median * 1e3:.0f} ms of CPU "
+        f"taking the messages out of librdkafka, decode + COM only takes {compute.median * 1e3:.0f} ms: "
+        f"at most {reference.median * 1e3:.0f} / {floor * 1e3:.0f} ms = {ceiling:.0%} of the reference "
+        f"(target {TARGET:.0%}; {verdict})"
+    )
+
+
 def publish(
     client: KafkaClientConfig,
     topic: str,
@@ -495,11 +522,15 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
 
     # --- timing, round robin ---
     spans: dict[str, list[float]] = {k: [] for k in ("bare", "poll", *variants)}
+    thread_cpu: dict[str, list[float]] = {"bare": [], "poll": []}
 
     def bare(key: str, one_partition_at_a_time: bool) -> Callable[[], None]:
-        return lambda: spans[key].append(
-            bare_consume(plain, topic, one_partition_at_a_time=one_partition_at_a_time).steady
-        )
+        def run() -> None:
+            consumed = bare_consume(plain, topic, one_partition_at_a_time=one_partition_at_a_time)
+            spans[key].append(consumed.steady)
+            thread_cpu[key].append(consumed.thread_cpu)
+
+        return run
 
     def e2e(name: str) -> Callable[[], None]:
         return lambda: spans[name].append(run_pipeline(plain, topic, args.emit_every, variants[name]).span or math.nan)
@@ -578,6 +609,9 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
         "wall - empty": n_frames / minus_empty(t["end to end"]).median,
         "first in -> last out": n_frames / span["end to end"].median,
     }
+    ceiling = single_thread_ceiling(span[ref], Timing(tuple(thread_cpu[ref][1:])), t["compute only"])
+    print(ceiling)
+    lines.append(ceiling)
     print(
         "  frames/s (median) vs the 4D Camera's 87,000 frames/s: "
         + "; ".join(f"{k} {v:,.0f} ({v / CAMERA_HZ:.1f}x)" for k, v in rate.items())
