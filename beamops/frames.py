@@ -432,7 +432,10 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
     """
     try:
         messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
-        first = messages.read_next_message()
+        try:
+            first = messages.read_next_message()
+        except StopIteration as exc:
+            raise FrameDecodeError("empty stream: no schema message") from exc
         if first.type != "schema":
             raise FrameDecodeError(f"the stream starts with a {first.type} message, not a schema")
         stream = _stream_schema(first.serialize().to_pybytes())

@@ -404,6 +404,21 @@ def test_stream_with_only_a_schema() -> None:
         decode_batch(sink.getvalue().to_pybytes())
 
 
+@pytest.mark.parametrize("data", [b"", b"\xff\xff\xff\xff\x00\x00\x00\x00"], ids=["no-bytes", "end-of-stream-only"])
+def test_empty_stream(data: bytes) -> None:
+    with pytest.raises(FrameDecodeError, match="empty stream"):
+        decode_batch(data)
+
+
+def test_record_batch_before_the_schema() -> None:
+    data = small_sparse().to_bytes()
+    messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
+    messages.read_next_message()  # the schema
+    body = messages.read_next_message().serialize().to_pybytes()
+    with pytest.raises(FrameDecodeError, match="not a schema"):
+        decode_batch(body + data)
+
+
 def test_non_beamops_arrow_stream() -> None:
     foreign = pa.record_batch({"a": pa.array([1, 2, 3])})
     with pytest.raises(FrameDecodeError, match="not a beamops frame batch"):
