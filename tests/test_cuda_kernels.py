@@ -227,7 +227,8 @@ def _switch_threads_in_every_simulated_allocation() -> None:
         time.sleep(0.001)  # gives up the GIL, as an expiring switch interval can right there
         return np.empty(*args, **kwargs)
 
-    slow_numpy = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
+    slow_numpy = types.ModuleType("numpy_with_a_slow_empty")
+    slow_numpy.__getattr__ = lambda name: getattr(np, name)  # everything else is numpy's (PEP 562)
     slow_numpy.empty = empty
     kernelapi.np = slow_numpy
 
