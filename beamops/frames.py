@@ -425,6 +425,18 @@ def _stream_schema(schema_message: bytes) -> _StreamSchema:
     return _StreamSchema(kind, header, schema)
 
 
+def _next_message(messages: pa.ipc.MessageReader, kind: str, missing: str, wrong_kind: str) -> pa.ipc.Message:
+    """The stream's next IPC message, which must be of ``kind``: FrameDecodeError ``missing`` at its end,
+    ``wrong_kind`` (formatted with the message's kind) for another kind."""
+    try:
+        message = messages.read_next_message()
+    except StopIteration as exc:
+        raise FrameDecodeError(missing) from exc
+    if message.type != kind:
+        raise FrameDecodeError(wrong_kind.format(message.type))
+    return message
+
+
 def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
     """Decode untrusted bytes into a validated batch without copying the arrays.
 
@@ -432,19 +444,16 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
     """
     try:
         messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
-        try:
-            first = messages.read_next_message()
-        except StopIteration as exc:
-            raise FrameDecodeError("empty stream: no schema message") from exc
-        if first.type != "schema":
-            raise FrameDecodeError(f"the stream starts with a {first.type} message, not a schema")
+        first = _next_message(
+            messages, "schema", "empty stream: no schema message", "the stream starts with a {} message, not a schema"
+        )
         stream = _stream_schema(first.serialize().to_pybytes())
-        try:
-            body = messages.read_next_message()
-        except StopIteration as exc:
-            raise FrameDecodeError("stream holds no record batch") from exc
-        if body.type != "record batch":
-            raise FrameDecodeError(f"expected a record batch after the schema, got a {body.type} message")
+        body = _next_message(
+            messages,
+            "record batch",
+            "stream holds no record batch",
+            "expected a record batch after the schema, got a {} message",
+        )
         try:
             messages.read_next_message()
         except StopIteration:

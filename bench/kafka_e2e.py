@@ -551,6 +551,7 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
     }
     t = dict(zip(cases, measure_interleaved(list(cases.values()), [args.repeat] * len(cases)), strict=True))
     span = {k: Timing(tuple(v[1:])) for k, v in spans.items()}  # without the warm-up run
+    cpu = {k: Timing(tuple(v[1:])) for k, v in thread_cpu.items()}
 
     def minus_empty(x: Timing) -> Derived:
         """best - the empty pipeline's best, median - its median."""
@@ -615,9 +616,7 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
         "wall - empty": n_frames / minus_empty(t["end to end"]).median,
         "first in -> last out": n_frames / span["end to end"].median,
     }
-    budget = single_thread_budget(
-        span[ref], Timing(tuple(thread_cpu[ref][1:])), t["compute only"], span["end to end"], len(messages)
-    )
+    budget = single_thread_budget(span[ref], cpu[ref], t["compute only"], span["end to end"], len(messages))
     print(budget)
     lines.append(budget)
     print(
