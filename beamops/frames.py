@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+from numba import njit
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
@@ -237,26 +238,29 @@ class SparseFrameBatch:
 
     @classmethod
     def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, *, schema_checked: bool = False) -> SparseFrameBatch:
-        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns."""
+        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns.
+
+        ``header`` must be validated (``FrameHeader.from_json`` does it).
+        """
         events_col, positions, numbers = _expect_columns(rb, _SPARSE_FIELDS, schema_checked)
         raw_offsets = events_col.offsets.to_numpy(zero_copy_only=True)
-        start = int(raw_offsets[0]) if len(raw_offsets) else 0
         values = events_col.values.to_numpy(zero_copy_only=True)
+        positions = positions.to_numpy(zero_copy_only=True)
+        numbers = numbers.to_numpy(zero_copy_only=True)
+        offsets = np.empty(len(raw_offsets), np.int64)
+        n_pixels, n_positions = header.n_pixels, header.n_positions
+        if len(raw_offsets) and _widen_and_check(raw_offsets, values, positions, n_pixels, n_positions, offsets):
+            # Every invariant validate() checks holds: the record batch's columns have one length,
+            # and the rest was checked in the same pass.
+            return cls(header, values[raw_offsets[0] : raw_offsets[-1]], offsets, positions, numbers)
+        # Something is out of range (or there are no offsets at all): say exactly what.
+        start = int(raw_offsets[0]) if len(raw_offsets) else 0
         end = int(raw_offsets[-1]) if len(raw_offsets) else 0
         if not 0 <= start <= end <= len(values):
             raise FrameDecodeError("list offsets out of bounds")
-        offsets = raw_offsets.astype(np.int64)
-        if start:
-            offsets -= start
-        batch = cls(
-            header,
-            values[start:end],
-            offsets,
-            positions.to_numpy(zero_copy_only=True),
-            numbers.to_numpy(zero_copy_only=True),
-        )
-        batch.validate(offsets_checked=True)
-        return batch
+        batch = cls(header, values[start:end], raw_offsets.astype(np.int64) - start, positions, numbers)
+        batch.validate()
+        raise AssertionError("_widen_and_check rejected a batch that validate() accepts")
 
     def to_bytes(self) -> bytes:
         return _write_ipc(self.to_arrow())
@@ -378,6 +382,40 @@ def _expect_columns(rb: pa.RecordBatch, fields: list[pa.Field], schema_checked: 
 @functools.lru_cache(maxsize=64)
 def _bare_schema(fields: tuple[pa.Field, ...]) -> pa.Schema:
     return pa.schema(fields)
+
+
+@njit(cache=True, nogil=True)
+def _widen_and_check(
+    raw_offsets: np.ndarray,
+    values: np.ndarray,
+    positions: np.ndarray,
+    n_pixels: int,
+    n_positions: int,
+    offsets: np.ndarray,
+) -> bool:
+    """Fill ``offsets`` with ``raw_offsets - raw_offsets[0]`` (int64); True if the offsets are monotonic
+    within ``values`` and every event index and scan position is in range. One pass, no temporaries."""
+    start = raw_offsets[0]
+    end = raw_offsets[len(raw_offsets) - 1]
+    if start < 0 or end < start or end > len(values):
+        return False
+    previous = start
+    for i in range(len(raw_offsets)):
+        if raw_offsets[i] < previous:
+            return False
+        previous = raw_offsets[i]
+        offsets[i] = previous - start
+    # max over the events in the values' own dtype: a loop LLVM vectorizes
+    events = values[start:end]
+    largest = values.dtype.type(0)
+    for k in range(len(events)):
+        largest = max(largest, events[k])
+    if len(events) and largest >= n_pixels:
+        return False
+    largest_position = positions.dtype.type(0)
+    for k in range(len(positions)):
+        largest_position = max(largest_position, positions[k])
+    return not (len(positions) and largest_position >= n_positions)
 
 
 def _check_positions(positions: np.ndarray, header: FrameHeader) -> None:

@@ -382,6 +382,17 @@ def test_non_monotonic_offsets_fail_validation() -> None:
         batch.validate()
 
 
+def test_from_arrow_checks_the_offsets_itself() -> None:
+    # decode_batch lets Arrow validate the offsets first; from_arrow must not depend on that.
+    good = raw_sparse().to_arrow()
+    events = pa.ListArray.from_arrays(pa.array([0, 2, 1, 3], pa.int32()), pa.array([1, 2, 3], pa.uint32()))
+    rb = pa.RecordBatch.from_arrays(
+        [events, pa.array([0, 1, 2], pa.uint32()), pa.array([0, 1, 2], pa.uint64())], schema=good.schema
+    )
+    with pytest.raises(FrameDecodeError, match="offsets are not monotonic"):
+        SparseFrameBatch.from_arrow(rb, HEADER)
+
+
 def test_offsets_not_covering_the_events_fail_validation() -> None:
     with pytest.raises(FrameDecodeError, match="offsets must run from 0 to len"):
         raw_sparse(offsets=np.array([0, 1, 2])).validate()
