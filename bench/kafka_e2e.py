@@ -45,9 +45,9 @@ publishes simulated scans (``ScanSimulation``, 576x576 frames) with
   librdkafka (the CPU time the reference loop's own thread spends from
   ``assign()`` to its last message, ``time.thread_time()``; librdkafka fetches
   in its own threads, which may overlap) and decode, COM and reduce it (decode +
-  COM only, while another process reads). What is left of the allowance is what the framework, the shuffle
-  and the state may cost; the line also says how much the end-to-end run
-  (first in -> last out) spent over those two. Nothing left means no
+  COM only, while another process reads). What is left of the allowance is
+  what the framework, the shuffle and the state may cost; the line also says
+  how much the end-to-end run (first in -> last out) spent over those two. Nothing left means no
   one-thread pipeline can reach the target at that message size.
 * **end to end**: ``read_kafka_frames`` (earliest..latest, no group: jobs.replay
   semantics) | ``com_partial()`` | ``com_reduce()`` on ``--runner=FnApiRunner``,
@@ -324,15 +324,20 @@ class BusyReader:
         """Seconds ``fn()`` takes while the child reads (the child's start and stop are not timed)."""
         self._idle.clear()
         self._go.set()
-        if not self._busy.wait(120):
-            raise RuntimeError("the busy reader did not start")
+        self._wait(self._busy, "start reading")
         time.sleep(0.05)  # its consumer is fetching by now
         started = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - started
         self._go.clear()
-        self._idle.wait(120)  # its last pass is over: the next case runs on a quiet machine
+        self._wait(self._idle, "finish its pass")  # the next case runs on a quiet machine
         return elapsed
+
+    def _wait(self, event: Any, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not event.wait(1):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the busy reader (exit code {self._process.exitcode}) did not {what}")
 
     def close(self) -> None:
         self._stop.set()
