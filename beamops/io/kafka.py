@@ -121,6 +121,10 @@ def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounde
         "max.partition.fetch.bytes": 16 * 1024 * 1024,
         # A bounded read wants the tail of the range now; a live one can wait a little for more.
         "fetch.wait.max.ms": 10 if bounded else 100,
+        # librdkafka drops the bootstrap connection once metadata names the broker, and connects to
+        # the named one only after reconnect.backoff.ms / 2 (at least 11 ms): with the default 100 ms,
+        # every new consumer's first request waits 50 ms (measured: list_topics 56 -> 16 ms).
+        "reconnect.backoff.ms": 20,
     }
     return {
         **tuning,
