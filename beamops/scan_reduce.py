@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import apache_beam as beam
 import numpy as np
+import numpy.typing as npt
 import objsize
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder
@@ -100,6 +101,21 @@ class LateFrameError(ValueError):
     """Frames of a scan whose final output was already emitted."""
 
 
+def zeroed(shape: int | tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
+    """A zero-filled array whose memory is written now, for state that lives as long as a scan.
+
+    ``np.zeros`` of a large array (glibc maps it fresh) leaves its pages
+    unbacked; reading them before they are written maps each to the kernel's
+    one shared zero page. A half-written scan is exactly that, and on the AMD
+    EPYC vCPUs we test on a loop reading several such arrays at once ran 60x
+    slower: a progressive COM map of a 256x256 scan took 2.5-3 ms instead of
+    45 µs. Writing the zeros costs the page faults once, when the scan starts.
+    """
+    array = np.empty(shape, dtype)
+    array.fill(0)
+    return array
+
+
 @dataclass
 class ScanProgress:
     """How far one scan has got: the base of every per-scan accumulator.
@@ -119,7 +135,7 @@ class ScanProgress:
     seen_frames: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.seen_frames = np.zeros(-(-(self.header.total_frames or 0) // 8), np.uint8)
+        self.seen_frames = zeroed(-(-(self.header.total_frames or 0) // 8), np.uint8)
 
     @property
     def complete(self) -> bool:

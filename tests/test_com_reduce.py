@@ -10,6 +10,7 @@ otherwise ``assert_that`` misses what those timers emit.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -505,3 +506,48 @@ def test_state_cache_weighs_accumulators_without_scanning_module_globals(monkeyp
     weight = get_deep_size(state)
     monkeypatch.setattr(objsize.default_settings, "exclude_modules_globals", True)
     assert get_deep_size(state) == weight
+
+
+def _resident_pages(array: np.ndarray) -> tuple[int, int]:
+    """(pages of ``array``'s buffer the kernel has backed with memory, pages in all), from mincore(2)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = array.ctypes.data // page * page
+    n_pages = -(-(array.ctypes.data + array.nbytes - start) // page)
+    vec = (ctypes.c_ubyte * n_pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n_pages * page), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec), n_pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) of anonymous memory: Linux")
+def test_scan_state_is_written_when_the_scan_starts():
+    """Per-scan sums start as written zeros, not np.zeros' untouched pages (see beamops.scan_reduce.zeroed).
+
+    A 1024x1024 scan has 8 MiB arrays: far above glibc's mmap threshold, so np.zeros would leave them unbacked.
+    """
+    from beamops.scan_reduce import zeroed
+    from transforms.com_reduce import ScanAccumulator
+    from transforms.diffraction_sum import PatternAccumulator
+    from transforms.virtual_images import VirtualImageAccumulator, VirtualImagesParams
+
+    untouched = np.zeros(1 << 21, np.float64)
+    assert _resident_pages(untouched)[0] < _resident_pages(untouched)[1] // 2, "np.zeros pages start unbacked here"
+
+    header = FrameHeader(scan_number=1, scan_shape=(1024, 1024), frame_shape=(1024, 1024), total_frames=1 << 20)
+    accumulators = [
+        ScanAccumulator.empty(header, 0),
+        PatternAccumulator.empty(header, 0),
+        VirtualImageAccumulator.empty(header, VirtualImagesParams(annuli="0:10")),
+    ]
+    arrays = [zeroed((3, 1 << 20), np.int64)]
+    for acc in accumulators:
+        arrays += [v for v in vars(acc).values() if isinstance(v, np.ndarray) and v.nbytes >= 1 << 20]
+    assert len(arrays) >= 8
+    for array in arrays:
+        resident, pages = _resident_pages(array)  # before anything reads it: a read maps the zero page
+        assert resident == pages, f"{array.dtype}{array.shape}: {pages - resident} of {pages} pages unbacked"
+        assert not array.any()

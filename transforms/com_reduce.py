@@ -41,7 +41,7 @@ from pydantic import Field
 
 from beamops import ComMap, ComPartial, FrameHeader, Operator, Port
 from beamops.scan_reduce import LateFrameError as LateFrameError  # re-exported: raised by every per-scan reduction
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
 
 
 class ComReduceParams(ScanReduceParams):
@@ -110,10 +110,10 @@ class ScanAccumulator(ScanProgress):
         p = header.n_positions
         return cls(
             header,
-            np.zeros(p, np.float64),
-            np.zeros(p, np.float64),
-            np.zeros(p, np.int64),
-            np.zeros(p, np.uint32),
+            zeroed(p, np.float64),
+            zeroed(p, np.float64),
+            zeroed(p, np.int64),
+            zeroed(p, np.uint32),
             next_emit=emit_every,
         )
 

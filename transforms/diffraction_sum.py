@@ -37,7 +37,7 @@ from apache_beam import pvalue
 from numba import njit
 
 from beamops import FrameHeader, Image, Operator, Port, SparseFrameBatch
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
 
 IMAGE_NAME = "diffraction_sum"
 UNITS = "counts"
@@ -83,8 +83,8 @@ class PatternAccumulator(ScanProgress):
         """Zero counts, plus one bit per expected frame when the header gives total_frames."""
         return cls(
             header,
-            np.zeros(header.n_pixels, np.int64),
-            np.zeros(header.n_positions, np.uint8),
+            zeroed(header.n_pixels, np.int64),
+            zeroed(header.n_positions, np.uint8),
             next_emit=emit_every,
         )
 

@@ -73,7 +73,7 @@ from numba import njit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from beamops import FrameHeader, Image, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,8 @@ class VirtualImageAccumulator(ScanProgress):
             params.image_names,
             radii[:, 0] ** 2,
             radii[:, 1] ** 2,
-            np.zeros((len(radii), p), np.int64),
-            np.zeros(p, np.uint32),
+            zeroed((len(radii), p), np.int64),
+            zeroed(p, np.uint32),
             params.center,
             params.center_frames,
             next_emit=params.emit_every,
