@@ -46,6 +46,11 @@ def collect(element: Any, key: str) -> None:
         _last[key] = max(now, _last.get(key, -math.inf))
 
 
+def tally(element: Any, key: str) -> None:
+    """Keep only ``element``'s frame count, noting when the last one arrived."""
+    collect(element.n_frames, key)
+
+
 def pop(key: str) -> tuple[list[Any], float | None, float | None]:
     """(collected elements, first stamp, last stamp) of ``key``, forgetting them."""
     with _lock:

@@ -57,6 +57,9 @@ publishes simulated scans (``ScanSimulation``, 576x576 frames) with
   minus best, median minus median);
   first in -> last out (from the first batch leaving the Kafka read to the last
   map leaving com_reduce, in-process probes).
+* **the read alone** (info): ``read_kafka_frames`` by itself, its decoded
+  batches counted and dropped: what any pipeline reading with it can reach at
+  best (wall, and first in -> last batch out).
 * **end to end, 2 threads** (info): the same pipeline with
   ``--direct_num_workers=2 --direct_running_mode=multi_threading`` (FnApiRunner
   splits each stage's input between two in-process workers, so two partitions
@@ -354,15 +357,25 @@ class BusyReader:
 @dataclass
 class BeamRun:
     wall: float
-    span: float | None  # first batch out of the read -> last map out of com_reduce
+    span: float | None  # first batch out of the read -> last map out of com_reduce (last batch: read only)
     to_first: float | None  # pipeline construction -> first batch out of the read
-    maps: list[ComMap]
+    maps: list[ComMap]  # read only: none
+    frames: int  # frames out of the read (read only), or in the final maps
 
 
 def run_pipeline(
-    client: KafkaClientConfig, topic: str, emit_every: int, beam_args: Sequence[str] = (), stop: str = "latest"
+    client: KafkaClientConfig,
+    topic: str,
+    emit_every: int,
+    beam_args: Sequence[str] = (),
+    stop: str = "latest",
+    read_only: bool = False,
 ) -> BeamRun:
-    """read_kafka_frames (earliest..``stop``, no group) | com_partial | com_reduce on FnApiRunner."""
+    """read_kafka_frames (earliest..``stop``, no group) | com_partial | com_reduce on FnApiRunner.
+
+    ``read_only``: the read alone (decoded batches counted and dropped), the ceiling of any pipeline
+    that reads with it.
+    """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -374,18 +387,24 @@ def run_pipeline(
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner", *beam_args]))
     read = pipeline | read_kafka_frames({"topic": topic, "start": "earliest", "stop": stop}, client=client)
     stamped = read.frames | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(SparseFrameBatch)
-    out = stamped | com_partial() | com_reduce(emit_every=emit_every)
-    out.com_map | "Collect" >> beam.Map(_probe.collect, key)
-    dead = [read.dead_letter, out.dead_letter] | "AllDead" >> beam.Flatten()
-    dead | "CollectDead" >> beam.Map(_probe.collect, key + "-dead")
+    dead = [read.dead_letter]
+    if read_only:
+        stamped | "Tally" >> beam.Map(_probe.tally, key)
+    else:
+        out = stamped | com_partial() | com_reduce(emit_every=emit_every)
+        out.com_map | "Collect" >> beam.Map(_probe.collect, key)
+        dead.append(out.dead_letter)
+    dead | "AllDead" >> beam.Flatten() | "CollectDead" >> beam.Map(_probe.collect, key + "-dead")
     pipeline.run().wait_until_finish()
     wall = time.perf_counter() - started
-    maps, first, last = _probe.pop(key)
+    collected, first, last = _probe.pop(key)
     letters, _, _ = _probe.pop(key + "-dead")
     if letters:
         raise AssertionError(f"{len(letters)} dead letters, e.g. {letters[0]}")
     span = None if first is None or last is None else last - first
-    return BeamRun(wall, span, None if first is None else first - started, maps)
+    maps = [] if read_only else collected
+    frames = sum(collected) if read_only else sum(m.frames_seen for m in maps if m.final)
+    return BeamRun(wall, span, None if first is None else first - started, maps, frames)
 
 
 # --- profile -------------------------------------------------------------------------------------
@@ -588,9 +607,13 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
     for name, beam_args in variants.items():
         beam_run = run_pipeline(plain, topic, args.emit_every, beam_args)
         print(f"  verified {name} (FnApiRunner): {check_same(beam_run.maps, want, name)}")
+    read_alone = run_pipeline(plain, topic, args.emit_every, read_only=True)
+    if read_alone.frames != n_frames:
+        raise AssertionError(f"the read alone gave {read_alone.frames} frames, {n_frames} were published")
+    print(f"  verified the read alone (FnApiRunner): all {n_frames} frames decoded")
 
     # --- timing, round robin ---
-    spans: dict[str, list[float]] = {k: [] for k in ("bare", "poll", "compute busy", *variants)}
+    spans: dict[str, list[float]] = {k: [] for k in ("bare", "poll", "compute busy", "read only", *variants)}
     thread_cpu: dict[str, list[float]] = {"bare": [], "poll": []}
 
     def bare(key: str, one_partition_at_a_time: bool) -> Callable[[], None]:
@@ -613,6 +636,9 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
             busy.timed(lambda: compute_only(messages, args.emit_every))
         ),
         "empty": lambda: run_pipeline(plain, empty_topic, args.emit_every),
+        "read only": lambda: spans["read only"].append(
+            run_pipeline(plain, topic, args.emit_every, read_only=True).span or math.nan
+        ),
         **{name: e2e(name) for name in variants},
     }
     busy = BusyReader(plain, topic)
@@ -656,6 +682,8 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
     row("info: decode + COM only, messages in memory", t["compute only"], t[ref])
     row("info: the same, while another process reads the topic", span["compute busy"], t[ref])
     row("empty topic: same pipeline, wall", t["empty"], None)
+    row("info: the read alone (read_kafka_frames): wall", t["read only"], t[ref])
+    row("info: the read alone: first in -> last out", span["read only"], span[ref])
     for name in variants:
         label = name if name == "end to end" else f"info: {name}"
         row(f"{label}: wall", t[name], t[ref])
