@@ -10,6 +10,9 @@ otherwise ``assert_that`` misses what those timers emit.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
 import sys
 
 import apache_beam as beam
@@ -523,31 +526,53 @@ def _resident_pages(array: np.ndarray) -> tuple[int, int]:
     return sum(v & 1 for v in vec), n_pages
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) of anonymous memory: Linux")
-def test_scan_state_is_written_when_the_scan_starts():
-    """Per-scan sums start as written zeros, not np.zeros' untouched pages (see beamops.scan_reduce.zeroed).
+def _unbacked_pages_of_fresh_state() -> dict[str, list[int]]:
+    """{array: [pages not backed by memory, pages, nonzero elements]} of a new 1024x1024 scan's state.
 
-    A 1024x1024 scan has 8 MiB arrays: far above glibc's mmap threshold, so np.zeros would leave them unbacked.
+    The first entry, ``np.zeros``, is the control: it shows the check can see unbacked pages.
     """
     from beamops.scan_reduce import zeroed
     from transforms.com_reduce import ScanAccumulator
     from transforms.diffraction_sum import PatternAccumulator
     from transforms.virtual_images import VirtualImageAccumulator, VirtualImagesParams
 
-    untouched = np.zeros(1 << 21, np.float64)
-    assert _resident_pages(untouched)[0] < _resident_pages(untouched)[1] // 2, "np.zeros pages start unbacked here"
-
     header = FrameHeader(scan_number=1, scan_shape=(1024, 1024), frame_shape=(1024, 1024), total_frames=1 << 20)
-    accumulators = [
+    arrays = {"np.zeros": np.zeros(1 << 21, np.float64), "zeroed": zeroed((3, 1 << 20), np.int64)}
+    for acc in (
         ScanAccumulator.empty(header, 0),
         PatternAccumulator.empty(header, 0),
         VirtualImageAccumulator.empty(header, VirtualImagesParams(annuli="0:10")),
-    ]
-    arrays = [zeroed((3, 1 << 20), np.int64)]
-    for acc in accumulators:
-        arrays += [v for v in vars(acc).values() if isinstance(v, np.ndarray) and v.nbytes >= 1 << 20]
-    assert len(arrays) >= 8
-    for array in arrays:
+    ):
+        for name, value in vars(acc).items():
+            if isinstance(value, np.ndarray) and value.nbytes >= 1 << 20:
+                arrays[f"{type(acc).__name__}.{name}"] = value
+    report = {}
+    for name, array in arrays.items():
         resident, pages = _resident_pages(array)  # before anything reads it: a read maps the zero page
-        assert resident == pages, f"{array.dtype}{array.shape}: {pages - resident} of {pages} pages unbacked"
-        assert not array.any()
+        report[name] = [pages - resident, pages, int(np.count_nonzero(array))]
+    return report
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) of anonymous memory, glibc's malloc")
+def test_scan_state_is_written_when_the_scan_starts():
+    """Per-scan sums start as written zeros, not np.zeros' untouched pages (see beamops.scan_reduce.zeroed).
+
+    Checked in a fresh process whose glibc maps every block of 1 MiB or more anew: in a long test
+    session glibc raises its mmap threshold and hands out reused heap memory, which calloc has to
+    clear, so np.zeros there is already backed and the control would say nothing.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run(
+        [sys.executable, __file__, "residency"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    report = json.loads(out)
+    unbacked, pages, _ = report.pop("np.zeros")
+    assert unbacked > pages // 2, f"the control: np.zeros left only {unbacked} of {pages} pages unbacked"
+    assert len(report) >= 8, sorted(report)
+    for name, (unbacked, pages, nonzero) in report.items():
+        assert unbacked == 0, f"{name}: {unbacked} of {pages} pages unbacked"
+        assert nonzero == 0, f"{name}: {nonzero} nonzero elements"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["residency"]:
+    print(json.dumps(_unbacked_pages_of_fresh_state()))
