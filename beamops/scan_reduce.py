@@ -106,10 +106,13 @@ def zeroed(shape: int | tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
 
     ``np.zeros`` of a large array (glibc maps it fresh) leaves its pages
     unbacked; reading them before they are written maps each to the kernel's
-    one shared zero page. A half-written scan is exactly that, and on the AMD
-    EPYC vCPUs we test on a loop reading several such arrays at once ran 60x
-    slower: a progressive COM map of a 256x256 scan took 2.5-3 ms instead of
-    45 µs. Writing the zeros costs the page faults once, when the scan starts.
+    one shared zero page, and a half-written scan is read like that by every
+    progressive output. Writing the zeros takes the page faults once, when the
+    scan starts, so the cost of an output does not depend on how full the scan
+    is. How much that saves depends on the host: on 2026-11-24 a progressive
+    COM map of a half-filled 256x256 scan took 2.5-3 ms instead of 45 µs on
+    one AMD EPYC VM; on 2026-12-04 another showed no difference (145 µs
+    either way, 4.3 ms at 1024x1024).
     """
     array = np.empty(shape, dtype)
     array.fill(0)
