@@ -8,6 +8,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.coders import registry
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
 from apache_beam.testing.util import assert_that
 
@@ -99,7 +100,7 @@ def test_a_keyed_shuffle_of_partials_uses_it_and_keeps_them_equal():
         got = sorted(got, key=lambda p: int(p.frame_numbers[0]))
         assert len(got) == len(partials) and all(same(g, p) for g, p in zip(got, partials, strict=True))
 
-    with BeamTestPipeline() as p:
+    with BeamTestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:  # not Prism: it downloads
         shuffled = (
             p
             | beam.Create([(1, x) for x in partials]).with_output_types(tuple[int, ComPartial])

@@ -71,8 +71,8 @@ def test_status_of_the_running_broker(kafka_broker):
     assert {"controller_port", "data_dir", "log_path", "started_at"} <= state.keys()
 
     t0 = time.monotonic()
-    broker.start()  # idempotent: already running
-    assert time.monotonic() - t0 < 2 and broker.pid == status.pid
+    broker.start()  # idempotent: already running, so the same JVM, found in about a second
+    assert time.monotonic() - t0 < 10 and broker.pid == status.pid
 
 
 def test_produce_and_consume_on_four_partitions(kafka_broker):
