@@ -490,6 +490,24 @@ def test_replace_nans_fills_each_axis_with_its_nanmean():
     np.testing.assert_allclose(filled.y, [[30, mean_y, 2], [7, mean_y, 2]], rtol=1e-6)
 
 
+def test_com_map_divides_in_float64_and_gives_nan_only_where_no_events_were_kept():
+    """NaN where a position kept no events, even if a foreign ComPartial gives it non-zero sums
+    (a division by zero would give inf); elsewhere float32 of the float64 mean."""
+    from transforms.com_reduce import ScanAccumulator
+
+    header = FrameHeader(scan_number=1, scan_shape=(1, 4), frame_shape=(576, 576), total_frames=4)
+    sums_x = np.array([1.0, 5.0, 0.0, 2.0**40 + 1.0])
+    sums_y = np.array([2.0, -3.0, 0.0, 7.0])
+    counts = np.array([3, 0, 0, 3], np.int64)
+    acc = ScanAccumulator.empty(header, 0)
+    acc.add(ComPartial(header, np.arange(4, dtype=np.uint32), sums_x, sums_y, counts, np.arange(4, dtype=np.uint64)))
+    com = acc.com_map(final=True, replace_nans=False)
+    want_x = np.array([1 / 3, np.nan, np.nan, (2.0**40 + 1.0) / 3], np.float32).reshape(1, 4)
+    want_y = np.array([2 / 3, np.nan, np.nan, 7 / 3], np.float32).reshape(1, 4)
+    np.testing.assert_array_equal(com.x, want_x)
+    np.testing.assert_array_equal(com.y, want_y)
+
+
 def test_state_cache_weighs_accumulators_without_scanning_module_globals(monkeypatch):
     """Setup switches off objsize's per-call scan of module globals; an accumulator weighs the same either way."""
     import objsize
