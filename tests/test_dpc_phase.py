@@ -36,7 +36,7 @@ from transforms.dpc_phase import (
     phase_from_com,
 )
 
-DPC_FIXTURE = Path("/work/shared/fixtures/interactem-operators/dpc.json")
+DPC_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "interactem-operators" / "dpc.json"
 ROWS, COLS = 48, 64  # not square, so a swapped axis cannot pass
 
 

@@ -23,7 +23,8 @@ from beamops.spec import Mount, OperatorSpec, ParameterSpec, ParameterType, para
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 
-FIXTURES = Path("/work/shared/fixtures/interactem-operators")
+# ../shared beside the clone, as the project's checkout and CI lay it out
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "interactem-operators"
 FIXTURE_FILES = sorted(FIXTURES.glob("*.json"))
 
 
