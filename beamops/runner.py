@@ -58,7 +58,8 @@ def flink_defaults(beam_args: list[str]) -> list[str]:
 
 
 def run(values: dict[str, Any], beam_args: list[str], build_fn: Callable[[beam.Pipeline, dict[str, Any]], None]) -> int:
-    """Build and run the pipeline; a bad option is a one-line error (exit 2) before anything runs."""
+    """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
+    anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it."""
     runner = _given(beam_args, "runner")
     if runner is None:
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
@@ -69,13 +70,22 @@ def run(values: dict[str, Any], beam_args: list[str], build_fn: Callable[[beam.P
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         build_fn(pipeline, values)
     except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
-        print(f"{sys.argv[0] if sys.argv else 'job'}: error: {exc}", file=sys.stderr)
+        print(f"{_program()}: error: {exc}", file=sys.stderr)
         return 2
     log.info("running on %s", pipeline.options.get_all_options()["runner"])
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        pipeline.run().wait_until_finish()
+    except Exception as exc:  # the worker's traceback is in the runner's log; here its message is enough
+        log.debug("pipeline failed", exc_info=True)
+        took = time.monotonic() - started
+        print(f"{_program()}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
+        return 1
     log.info("done in %.1f s", time.monotonic() - started)
     return 0
+
+
+def _program() -> str:
+    return sys.argv[0] if sys.argv else "job"
 
 
 def setup_logging() -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from beamops.io import kafka
 from beamops.io.kafka import ReadFromKafkaParams, read_kafka_frames
-from beamops.io.kafka_config import KafkaClientConfig, ReadPosition, redact
+from beamops.io.kafka_config import RDKAFKA_LOGGER, CollapseRepeats, KafkaClientConfig, ReadPosition, redact
 from beamops.operator import OperatorParameterError
+from jobs import com_pipeline
 
 
 def test_positions_parse() -> None:
@@ -53,7 +57,9 @@ def test_settings_from_properties_json_and_overrides(tmp_path: Path) -> None:
     props = tmp_path / "client.properties"
     props.write_text("# SASL\nsecurity.protocol = SASL_SSL\nsasl.mechanism=PLAIN\nsasl.password=hunter2\n")
     config = KafkaClientConfig.load("broker:9093", props, ["sasl.mechanism=SCRAM-SHA-512", "client.id=beamops"])
-    assert config.client() == {
+    settings = config.client()
+    assert settings.pop("logger") is logging.getLogger(RDKAFKA_LOGGER)
+    assert settings == {
         "bootstrap.servers": "broker:9093",
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -91,3 +97,77 @@ def test_secrets_never_appear_in_repr_logs_or_specs(caplog: pytest.LogCaptureFix
     exported = op.spec().to_json()
     assert all(value not in exported for value in secrets.values())
     assert "detector-7-topic" not in exported  # parameter values are not part of a spec either
+
+
+# --- librdkafka's own messages --------------------------------------------------------------------
+
+
+def _record(level: int, message: str, client: str = "rdkafka#consumer-1") -> logging.LogRecord:
+    """A record as confluent-kafka makes it: ("%s [%s] %s", facility, client name, message)."""
+    return logging.LogRecord(RDKAFKA_LOGGER, level, __file__, 0, "%s [%s] %s", ("FAIL", client, message), None)
+
+
+def test_repeated_librdkafka_warnings_pass_once_per_window_with_a_count() -> None:
+    now = [100.0]
+    repeats = CollapseRepeats(every_s=30.0, clock=lambda: now[0])
+    refused = "127.0.0.1:1/bootstrap: Connect failed: Connection refused (after {}ms in state CONNECT)"
+
+    assert repeats.filter(_record(logging.ERROR, refused.format(0)))
+    # the same failure, other durations, another consumer of the same job: held back
+    held = [_record(logging.ERROR, refused.format(ms), client=f"rdkafka#consumer-{ms}") for ms in range(1, 6)]
+    assert not any(repeats.filter(r) for r in held)
+    assert repeats.filter(_record(logging.ERROR, "127.0.0.1:1/bootstrap: 1 request(s) timed out"))  # not alike
+    assert repeats.filter(_record(logging.DEBUG, refused.format(0)))  # debug output is never held back
+    assert repeats.filter(_record(logging.WARNING, refused.format(0)))  # another level is another run
+
+    now[0] += 31.0
+    shown = _record(logging.ERROR, refused.format(9))
+    assert repeats.filter(shown)
+    assert shown.getMessage() == (
+        "FAIL [rdkafka#consumer-1] " + refused.format(9) + " (5 more like it in the 31 s since it was last shown)"
+    )
+    now[0] += 1.0
+    assert not repeats.filter(_record(logging.ERROR, refused.format(0)))
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses connections (bound, never listening) for as long as the test runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def test_a_client_without_a_broker_logs_one_line_not_one_per_attempt(
+    refusing_port: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from confluent_kafka import Consumer, KafkaException
+
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = kept.append  # type: ignore[method-assign]
+    logger = logging.getLogger(RDKAFKA_LOGGER)
+    logger.addHandler(handler)
+    consumer = Consumer(kafka.consumer_settings(KafkaClientConfig(f"127.0.0.1:{refusing_port}"), None))
+    try:
+        with pytest.raises(KafkaException):
+            consumer.list_topics("t", timeout=2)  # librdkafka retries the connection many times meanwhile
+        for _ in range(5):
+            consumer.poll(0.1)  # where a consumer hands its log messages over
+    finally:
+        consumer.close()
+        logger.removeHandler(handler)
+    refused = [r for r in kept if "Connection refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in kept]
+    assert "Connection refused" not in capfd.readouterr().err  # nothing straight to stderr
+
+
+def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
+    refusing_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 2.0)
+    args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames", "--output_topic", "maps"]
+    assert com_pipeline.main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: the pipeline failed after" in last
+    assert f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 2 s (reading topic 'frames')" in last

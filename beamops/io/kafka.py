@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_sparse_batch
-from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition, redact
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition
 from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
 from beamops.results import ComMap
 
@@ -141,6 +141,9 @@ def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounde
     }
 
 
+METADATA_TIMEOUT_S = 30.0  # how long a read waits for the broker to answer before it fails
+
+
 def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
     from confluent_kafka import Consumer
 
@@ -151,7 +154,7 @@ def _offsets_at(consumer: Any, topic: str, ends: dict[int, tuple[int, int]], ms:
     """Per partition, the first offset whose timestamp is >= ``ms`` (the end if there is none)."""
     from confluent_kafka import TopicPartition
 
-    found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in ends], timeout=30)
+    found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in ends], timeout=METADATA_TIMEOUT_S)
     return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition][1] for tp in found}
 
 
@@ -163,24 +166,33 @@ class _ResolvePartitionsFn(beam.DoFn):
         self._params = params
 
     def process(self, topic: str) -> Iterator[PartitionRead]:
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         p = self._params
         start = ReadPosition.parse(p.start, stop=False)
         stop = ReadPosition.parse(p.stop, stop=True)
         consumer = _consumer(self._client, p.group_id)
         try:
-            meta = consumer.list_topics(topic, timeout=30)
+            try:
+                meta = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+            except KafkaException as exc:
+                raise RuntimeError(
+                    f"cannot reach Kafka at {self._client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s "
+                    f"(reading topic {topic!r}): {exc.args[0].str()}"
+                ) from exc
             info = meta.topics.get(topic)
             if info is None or info.error is not None or not info.partitions:
                 raise ValueError(f"Kafka topic {topic!r} does not exist on {self._client.bootstrap_servers}")
             partitions = sorted(info.partitions)
-            ends = {q: consumer.get_watermark_offsets(TopicPartition(topic, q), timeout=30) for q in partitions}
+            ends = {
+                q: consumer.get_watermark_offsets(TopicPartition(topic, q), timeout=METADATA_TIMEOUT_S)
+                for q in partitions
+            }
             committed = {}
             if start.kind == "committed":
                 if not p.group_id:
                     raise ValueError("start=committed needs a group_id")
-                found = consumer.committed([TopicPartition(topic, q) for q in partitions], timeout=30)
+                found = consumer.committed([TopicPartition(topic, q) for q in partitions], timeout=METADATA_TIMEOUT_S)
                 committed = {tp.partition: tp.offset for tp in found}
 
             start_times = _offsets_at(consumer, topic, ends, start.timestamp_ms) if start.kind == "timestamp" else {}
@@ -244,7 +256,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
         self._last_lag_check: dict[tuple[str, int], float] = {}
-        log.info("kafka reader for %r with %r", self._params.topic, redact(self._client.client()))
+        log.info("kafka reader for %r with %r", self._params.topic, self._client)
 
     def teardown(self) -> None:
         for consumer in self._consumers.values():

@@ -4,17 +4,26 @@ Any librdkafka setting (SASL and SSL included) can be given, from a file
 (Java-properties ``key=value`` lines, or a JSON object) and from ``key=value``
 overrides. Values whose key looks secret (password, secret, token, private
 key) never appear in ``repr``, logs or metrics.
+
+Every client made from a :class:`KafkaClientConfig` sends librdkafka's own
+messages to the Python logger ``beamops.kafka.rdkafka``, which lets the first
+of a run of like warnings through and then one per 30 s with a count of the
+others: while a broker is unreachable, librdkafka logs each connection attempt,
+hundreds a second during a metadata request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 # The largest message beamops writes and its broker accepts. Kafka's default is 1 MB, and a batch of
 # dense frames (663 KB per 576x576 frame), a batch of 1000 counted frames at 500 events each (2 MB) or
@@ -32,6 +41,59 @@ def is_secret(key: str) -> bool:
 def redact(settings: Mapping[str, str]) -> dict[str, str]:
     """The settings with secret values replaced by '***'."""
     return {k: ("***" if is_secret(k) else v) for k, v in settings.items()}
+
+
+RDKAFKA_LOGGER = "beamops.kafka.rdkafka"
+_ELAPSED = re.compile(r"\d+ms\b")  # "(after 12ms in state CONNECT)": the only part that varies between repeats
+
+
+class CollapseRepeats(logging.Filter):
+    """Passes the first of a run of like warnings (or worse), then one per ``every_s`` seconds
+    that says how many were held back. Messages that differ only in durations (``12ms``) are
+    alike, whichever client logged them; below WARNING everything passes (librdkafka's ``debug``
+    output, which a user asks for)."""
+
+    def __init__(self, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[int, str], list[float]] = {}  # (level, message) -> [passed at, held back since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, message): the client name is left out.
+        args = record.args if isinstance(record.args, tuple) else ()
+        text = f"{args[0]} {args[2]}" if len(args) == 3 else record.getMessage()
+        key = (record.levelno, _ELAPSED.sub("#ms", text))
+        now = self._clock()
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None and now - run[0] < self._every_s:
+                run[1] += 1
+                return False
+            held, since = (int(run[1]), now - run[0]) if run is not None else (0, 0.0)
+            if len(self._runs) >= 1024:  # forget runs that ended long ago
+                self._runs = {k: r for k, r in self._runs.items() if now - r[0] < self._every_s}
+            self._runs[key] = [now, 0]
+        if held:
+            suffix = f" ({held} more like it in the {since:.0f} s since it was last shown)"
+            record.msg, record.args = record.getMessage() + suffix, ()
+        return True
+
+
+def rdkafka_logger() -> logging.Logger:
+    """The logger for librdkafka's messages (confluent-kafka's ``logger`` setting), repeats collapsed.
+
+    Its level is DEBUG, so librdkafka's ``debug`` output shows whatever the root level; librdkafka
+    writes debug messages only when that setting asks for them.
+    """
+    logger = logging.getLogger(RDKAFKA_LOGGER)
+    if not any(isinstance(f, CollapseRepeats) for f in logger.filters):
+        logger.addFilter(CollapseRepeats())
+        logger.setLevel(logging.DEBUG)
+    return logger
 
 
 def _parse_properties(text: str, source: str) -> dict[str, str]:
@@ -79,8 +141,9 @@ class KafkaClientConfig:
         settings.update(_parse_properties("\n".join(overrides), "--kafka_config"))
         return cls(bootstrap_servers, settings)
 
-    def client(self, **extra: str | int | bool) -> dict[str, str | int | bool]:
-        return {"bootstrap.servers": self.bootstrap_servers, **self.settings, **extra}
+    def client(self, **extra: str | int | bool) -> dict[str, Any]:
+        """The settings of a confluent-kafka client: these, then ``extra``, and the logger librdkafka logs to."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.settings, **extra, "logger": rdkafka_logger()}
 
 
 def _timestamp_ms(text: str) -> int:

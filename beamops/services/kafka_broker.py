@@ -162,7 +162,7 @@ def _random_cluster_id() -> str:
 
 def _quiet_rdkafka_logger() -> logging.Logger:
     # librdkafka logs every refused connection at ERROR while a broker starts or restarts.
-    logger = logging.getLogger("beamops.kafka.rdkafka")
+    logger = logging.getLogger(f"{__name__}.rdkafka")  # not kafka_config.RDKAFKA_LOGGER: this one drops all
     logger.propagate = False
     logger.addHandler(logging.NullHandler())
     return logger
