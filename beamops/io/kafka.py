@@ -219,8 +219,37 @@ class _ResolvePartitionsFn(beam.DoFn):
                 continue  # offset:P=N lists only some partitions
             if stop.kind == "offset" and end is None:
                 end = begin  # the stop map does not name this partition: read nothing from it
+            begin = _start_in_log(topic, q, begin, end, low, high)
             log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, end, low, high)
-            yield PartitionRead(topic, q, max(begin, 0), end)
+            if end is not None and end > max(begin, high):
+                log.warning(
+                    "kafka read %s[%d]: the stop offset %d is past the end of the log (next offset %d): "
+                    "the read waits for offsets up to it to be written",
+                    topic, q, end, high,
+                )  # fmt: skip
+            yield PartitionRead(topic, q, begin, end)
+
+
+def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: int, high: int) -> int:
+    """Where a read of a partition whose log holds offsets ``low..high-1`` starts, asked for ``begin``.
+
+    Offsets before ``low`` are gone (retention, compaction, deleted records): the read starts at
+    ``low`` and says so. A start past ``high`` with something to read is refused: Kafka cannot fetch
+    an offset not yet written, and its consumer would jump back to the beginning of the log.
+    """
+    if begin < low:
+        log.warning(
+            "kafka read %s[%d]: offsets %d..%d are no longer in the log (retention or compaction removed "
+            "them): the read starts at %d",
+            topic, partition, begin, low - 1, low,
+        )  # fmt: skip
+        return low
+    if begin > high and (end is None or end > begin):
+        raise ValueError(
+            f"Kafka topic {topic!r} partition {partition}: the start offset {begin} is past the end of its "
+            f"log (next offset {high}); start at {high} or before"
+        )
+    return begin
 
 
 class _PartitionRestrictions(RestrictionProvider):

@@ -670,6 +670,39 @@ def test_start_and_stop_by_timestamp(kafka_broker, numbered_topic, start, stop, 
     assert read_range(kafka_broker, numbered_topic, start, stop) == sorted(expected)
 
 
+def test_a_start_before_deleted_records_reads_what_is_left_and_says_what_is_gone(kafka_broker, numbered_topic):
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
+    for future in admin.delete_records([TopicPartition(numbered_topic, 0, 2)]).values():
+        future.result(timeout=30)  # partition 0 now holds offsets 2..5: messages 6, 9, 12, 15
+    with log_records("beamops.io.kafka", logging.WARNING) as warnings:
+        numbers = read_range(kafka_broker, numbered_topic, "offset:1", "latest")
+    assert numbers == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # offset 1 of partition 0 (message 3) is gone
+    gone = [r.getMessage() for r in warnings if "no longer in the log" in r.getMessage()]
+    assert gone == [f"kafka read {numbered_topic}[0]: offsets 1..1 are no longer in the log (retention or "
+                    "compaction removed them): the read starts at 2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["never", "offset:9"])
+def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic, stop):
+    """Kafka cannot fetch offsets not yet written (its consumer would go back to the beginning)."""
+    refused = r"partition 0: the start offset 7 is past the end of its log \(next offset 6\)"
+    with pytest.raises(Exception, match=refused):
+        run_source(kafka_broker, numbered_topic, start="offset:7", stop=stop)
+
+
+def test_a_stop_past_the_end_of_the_log_says_the_read_waits_for_it(kafka_broker, numbered_topic):
+    from beamops.io.kafka import ReadFromKafkaParams, _ResolvePartitionsFn
+
+    params = ReadFromKafkaParams(topic=numbered_topic, start="earliest", stop="offset:0=9,1=5")
+    with log_records("beamops.io.kafka", logging.WARNING) as warnings:
+        reads = list(_ResolvePartitionsFn(client_of(kafka_broker), params).process(numbered_topic))
+    assert [(r.partition, r.start, r.stop) for r in reads] == [(0, 0, 9), (1, 0, 5), (2, 0, 0)]
+    assert [r.getMessage() for r in warnings] == [
+        f"kafka read {numbered_topic}[0]: the stop offset 9 is past the end of the log (next offset 6): "
+        "the read waits for offsets up to it to be written"
+    ]
+
+
 def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
     """--start/--stop by timestamp pick exactly the messages of the middle scan of three."""
     topic = kafka_broker.new_topic(partitions=2)
