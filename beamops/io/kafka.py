@@ -73,7 +73,10 @@ class ReadFromKafkaParams(OperatorParams):
     )
     start: str = Field(
         "earliest",
-        description="earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms or ISO-8601).",
+        description=(
+            "earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms or ISO-8601). An offset no "
+            "longer in the log starts at the log's start, with a warning; one past its end is an error."
+        ),
     )
     stop: str = Field(
         "latest",
