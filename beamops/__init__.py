@@ -22,6 +22,7 @@ from beamops.operator import (
     OperatorParameterError,
     OperatorParams,
     Port,
+    WorkerEnvironmentError,
     operator,
 )
 from beamops.ports import PortTypeError, register_port_type
@@ -53,6 +54,7 @@ __all__ = [
     "Port",
     "PortTypeError",
     "SparseFrameBatch",
+    "WorkerEnvironmentError",
     "decode_batch",
     "encode_batch",
     "operator",

@@ -87,8 +87,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     ops = discover()
     for name, op in ops.items():
         path = out / name / "operator.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(op.spec().to_json())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(op.spec().to_json())
+        except OSError as exc:
+            print(f"beamops: cannot write {path}: {exc}", file=sys.stderr)
+            return 1
         OperatorSpec.load(path)  # what we write must load under the same model
         print(path)
     print(f"exported {len(ops)} operators to {out}", file=sys.stderr)
@@ -153,7 +157,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from beamops.runner import run, setup_logging
 
     setup_logging()
-    return run({}, beam_args, build_fn=lambda pipeline, _values: definition.build(pipeline))
+    return run({}, beam_args, lambda pipeline, _values: definition.build(pipeline), prog="beamops pipeline run")
 
 
 def _pipeline_parser(sub: Any) -> None:
@@ -187,6 +191,14 @@ def _pipeline_parser(sub: Any) -> None:
     run.add_argument("beam_args", nargs=argparse.REMAINDER, metavar="BEAM_OPTION", help="Beam pipeline options")
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port to listen on, 1..65535."""
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {text!r}")
+    return port
+
+
 def _service_parser(sub: Any, name: str, help_text: str, port: int, func: Any, start_timeout: float) -> Any:
     """``beamops NAME up|down|status [--port]`` for a local server."""
     actions = sub.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
@@ -195,7 +207,7 @@ def _service_parser(sub: Any, name: str, help_text: str, port: int, func: Any, s
     status = actions.add_parser("status", help="is it running; exit status 3 when not")
     status.add_argument("--json", action="store_true")
     for action, timeout in ((up, start_timeout), (down, 30.0), (status, None)):
-        action.add_argument("--port", type=int, default=port, help=f"port on 127.0.0.1 (default {port})")
+        action.add_argument("--port", type=tcp_port, default=port, help=f"port on 127.0.0.1 (default {port})")
         if timeout is not None:
             action.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
         action.set_defaults(func=func)

@@ -17,6 +17,7 @@ each one forwards the dead letters of the operators before it.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import time
 import typing
@@ -44,6 +45,7 @@ from beamops.spec import (
 
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "beamops"
+_log = logging.getLogger("beamops.deadletter")
 DEFAULT_IMAGE = "beamops/worker-pool"
 
 register_port_type(DeadLetter, DEAD_LETTER)
@@ -65,6 +67,15 @@ class OperatorParameterError(ValueError):
 
 class OperatorDefinitionError(TypeError):
     """An operator class is declared wrongly (found at import time)."""
+
+
+class WorkerEnvironmentError(RuntimeError):
+    """What the worker lacks (a GPU, a writable directory), not what is wrong with an element.
+
+    Operators raise it instead of sending the element to dead letters: the bundle fails, the
+    runner retries it and, if the cause stays, the job fails and says why. A dead letter would
+    hold a good element, and every other element would follow it there.
+    """
 
 
 @dataclass(frozen=True)
@@ -105,12 +116,35 @@ class OperatorOutputs(dict):
 class OperatorMetrics:
     """Beam metrics in the ``beamops`` namespace, shared by all operator DoFns."""
 
-    def __init__(self) -> None:
+    # A bad stream can send every element to dead letters: log the first at once, then one line per
+    # interval (per DoFn instance) with how many followed.
+    LOG_EVERY_S: ClassVar[float] = 30.0
+
+    def __init__(self, operator: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.operator = operator
+        self._clock = clock
         self.batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self.frames_in = Metrics.counter(METRICS_NAMESPACE, "frames_in")
         self.frames_out = Metrics.counter(METRICS_NAMESPACE, "frames_out")
         self.errors = Metrics.counter(METRICS_NAMESPACE, "errors")
         self.latency_us = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_us")
+        self._logged_at = -float("inf")
+        self._unlogged = 0
+
+    def dead_letter(self, letter: DeadLetter) -> DeadLetter:
+        """Count ``letter`` as an error and log it (at most one line per LOG_EVERY_S); return it."""
+        self.errors.inc()
+        self._unlogged += 1
+        now = self._clock()
+        if now - self._logged_at >= self.LOG_EVERY_S:
+            where = f" ({' '.join(f'{k}={v}' for k, v in letter.origin.items())})" if letter.origin else ""
+            if self._unlogged == 1:
+                what = f"an element{where} went to dead letters"
+            else:
+                what = f"{self._unlogged} more elements went to dead letters, the latest{where}"
+            _log.warning("%s: %s: %s", self.operator, what, letter.error)
+            self._logged_at, self._unlogged = now, 0
+        return letter
 
     def observe(self, element: Any, started: float) -> None:
         self.batches.inc()
@@ -311,7 +345,7 @@ class _BatchFnDoFn(beam.DoFn):
     def setup(self) -> None:
         self._fn = self._operator_cls.fn
         self._name = self._operator_cls.name
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics(self._name)
 
     def process(self, element: Any) -> Iterator[Any]:
         started = time.perf_counter()
@@ -319,9 +353,11 @@ class _BatchFnDoFn(beam.DoFn):
             result = self._fn(element, self._params)
             # A generator runs only when iterated: drain it here so its errors become dead letters too.
             items = [] if result is None else list(result) if isinstance(result, Iterator) else [result]
+        except WorkerEnvironmentError:
+            raise
         except Exception as exc:  # the element goes to dead letters; the stream goes on
-            self._metrics.errors.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, element, exc))
+            letter = self._metrics.dead_letter(DeadLetter.from_exception(self._name, element, exc))
+            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
         finally:
             self._metrics.observe(element, started)

@@ -5,6 +5,8 @@ Shared by the jobs (``python -m jobs.<name>``) and ``beamops pipeline run``.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import sys
 import time
@@ -14,10 +16,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beamops.operator import OperatorParameterError
+from beamops.operator import METRICS_NAMESPACE, OperatorParameterError
 
 # Beam's in-process batch engine (the DirectRunner's FnApiRunner), named so it never tries to download Prism.
 DEFAULT_RUNNER = "FnApiRunner"
+# Runners that run the pipeline in this process; any other one is portable and gets unknown options.
+IN_PROCESS_RUNNERS = frozenset({"fnapi", "direct", "bundlebaseddirect", "switchingdirect"})
 log = logging.getLogger("beamops.runner")
 
 
@@ -57,35 +61,106 @@ def flink_defaults(beam_args: list[str]) -> list[str]:
     return [*beam_args, *(a for a in extra if _given(beam_args, a[2:].split("=")[0]) is None)]
 
 
-def run(values: dict[str, Any], beam_args: list[str], build_fn: Callable[[beam.Pipeline, dict[str, Any]], None]) -> int:
+def run(
+    values: dict[str, Any],
+    beam_args: list[str],
+    build_fn: Callable[[beam.Pipeline, dict[str, Any]], None],
+    prog: str,
+) -> int:
     """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
-    anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it."""
+    anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it. ``prog``
+    (``python -m jobs.com_pipeline``) starts the error lines."""
     runner = _given(beam_args, "runner")
+    unknown = unknown_arguments(beam_args, forwarded=_runner_key(runner) not in IN_PROCESS_RUNNERS)
+    if unknown:
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
     if runner is None:
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     started = time.monotonic()
     try:
-        if runner is not None and runner.lower().removesuffix("runner") == "flink":
+        if _runner_key(runner) == "flink":
             beam_args = flink_defaults(beam_args)
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         build_fn(pipeline, values)
     except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
-        print(f"{_program()}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     log.info("running on %s", pipeline.options.get_all_options()["runner"])
     try:
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        result.wait_until_finish()
     except Exception as exc:  # the worker's traceback is in the runner's log; here its message is enough
         log.debug("pipeline failed", exc_info=True)
         took = time.monotonic() - started
-        print(f"{_program()}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
+        print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
         return 1
     log.info("done in %.1f s", time.monotonic() - started)
+    dead = dead_letter_counts(result)
+    if dead:
+        counts = ", ".join(f"{step} {n}" for step, n in sorted(dead.items()))
+        total = sum(dead.values())
+        log.warning("%d element%s went to dead letters (%s)", total, "" if total == 1 else "s", counts)
     return 0
 
 
-def _program() -> str:
-    return sys.argv[0] if sys.argv else "job"
+def _runner_key(runner: str | None) -> str:
+    return (runner or DEFAULT_RUNNER).lower().removesuffix("runner")
+
+
+def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str]:
+    """The arguments neither the job nor any Beam pipeline option knows, each with a close match if any.
+
+    In process, Beam only logs and drops them, so a mistyped ``--crop-radius 30`` would run uncropped.
+    With ``forwarded`` (a portable runner such as Flink), Beam hands ``--name[=value]`` options it does
+    not know to the runner's job server, whose Java options they may be (``--checkpointing_interval``):
+    only what Beam cannot forward is unknown then, a bare word or a ``--dashed-name``.
+    """
+    parsers: list[argparse.ArgumentParser] = []
+    # Beam's parser of every PipelineOptions subclass (the job's options among them), as Beam builds it;
+    # its own "Discarding unparseable args" warning would only repeat the error this leads to.
+    beam_options_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_options_log.level
+    beam_options_log.setLevel(logging.ERROR)
+    try:
+        PipelineOptions(beam_args).get_all_options(add_extra_args_fn=parsers.append)
+    finally:
+        beam_options_log.setLevel(level)
+    (parser,) = parsers
+    _, unknown = parser.parse_known_args(beam_args)
+    known = [option for action in parser._actions for option in action.option_strings]
+    named = []
+    value_of_forwarded = False
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        may_be_a_value, value_of_forwarded = value_of_forwarded, False
+        if forwarded and may_be_a_value and not arg.startswith("-"):
+            continue
+        if forwarded and name.startswith("--") and "-" not in name[2:]:
+            value_of_forwarded = "=" not in arg
+            continue
+        match = difflib.get_close_matches(name, known, n=1) if arg.startswith("-") else []
+        named.append(f"{arg} (did you mean {match[0]}?)" if match else arg)
+    return named
+
+
+def dead_letter_counts(result: Any) -> dict[str, int]:
+    """Per operator step, how many elements the finished pipeline sent to dead letters (the errors counter)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name("errors")
+    try:
+        counters = result.metrics().query(query)["counters"]
+    except Exception:  # a runner without metrics: nothing to report, and no reason to fail a finished job
+        log.debug("no metrics from the runner", exc_info=True)
+        return {}
+    counts: dict[str, int] = {}
+    for counter in counters:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        if value:
+            step = counter.key.step.split("/")[0]
+            counts[step] = counts.get(step, 0) + int(value)
+    return counts
 
 
 def setup_logging() -> None:

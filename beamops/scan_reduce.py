@@ -276,7 +276,7 @@ class ScanReduceFn(beam.DoFn):
     def setup(self) -> None:
         _weigh_state_without_module_scan()
         self._log = logging.getLogger(type(self).__module__)
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics(self._name)
         self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
         self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
         self._progressive = Metrics.counter(METRICS_NAMESPACE, self.progressive_metric)
@@ -301,8 +301,8 @@ class ScanReduceFn(beam.DoFn):
             acc = state.acc or self.new_accumulator(batch)
             duplicates = acc.add(batch)
         except Exception as exc:  # the batch goes to dead letters; the scan goes on
-            self._metrics.errors.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(self._name, batch, exc))
+            letter = self._metrics.dead_letter(DeadLetter.from_exception(self._name, batch, exc))
+            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
         finally:
             self._metrics.observe(batch, started)
@@ -364,7 +364,8 @@ class ScanReduceFn(beam.DoFn):
             self._timed_out.inc()
             self._metrics.frames_out.inc(acc.frames_seen)
             self._log.warning(
-                "scan %d flushed incomplete after %.0f s without frames: %d frames, %d of %d positions",
+                "scan %d flushed incomplete (no frames for %.0f s of event time, or the input ended): "
+                "%d frames, %d of %d positions",
                 key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
             )  # fmt: skip
             yield from self.outputs(acc, final=True)

@@ -40,6 +40,11 @@ from transforms.write_dead_letters import write_dead_letters
 
 OPERATORS = (simulated_scan, com_partial, com_reduce, write_com_map)
 DEFAULT_OUT_DIR = "out"
+PROG = "python -m jobs.com_pipeline"
+KAFKA_OPTIONS = (
+    "input_topic", "output_topic", "dead_letter_topic", "group_id", "start", "stop",
+    "kafka_config_file", "kafka_config", "create_topics",
+)  # fmt: skip
 log = logging.getLogger("jobs.com_pipeline")
 
 
@@ -60,11 +65,18 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     """Wire source -> com_partial -> com_reduce -> sinks with the given option values."""
     from_kafka = bool(values.get("bootstrap_servers"))
     out_dir = values.get("out_dir") or DEFAULT_OUT_DIR
+    kafka_only = [f"--{name}" for name in KAFKA_OPTIONS if values.get(name)]
+    if kafka_only and not from_kafka:
+        # Else the job would quietly run on the simulated scan, and its map could pass for real data.
+        verb = "needs" if len(kafka_only) == 1 else "need"
+        raise OperatorParameterError(f"{', '.join(kafka_only)} {verb} --bootstrap_servers (the Kafka brokers)")
     if from_kafka:
         if not values.get("input_topic"):
             raise OperatorParameterError("--bootstrap_servers needs --input_topic")
         if not values.get("output_topic") and not values.get("out_dir"):
             raise OperatorParameterError("--bootstrap_servers needs --output_topic or --out_dir for the maps")
+        if values["input_topic"] in (values.get("output_topic"), values.get("dead_letter_topic")):
+            raise OperatorParameterError(f"--input_topic {values['input_topic']!r} cannot also be an output topic")
         client = kafka_client(values)
         if values.get("create_topics"):
             for topic in (values.get("output_topic"), values.get("dead_letter_topic")):
@@ -97,9 +109,9 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         all_dead | write_dead_letters(out_dir=out_dir)
 
 
-def parse_args(argv: Sequence[str], prog: str = "python -m jobs.com_pipeline") -> tuple[dict[str, Any], list[str]]:
+def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=PROG,
         description="Center-of-mass map of 4D-STEM scans, from a simulated scan or a Kafka topic.",
         epilog=(
             "Any Beam pipeline option is also accepted and passed to Beam, e.g. --runner "
@@ -115,7 +127,7 @@ def parse_args(argv: Sequence[str], prog: str = "python -m jobs.com_pipeline") -
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run(values, beam_args, build)
+    return run(values, beam_args, build, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from beamops.options import add_kafka_arguments, add_operator_arguments
 from beamops.runner import run, setup_logging
 from jobs import com_pipeline
 
+PROG = "python -m jobs.replay"
+
 
 def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     for required in ("bootstrap_servers", "input_topic", "start", "stop"):
@@ -45,7 +47,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.replay",
+        prog=PROG,
         description="Reprocess a range of a frames topic into a separate topic or directory, without a consumer group.",
         epilog="Beam pipeline options (--runner, ...) are passed to Beam, as for jobs.com_pipeline.",
     )
@@ -61,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run(values, beam_args, build)
+    return run(values, beam_args, build, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from beamops.cli import main as beamops_main
 from beamops.registry import discover
-from beamops.runner import flink_defaults
+from beamops.runner import flink_defaults, unknown_arguments
 from beamops.simulate import ScanSimulation
 from beamops.spec import OperatorSpec
 from jobs import com_pipeline
@@ -60,6 +60,22 @@ def test_export_writes_one_valid_operator_json_each(tmp_path: Path) -> None:
         assert json.loads(path.read_text())["id"] == str(spec.id)
 
 
+def test_export_into_a_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert beamops_main(["operators", "export", str(taken)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"beamops: cannot write {taken}/") and "Not a directory" in line
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "x"])
+def test_a_server_port_outside_1_to_65535_is_a_usage_error(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        beamops_main(["kafka", "up", "--port", port])
+    assert exited.value.code == 2
+    assert f"a port is a number from 1 to 65535, not '{port}'" in capsys.readouterr().err
+
+
 def test_job_help_documents_every_operator_parameter() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "jobs.com_pipeline", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
@@ -75,6 +91,9 @@ def test_job_rejects_an_invalid_parameter_before_running(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert "com_partial" in err and "crop_radius" in err
     assert not list(tmp_path.iterdir())
+
+
+SMALL_SCAN = ["--scan_rows", "6", "--scan_cols", "5", "--events_per_frame", "50"]
 
 
 def test_job_writes_the_com_map_and_its_picture(tmp_path: Path) -> None:
@@ -112,3 +131,71 @@ def test_flink_runner_without_a_job_server_jar_is_a_clear_error(
     monkeypatch.setenv("BEAMOPS_FLINK_JOB_SERVER_JAR", str(tmp_path / "missing.jar"))
     assert com_pipeline.main(["--runner=FlinkRunner", "--out_dir", str(tmp_path)]) == 2
     assert "BEAMOPS_FLINK_JOB_SERVER_JAR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--crop-radius", "30"], "unrecognized arguments: --crop-radius (did you mean --crop_radius?) 30"),
+        (["stray"], "unrecognized arguments: stray"),
+    ],
+)
+def test_an_argument_nobody_knows_is_an_error_not_a_default_run(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert com_pipeline.main([*args, "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Discarding unparseable args" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_portable_runner_gets_the_options_beam_forwards_to_its_job_server() -> None:
+    args = ["--checkpointing_interval=2000", "--state_backend", "rocksdb", "--crop-radius", "30", "stray"]
+    assert unknown_arguments(args, forwarded=True) == ["--crop-radius (did you mean --crop_radius?)", "30", "stray"]
+    assert unknown_arguments(args)[:3] == args[:3]  # in process, nobody would read them
+    assert unknown_arguments(["--runner=FlinkRunner", "--parallelism=2", "--streaming"]) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--input_topic", "frames"], "--input_topic needs --bootstrap_servers"),
+        (["--start", "earliest", "--group_id", "g"], "--group_id, --start need --bootstrap_servers"),
+        (
+            ["--bootstrap_servers", "127.0.0.1:9", "--input_topic", "frames", "--output_topic", "frames"],
+            "--input_topic 'frames' cannot also be an output topic",
+        ),
+        (
+            ["--bootstrap_servers", "127.0.0.1:9", "--input_topic", "t", "--out_dir", "o", "--dead_letter_topic", "t"],
+            "--input_topic 't' cannot also be an output topic",
+        ),
+    ],
+)
+def test_kafka_options_that_cannot_work_are_refused_before_running(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert com_pipeline.main(args) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_an_output_directory_that_cannot_be_made_fails_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a directory")
+    assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(blocker / "maps")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: the pipeline failed after" in last and f"cannot make the output directory '{blocker}" in last
+    assert blocker.read_text() == "a file, not a directory"
+
+
+def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transforms import _cuda_kernels
+
+    monkeypatch.setattr(_cuda_kernels, "cuda_available", lambda: False)
+    assert com_pipeline.main([*SMALL_SCAN, "--device", "cuda", "--out_dir", str(tmp_path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "device='cuda' was requested but numba sees no CUDA GPU" in last
+    assert not (tmp_path / "dead_letters").exists() and not list(tmp_path.glob("*_com.npz"))

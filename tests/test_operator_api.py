@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,7 +34,9 @@ from beamops import (
     decode_batch,
     operator,
     register_port_type,
+    runner,
 )
+from beamops.operator import OperatorMetrics
 from beamops.spec import OperatorSpec, ParameterType, stable_operator_id
 from beamops.testing import RunResult, ScanSimulation, run_operator
 from transforms.com_partial import com_partial
@@ -435,6 +438,44 @@ def test_none_result_emits_nothing() -> None:
 def test_exception_inside_an_iterator_result_goes_to_dead_letters() -> None:
     result = run_operator(explode_late(), BATCHES[:1])
     assert [d.operator for d in result.dead_letters] == ["explode_late"]
+
+
+def test_dead_letters_are_logged_at_once_then_once_per_interval_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    caplog.set_level(logging.WARNING, logger="beamops.deadletter")
+    metrics = OperatorMetrics("threshold_frames", clock=lambda: now[0])
+    letters = [DeadLetter("op", "ValueError", f"bad {i}", b"", "none", origin={"batch": i}) for i in range(5)]
+    for letter in letters[:3]:
+        assert metrics.dead_letter(letter) is letter
+        now[0] += 1.0
+    now[0] += OperatorMetrics.LOG_EVERY_S
+    metrics.dead_letter(letters[3])
+    metrics.dead_letter(letters[4])
+    assert [r.getMessage() for r in caplog.records] == [
+        "threshold_frames: an element (batch=0) went to dead letters: bad 0",
+        "threshold_frames: 3 more elements went to dead letters, the latest (batch=3): bad 3",
+    ]
+
+
+def test_a_job_that_dead_letters_logs_it_while_running_and_sums_it_up_at_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def build(pipeline: beam.Pipeline, _values: dict[str, Any]) -> None:
+        batches = pipeline | beam.Create(BATCHES)
+        for failing in (0, 2):
+            batches | f"fail_{failing}" >> threshold_frames(fail_on_batch=failing)
+
+    caplog.set_level(logging.INFO)
+    assert runner.run({}, [], build, prog="test") == 0
+    logged = [r.getMessage() for r in caplog.records if r.name == "beamops.deadletter"]
+    assert sorted(logged) == [
+        f"threshold_frames: an element (source=simulator scan=1 batch={b}) went to dead letters: "
+        f"refusing batch {b} of scan 1"
+        for b in (0, 2)
+    ]
+    (summary,) = [r for r in caplog.records if r.name == "beamops.runner" and "dead letters" in r.getMessage()]
+    assert summary.levelno == logging.WARNING
+    assert summary.getMessage() == "2 elements went to dead letters (fail_0 1, fail_2 1)"
 
 
 def test_process_runs_the_kernel_outside_beam() -> None:

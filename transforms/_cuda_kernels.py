@@ -46,6 +46,7 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda
 
+from beamops.operator import WorkerEnvironmentError
 from transforms._crop_modes import BOX, CIRCLE, NO_CROP
 
 __all__ = [
@@ -95,7 +96,8 @@ def resolve_device(device: str) -> str:
     ``auto`` picks ``cuda`` when numba sees a GPU and ``cpu`` otherwise, logging
     that once per process. The simulator does not count as a GPU for ``auto``
     (it is orders of magnitude slower than the CPU kernels), but ``cuda`` uses it.
-    ``cuda`` without a usable device raises RuntimeError.
+    ``cuda`` without a usable device raises WorkerEnvironmentError: the job fails, saying so,
+    instead of sending every batch to dead letters.
     """
     global _logged_cpu_fallback
     if device not in DEVICES:
@@ -105,7 +107,7 @@ def resolve_device(device: str) -> str:
     available = cuda_available()
     if device == "cuda":
         if not available:
-            raise RuntimeError(
+            raise WorkerEnvironmentError(
                 f"device='cuda' was requested but numba sees no CUDA GPU ({_cuda_error()}); "
                 "use device='cpu' or device='auto'"
             )

@@ -33,7 +33,7 @@ class _ReadFileFn(beam.DoFn):
         self._params = params
 
     def setup(self) -> None:
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics("read_hdf5_frames")
 
     def process(self, path: str) -> Iterator[object]:
         p = self._params
@@ -44,8 +44,8 @@ class _ReadFileFn(beam.DoFn):
                 yield TimestampedValue(batch.with_origin({"file": path}), frames_before / p.frame_rate_hz)
                 frames_before += batch.n_frames
         except (OSError, ValueError) as exc:  # a bad file is a dead letter naming it; the pipeline goes on
-            self._metrics.errors.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception("read_hdf5_frames", path.encode(), exc))
+            letter = self._metrics.dead_letter(DeadLetter.from_exception("read_hdf5_frames", path.encode(), exc))
+            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
 
 
 class read_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators

@@ -53,7 +53,7 @@ class _SimulateBatchFn(beam.DoFn):
         self._params = params
 
     def setup(self) -> None:
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics("simulated_scan")
         self._scans: dict[int, ScanSimulation] = {}
 
     def process(self, element: tuple[int, int]) -> Iterator[object]:
@@ -64,8 +64,8 @@ class _SimulateBatchFn(beam.DoFn):
         try:
             batch = sim.batch(batch_index, p.batch_size)
         except Exception as exc:
-            self._metrics.errors.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception("simulated_scan", element, exc))
+            letter = self._metrics.dead_letter(DeadLetter.from_exception("simulated_scan", element, exc))
+            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
         self._metrics.frames_out.inc(batch.n_frames)
         first_frame = scan_index * sim.n_frames + batch_index * p.batch_size

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from beamops import ComMap, operator
-from beamops.io.files import PreviewThrottle, atomic_write
+from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
 from beamops.spec import Mount
 
@@ -81,8 +81,7 @@ def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | Non
             return None
         if not _previews.due((params.out_dir, com.scan_number), params.max_preview_interval_s):
             return None
-    out = Path(params.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(params.out_dir)
     stem = f"scan_{com.scan_number:06d}_com" + ("" if com.final else "_latest")
     npz = out / f"{stem}.npz"
     atomic_write(

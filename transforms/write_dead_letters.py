@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from beamops import DeadLetter, OperatorParams, operator
-from beamops.io.files import atomic_write
+from beamops.io.files import atomic_write, output_dir
 from beamops.spec import Mount
 
 
@@ -33,11 +33,10 @@ class WriteDeadLettersParams(OperatorParams):
 )
 def write_dead_letters(letter: DeadLetter, params: WriteDeadLettersParams) -> Iterator[str]:
     """Write each dead letter as <operator>-<id>.json (what failed and why) and .bin (its bytes)."""
-    folder = Path(params.out_dir) / "dead_letters"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_dir(Path(params.out_dir) / "dead_letters")
     stem = folder / f"{letter.operator}-{uuid.uuid4().hex[:12]}"
     payload = stem.with_suffix(".bin")
-    payload.write_bytes(letter.payload)
+    atomic_write(payload, lambda fh: fh.write(letter.payload))
     meta = {
         "operator": letter.operator,
         "error_type": letter.error_type,

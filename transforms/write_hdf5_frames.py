@@ -17,6 +17,7 @@ from apache_beam.transforms.window import GlobalWindows, Sessions
 from pydantic import Field
 
 from beamops import DEAD_LETTER, DeadLetter, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops.io.files import output_dir
 from beamops.io.hdf5 import write_stempy_hdf5
 from beamops.operator import OperatorMetrics
 from beamops.spec import Mount
@@ -33,19 +34,19 @@ class _WriteScanFn(beam.DoFn):
         self._params = params
 
     def setup(self) -> None:
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics("write_hdf5_frames")
 
     def process(self, element: tuple[int, Iterable[SparseFrameBatch]]) -> Iterator[object]:
         scan, batches = element
         ordered = sorted(batches, key=lambda b: int(b.frame_numbers[0]) if b.n_frames else -1)
         path = Path(self._params.out_dir) / f"scan_{scan:06d}.h5"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            output_dir(path.parent)
             write_stempy_hdf5(path, ordered, overwrite=self._params.overwrite)
         except (OSError, ValueError) as exc:  # e.g. the file exists: every batch goes to dead letters
-            self._metrics.errors.inc()
             for batch in ordered:
-                yield pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception("write_hdf5_frames", batch, exc))
+                letter = self._metrics.dead_letter(DeadLetter.from_exception("write_hdf5_frames", batch, exc))
+                yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
         self._metrics.frames_in.inc(sum(b.n_frames for b in ordered))
         yield str(path)

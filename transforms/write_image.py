@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
-from beamops.io.files import PreviewThrottle, atomic_write
+from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.spec import Mount
 
 _previews = PreviewThrottle()
@@ -65,8 +65,7 @@ def write_image(image: Image, params: WriteImageParams) -> Iterator[str] | None:
             return None
         if not _previews.due((params.out_dir, image.name, image.scan_number), params.max_preview_interval_s):
             return None
-    out = Path(params.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(params.out_dir)
     stem = f"{image.name}_scan_{image.scan_number:06d}" + ("" if image.final else "_latest")
     png = out / f"{stem}.png"
     render_png(image, png, params.colormap)

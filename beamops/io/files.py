@@ -1,7 +1,10 @@
 """Writing result files that readers may be watching.
 
 Files are written under a temporary name and renamed, so a viewer polling the
-directory never sees half a file; live previews are throttled per key.
+directory never sees half a file; live previews are throttled per key. A
+directory or file that cannot be written raises WorkerEnvironmentError: the
+bundle fails and the job says why, instead of a good result going to dead
+letters (whose writer would fail the same way).
 """
 
 from __future__ import annotations
@@ -12,13 +15,28 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import BinaryIO
 
+from beamops.operator import WorkerEnvironmentError
+
+
+def output_dir(path: str | Path) -> Path:
+    """``path`` as a directory that exists (made with its parents if need be)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkerEnvironmentError(f"cannot make the output directory {str(folder)!r}: {exc}") from exc
+    return folder
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
 
 
 class PreviewThrottle:

@@ -284,7 +284,7 @@ class _ReadPartitionFn(beam.DoFn):
 
     def setup(self) -> None:
         self._consumers: dict[tuple[str, int], Any] = {}
-        self._metrics = OperatorMetrics()
+        self._metrics = OperatorMetrics(self._name)
         self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
         self._last_lag_check: dict[tuple[str, int], float] = {}
@@ -380,8 +380,7 @@ class _ReadPartitionFn(beam.DoFn):
             _check_headers(msg.headers())
             batch = decode_sparse_batch(raw)
         except FrameDecodeError as exc:
-            self._metrics.errors.inc()
-            letter = DeadLetter.from_raw(self._name, raw, exc, origin)
+            letter = self._metrics.dead_letter(DeadLetter.from_raw(self._name, raw, exc, origin))
             yield pvalue.TaggedOutput(DEAD_LETTER, TimestampedValue(letter, event_time))
             return
         self._metrics.observe(batch, started)
