@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,30 @@ def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: the pipeline failed after" in last
     assert f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 2 s (reading topic 'frames')" in last
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("timestamp:1700000000", "timestamps are in milliseconds since the epoch; for 1700000000 s give 1700000000000"),
+        ("timestamp:-5", "a timestamp cannot be negative"),
+        ("offset:-1", "offset -1 is negative"),
+        ("offset:-1=3", "partition -1 is negative"),
+        ("offset:0=1,0=2", "a partition is named twice"),
+    ],
+)
+def test_positions_that_would_read_the_wrong_messages_are_refused(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=f"bad start position {re.escape(repr(text))}: {re.escape(says)}"):
+        ReadPosition.parse(text, stop=False)
+
+
+def test_creating_a_topic_without_an_answer_says_so_in_one_line(
+    refusing_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 1.0)
+    servers = f"127.0.0.1:{refusing_port}"
+    args = ["--bootstrap_servers", servers, "--input_topic", "frames", "--output_topic", "maps", "--create_topics"]
+    assert com_pipeline.main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m jobs.com_pipeline: error: cannot create topic 'maps': no answer from Kafka at {servers} within 1 s"
+    )

@@ -74,8 +74,9 @@ class ReadFromKafkaParams(OperatorParams):
     start: str = Field(
         "earliest",
         description=(
-            "earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms or ISO-8601). An offset no "
-            "longer in the log starts at the log's start, with a warning; one past its end is an error."
+            "earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms, or ISO-8601: UTC if no "
+            "zone). An offset no longer in the log starts at the log's start, with a warning; one past its end is an "
+            "error."
         ),
     )
     stop: str = Field(
@@ -203,6 +204,13 @@ class _ResolvePartitionsFn(beam.DoFn):
         finally:
             consumer.close()
 
+        for position, what in ((start, "start"), (stop, "stop")):
+            named = set(position.offsets) if isinstance(position.offsets, dict) else set()
+            if named - set(partitions):
+                raise ValueError(
+                    f"the {what} position names partitions {sorted(named - set(partitions))} that Kafka topic "
+                    f"{topic!r} does not have (it has {partitions[0]}..{partitions[-1]})"
+                )
         for q in partitions:
             low, high = ends[q]
             begin = {
@@ -237,8 +245,8 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
     """Where a read of a partition whose log holds offsets ``low..high-1`` starts, asked for ``begin``.
 
     Offsets before ``low`` are gone (retention, compaction, deleted records): the read starts at
-    ``low`` and says so. A start past ``high`` with something to read is refused: Kafka cannot fetch
-    an offset not yet written, and its consumer would jump back to the beginning of the log.
+    ``low`` and says so. A start past ``high`` is refused: Kafka cannot fetch an offset not yet
+    written (its consumer would jump back to the beginning of the log). So is a stop before the start.
     """
     if begin < low:
         log.warning(
@@ -247,11 +255,13 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
             topic, partition, begin, low - 1, low,
         )  # fmt: skip
         return low
-    if begin > high and (end is None or end > begin):
+    if begin > high:
         raise ValueError(
             f"Kafka topic {topic!r} partition {partition}: the start offset {begin} is past the end of its "
             f"log (next offset {high}); start at {high} or before"
         )
+    if end is not None and end < begin:
+        raise ValueError(f"Kafka topic {topic!r} partition {partition}: the stop ({end}) is before the start ({begin})")
     return begin
 
 
@@ -483,7 +493,12 @@ def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, rep
     admin = AdminClient(client.client())
     future = admin.create_topics([NewTopic(topic, partitions, replication)], operation_timeout=30)[topic]
     try:
-        future.result(timeout=60)
+        future.result(timeout=METADATA_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise RuntimeError(
+            f"cannot create topic {topic!r}: no answer from Kafka at {client.bootstrap_servers} "
+            f"within {METADATA_TIMEOUT_S:g} s"
+        ) from exc
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise RuntimeError(f"cannot create topic {topic!r} on {client.bootstrap_servers}: {exc}") from exc

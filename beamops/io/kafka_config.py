@@ -146,10 +146,19 @@ class KafkaClientConfig:
         return {"bootstrap.servers": self.bootstrap_servers, **self.settings, **extra, "logger": rdkafka_logger()}
 
 
+# Kafka timestamps are in ms: 10**11 ms is March 1973, and 10**11 s is 30 centuries away.
+_SECONDS_NOT_MS = 10**11
+
+
 def _timestamp_ms(text: str) -> int:
     """Milliseconds since the epoch from an int (ms) or an ISO-8601 time (UTC if no zone)."""
     if re.fullmatch(r"-?\d+", text):
-        return int(text)
+        ms = int(text)
+        if ms < 0:
+            raise ValueError("a timestamp cannot be negative")
+        if ms < _SECONDS_NOT_MS:
+            raise ValueError(f"timestamps are in milliseconds since the epoch; for {ms} s give {ms * 1000}")
+        return ms
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -158,9 +167,19 @@ def _timestamp_ms(text: str) -> int:
 
 def _offsets(text: str) -> int | dict[int, int]:
     if "=" not in text:
-        return int(text)
-    pairs = (item.split("=", 1) for item in text.split(","))
-    return {int(p): int(o) for p, o in pairs}
+        return _offset(text)
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    offsets = {_offset(p, "partition"): _offset(o) for p, o in pairs}
+    if len(offsets) != len(pairs):
+        raise ValueError("a partition is named twice")
+    return offsets
+
+
+def _offset(text: str, what: str = "offset") -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{what} {value} is negative")
+    return value
 
 
 StartKind = Literal["earliest", "latest", "committed", "offset", "timestamp"]

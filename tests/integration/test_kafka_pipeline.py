@@ -646,7 +646,6 @@ def read_range(kafka_broker, topic: str, start: str, stop: str) -> list[int]:
         ("offset:0=2,2=1", "latest", [6, 9, 12, 15, 5, 8, 11, 14]),  # partition 1 not named: not read
         ("earliest", "offset:1=2", [1, 4]),  # only partition 1 has a stop
         ("offset:0=1,1=1,2=1", "offset:0=3,1=2,2=5", [3, 6, 4, 5, 8, 11, 14]),
-        ("offset:9", "latest", []),  # past the end
         ("latest", "latest", []),
     ],
 )
@@ -682,12 +681,30 @@ def test_a_start_before_deleted_records_reads_what_is_left_and_says_what_is_gone
                     "compaction removed them): the read starts at 2"]  # fmt: skip
 
 
-@pytest.mark.parametrize("stop", ["never", "offset:9"])
+@pytest.mark.parametrize("stop", ["never", "offset:9", "latest"])
 def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic, stop):
     """Kafka cannot fetch offsets not yet written (its consumer would go back to the beginning)."""
     refused = r"partition 0: the start offset 7 is past the end of its log \(next offset 6\)"
     with pytest.raises(Exception, match=refused):
         run_source(kafka_broker, numbered_topic, start="offset:7", stop=stop)
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "refused"),
+    [
+        ("offset:2", "offset:1", r"partition 0: the stop \(1\) is before the start \(2\)"),
+        (f"timestamp:{T0 + 8000}", f"timestamp:{T0 + 3000}", r"partition 0: the stop \(1\) is before the start \(3\)"),
+        (
+            "offset:7=0",
+            "latest",
+            r"the start position names partitions \[7\] that Kafka topic .* does not have \(it has 0..2\)",
+        ),
+        ("earliest", "offset:0=1,3=1", r"the stop position names partitions \[3\]"),
+    ],
+)
+def test_a_range_that_cannot_be_read_is_refused(kafka_broker, numbered_topic, start, stop, refused):
+    with pytest.raises(Exception, match=refused):
+        run_source(kafka_broker, numbered_topic, start=start, stop=stop)
 
 
 def test_a_stop_past_the_end_of_the_log_says_the_read_waits_for_it(kafka_broker, numbered_topic):
