@@ -83,11 +83,19 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> None:
         action="store_true",
         help="Create --output_topic and --dead_letter_topic (1 partition) if they do not exist.",
     )
-    group.add_argument("--kafka_config_file", help="librdkafka settings: key=value lines or a JSON object.")
+    add_kafka_client_arguments(group)
+
+
+def add_kafka_client_arguments(group: Any) -> None:
+    """``--kafka_config_file`` and ``--kafka_config KEY=VALUE ...``: any librdkafka setting, for every job."""
+    group.add_argument(
+        "--kafka_config_file", help="librdkafka settings: a properties file (key=value lines) or a JSON object."
+    )
     group.add_argument(
         "--kafka_config",
-        action="append",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="One librdkafka setting (repeatable), e.g. security.protocol=SASL_SSL; overrides the file.",
+        help="librdkafka settings overriding the file, e.g. security.protocol=SASL_SSL linger.ms=20 (repeatable).",
     )

@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beamops.io.kafka_config import is_secret
 from beamops.operator import METRICS_NAMESPACE, OperatorParameterError
 
 # Beam's in-process batch engine (the DirectRunner's FnApiRunner), named so it never tries to download Prism.
@@ -140,6 +141,8 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
             value_of_forwarded = "=" not in arg
             continue
         match = difflib.get_close_matches(name, known, n=1) if arg.startswith("-") else []
+        if "=" in arg and is_secret(name):  # a mistyped --kafka_config sasl.password=... must not be echoed
+            arg = f"{name}=***"
         named.append(f"{arg} (did you mean {match[0]}?)" if match else arg)
     return named
 

@@ -28,6 +28,7 @@ from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_
 from beamops.io.kafka import ensure_topic
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, TopicNotFoundError
+from beamops.options import add_kafka_client_arguments
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
@@ -111,15 +112,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="round-robin",
         help="round-robin: spread every scan over all partitions (default); by-scan: one partition per scan.",
     )
-    kafka.add_argument("--kafka_config_file", help="librdkafka settings: key=value lines or a JSON object.")
-    kafka.add_argument(
-        "--kafka_config",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="librdkafka settings overriding the file, e.g. message.timeout.ms=600000 linger.ms=20.",
-    )
+    add_kafka_client_arguments(kafka)
     kafka.add_argument("--create_topic", action="store_true", help="Create the topic if it does not exist.")
     kafka.add_argument("--partitions", type=int, default=4, help="Partitions of a topic --create_topic creates.")
     kafka.add_argument(

@@ -156,6 +156,13 @@ def test_a_portable_runner_gets_the_options_beam_forwards_to_its_job_server() ->
     assert unknown_arguments(["--runner=FlinkRunner", "--parallelism=2", "--streaming"]) == []
 
 
+def test_a_secret_among_unknown_arguments_is_not_echoed() -> None:
+    assert unknown_arguments(["sasl.password=hunter2", "--ssl.key.password=s3cret"]) == [
+        "sasl.password=***",
+        "--ssl.key.password=***",
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

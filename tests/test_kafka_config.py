@@ -72,11 +72,22 @@ def test_settings_from_properties_json_and_overrides(tmp_path: Path) -> None:
     assert KafkaClientConfig.load("b:1", as_json).settings == {"ssl.key.password": "s3cret", "linger.ms": "5"}
 
 
-def test_bad_settings_file_names_the_line(tmp_path: Path) -> None:
+def test_properties_files_read_as_java_reads_them(tmp_path: Path) -> None:
+    props = tmp_path / "client.properties"
+    props.write_text("sasl.password: hunter2\nssl.key.password s3cret\nsasl.oauthbearer.config = a=b c=d\n")
+    assert KafkaClientConfig.load("b:1", props).settings == {
+        "sasl.password": "hunter2",
+        "ssl.key.password": "s3cret",
+        "sasl.oauthbearer.config": "a=b c=d",
+    }
+
+
+def test_bad_settings_file_names_the_line_but_never_shows_it(tmp_path: Path) -> None:
     bad = tmp_path / "bad.properties"
-    bad.write_text("security.protocol=SSL\nthis line has no equals sign\n")
-    with pytest.raises(ValueError, match=r"bad.properties:2"):
+    bad.write_text("security.protocol=SSL\nhunter2\n")  # a password pasted on a line of its own
+    with pytest.raises(ValueError, match=r"bad.properties:2: expected key=value") as raised:
         KafkaClientConfig.load("b:1", bad)
+    assert "hunter2" not in str(raised.value)
 
 
 def test_secrets_never_appear_in_repr_logs_or_specs(caplog: pytest.LogCaptureFixture) -> None:
@@ -199,3 +210,13 @@ def test_creating_a_topic_without_an_answer_says_so_in_one_line(
     assert capsys.readouterr().err.strip() == (
         f"python -m jobs.com_pipeline: error: cannot create topic 'maps': no answer from Kafka at {servers} within 1 s"
     )
+
+
+def test_every_job_takes_kafka_settings_the_same_way() -> None:
+    from jobs import replay, simulate
+
+    given = ["--kafka_config", "security.protocol=SASL_SSL", "sasl.mechanism=PLAIN", "--kafka_config", "linger.ms=3"]
+    expected = ["security.protocol=SASL_SSL", "sasl.mechanism=PLAIN", "linger.ms=3"]
+    assert simulate.parse_args(["--bootstrap_servers", "b:1", "--topic", "t", *given]).kafka_config == expected
+    assert com_pipeline.parse_args(given)[0]["kafka_config"] == expected
+    assert replay.parse_args(given)[0]["kafka_config"] == expected

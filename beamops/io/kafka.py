@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -83,7 +84,7 @@ class ReadFromKafkaParams(OperatorParams):
         "latest",
         description=(
             "Exclusive end: latest (the end when the read starts) | never (unbounded) | offset:N | "
-            "offset:P=N,... | timestamp:T."
+            "offset:P=N,... | timestamp:T (a time that has passed)."
         ),
     )
     commit_offsets: bool = Field(True, description="Commit processed offsets to group_id (ignored without one).")
@@ -139,7 +140,9 @@ def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounde
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
+                # An offset gone from the log mid-read is handled by the reader, which says so (librdkafka
+                # would jump to the log's start silently, or below the range the tracker can claim).
+                "auto.offset.reset": "error",
             }
         ),
     }
@@ -152,6 +155,10 @@ def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool 
     from confluent_kafka import Consumer
 
     return Consumer(consumer_settings(client, group_id, bounded=bounded))
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _offsets_at(consumer: Any, topic: str, ends: dict[int, tuple[int, int]], ms: int) -> dict[int, int]:
@@ -175,6 +182,13 @@ class _ResolvePartitionsFn(beam.DoFn):
         p = self._params
         start = ReadPosition.parse(p.start, stop=False)
         stop = ReadPosition.parse(p.stop, stop=True)
+        now_ms = int(time.time() * 1000)
+        if stop.kind == "timestamp" and stop.timestamp_ms > now_ms:
+            # Kafka finds offsets only for messages already written: the read would stop at today's end.
+            raise ValueError(
+                f"the stop time {_utc(stop.timestamp_ms)} is in the future (now {_utc(now_ms)}): a read can stop "
+                "only at a time that has passed; use stop=never, or run the read after that time"
+            )
         consumer = _consumer(self._client, p.group_id)
         try:
             try:
@@ -297,6 +311,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._metrics = OperatorMetrics(self._name)
         self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
+        self._lost = Metrics.counter(METRICS_NAMESPACE, "offsets_lost")
         self._last_lag_check: dict[tuple[str, int], float] = {}
         log.info("kafka reader for %r with %r", self._params.topic, self._client)
 
@@ -350,6 +365,9 @@ class _ReadPartitionFn(beam.DoFn):
                             finished = True
                             return
                         continue
+                    if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                        self._resume_after_lost_offsets(consumer, read, msg.offset())
+                        continue
                     if err.fatal():
                         raise RuntimeError(f"Kafka consumer for {read.topic}[{read.partition}] failed: {err}")
                     log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
@@ -374,6 +392,27 @@ class _ReadPartitionFn(beam.DoFn):
                 finalizer.register(committer)
             elif finished:
                 consumer.close()
+
+    def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
+        """The broker no longer has offset ``asked``: go on at the log's start if it was deleted, else fail."""
+        from confluent_kafka import TopicPartition
+
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(read.topic, read.partition), timeout=METADATA_TIMEOUT_S
+        )
+        if asked < low:
+            log.warning(
+                "kafka %s[%d]: offsets %d..%d were deleted while the read was behind them (retention, "
+                "compaction, deleted records): they are lost; the read goes on at %d",
+                read.topic, read.partition, asked, low - 1, low,
+            )  # fmt: skip
+            self._lost.inc(low - asked)
+            consumer.assign([TopicPartition(read.topic, read.partition, low)])  # seek fails in this state
+            return
+        raise RuntimeError(
+            f"Kafka topic {read.topic!r} partition {read.partition}: offset {asked} is past the end of its log "
+            f"(offsets {low}..{high - 1}); was the topic deleted and created again? Start a new read (replay) of it"
+        )
 
     def _decode(self, msg: Any, read: PartitionRead, watermark: ManualWatermarkEstimator) -> Iterator[Any]:
         started = time.perf_counter()
@@ -538,7 +577,14 @@ def dead_letter_record(letter: DeadLetter) -> Record:
 
 class KafkaWriteParams(OperatorParams):
     topic: str = Field(description="Topic to write to.")
-    flush_timeout_s: float = Field(120.0, gt=0, description="Longest wait for delivery at the end of a bundle (s).")
+    flush_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "Longest wait for delivery at the end of a bundle (s); librdkafka retries a message this long "
+            "(message.timeout.ms) unless the client settings say otherwise."
+        ),
+    )
 
 
 class _WriteFn(beam.DoFn):
@@ -550,13 +596,21 @@ class _WriteFn(beam.DoFn):
     def setup(self) -> None:
         from confluent_kafka import Producer
 
-        self._producer = Producer(
-            {
-                "message.max.bytes": MAX_MESSAGE_BYTES,
-                **self._client.client(**{"enable.idempotence": True, "acks": "all", "linger.ms": 5}),
-            }
-        )
+        defaults = {
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+            "linger.ms": 5,
+            # A message librdkafka still retries after the flush gave up would be sent again by the
+            # bundle's retry: let it fail by then, so the bundle fails with its reason.
+            "message.timeout.ms": int(self._params.flush_timeout_s * 1000),
+        }
+        self._producer = Producer({**defaults, **self._client.client(**{"enable.idempotence": True, "acks": "all"})})
         self._written = Metrics.counter(METRICS_NAMESPACE, "messages_out")
+
+    def teardown(self) -> None:
+        producer = getattr(self, "_producer", None)
+        if producer is not None:  # nothing is queued after a bundle that finished; after one that failed, drop it
+            producer.purge()
+            producer.flush(0)
 
     def start_bundle(self) -> None:
         self._pending: list[tuple[Any, Timestamp, Any]] = []
@@ -570,7 +624,7 @@ class _WriteFn(beam.DoFn):
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
-                self._failures.append(str(err))
+                self._failures.append(err.str())
             else:
                 self._delivered.append((f"{msg.topic()}:{msg.partition()}:{msg.offset()}", timestamp, window))
 
@@ -585,11 +639,19 @@ class _WriteFn(beam.DoFn):
         self._producer.poll(0)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        remaining = self._producer.flush(self._params.flush_timeout_s)
-        if self._failures or remaining:
+        # A little past message.timeout.ms, so the messages that time out report it.
+        remaining = self._producer.flush(self._params.flush_timeout_s + 5.0)
+        failures = list(self._failures)
+        if failures or remaining:
+            problems = [f"{'; '.join(sorted(set(failures))[:3])}"] if failures else []
+            if remaining:
+                problems.append(f"{remaining} not delivered within {self._params.flush_timeout_s + 5.0:g} s")
+            # The bundle is retried: what is still queued must not be delivered after it as well.
+            self._producer.purge()
+            self._producer.flush(0)
             raise RuntimeError(
-                f"Kafka delivery to {self._params.topic!r} failed for {len(self._failures)} messages "
-                f"({'; '.join(sorted(set(self._failures))[:3])}), {remaining} still undelivered"
+                f"Kafka delivery to {self._params.topic!r} failed for {len(failures) + remaining} of "
+                f"{len(failures) + remaining + len(self._delivered)} messages: {'; '.join(problems)}"
             )
         self._written.inc(len(self._delivered))
         for where, timestamp, window in self._delivered:

@@ -96,16 +96,20 @@ def rdkafka_logger() -> logging.Logger:
     return logger
 
 
+# A properties line as Java reads one: the key ends at the first '=', ':' or space.
+_PROPERTY = re.compile(r"(?P<key>[^=:\s]+)\s*[=:\s]\s*(?P<value>.*)")
+
+
 def _parse_properties(text: str, source: str) -> dict[str, str]:
     settings = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith(("#", "!")):
             continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ValueError(f"{source}:{number}: expected key=value, got {line!r}")
-        settings[key.strip()] = value.strip()
+        match = _PROPERTY.fullmatch(line)
+        if match is None:  # the line is not shown: it may be a secret
+            raise ValueError(f"{source}:{number}: expected key=value (or key: value), got a line without one")
+        settings[match["key"]] = match["value"]
     return settings
 
 

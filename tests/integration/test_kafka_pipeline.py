@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from apache_beam.metrics import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -681,6 +682,33 @@ def test_a_start_before_deleted_records_reads_what_is_left_and_says_what_is_gone
                     "compaction removed them): the read starts at 2"]  # fmt: skip
 
 
+def test_offsets_deleted_while_the_read_is_behind_them_are_skipped_and_reported(
+    kafka_broker, numbered_topic, monkeypatch
+):
+    from beamops.io import kafka
+
+    # As if the range had been resolved before the records went: the reader meets the gap itself.
+    monkeypatch.setattr(kafka, "_start_in_log", lambda topic, partition, begin, end, low, high: begin)
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
+    for future in admin.delete_records([TopicPartition(numbered_topic, 0, 2)]).values():
+        future.result(timeout=30)
+    with log_records("beamops.io.kafka", logging.WARNING) as warnings:
+        numbers = read_range(kafka_broker, numbered_topic, "offset:1", "latest")
+    assert numbers == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    lost = [r.getMessage() for r in warnings if "deleted while" in r.getMessage()]
+    assert lost == [f"kafka {numbered_topic}[0]: offsets 1..1 were deleted while the read was behind them "
+                    "(retention, compaction, deleted records): they are lost; the read goes on at 2"]  # fmt: skip
+
+
+def test_a_read_past_the_end_of_a_recreated_log_fails_saying_so(kafka_broker, numbered_topic, monkeypatch):
+    from beamops.io import kafka
+
+    monkeypatch.setattr(kafka, "_start_in_log", lambda topic, partition, begin, end, low, high: begin)
+    refused = r"partition 0: offset 9 is past the end of its log \(offsets 0..5\); was the topic deleted and created"
+    with pytest.raises(Exception, match=refused):
+        run_source(kafka_broker, numbered_topic, start="offset:0=9", stop="offset:0=12")
+
+
 @pytest.mark.parametrize("stop", ["never", "offset:9", "latest"])
 def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic, stop):
     """Kafka cannot fetch offsets not yet written (its consumer would go back to the beginning)."""
@@ -700,6 +728,11 @@ def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic
             r"the start position names partitions \[7\] that Kafka topic .* does not have \(it has 0..2\)",
         ),
         ("earliest", "offset:0=1,3=1", r"the stop position names partitions \[3\]"),
+        (
+            "earliest",
+            f"timestamp:{int(time.time() * 1000) + 3_600_000}",
+            r"the stop time 20\d\d-.*Z is in the future \(now 20\d\d-.*Z\): a read can stop only at a time that has",
+        ),
     ],
 )
 def test_a_range_that_cannot_be_read_is_refused(kafka_broker, numbered_topic, start, stop, refused):
@@ -874,6 +907,23 @@ def test_a_replay_refuses_a_group_id(kafka_broker, capsys):
     assert exit_info.value.code == 2
     assert "never uses a consumer group" in capsys.readouterr().err
     assert committed_offsets(kafka_broker, group, topic) == {0: -1001, 1: -1001}
+
+
+# --- sinks ---------------------------------------------------------------------------------------------------
+
+
+def test_a_map_the_broker_refuses_fails_the_job_saying_why(kafka_broker):
+    from beamops.io.kafka import write_com_maps_kafka
+
+    topic = kafka_broker.new_topic(partitions=1, config={"max.message.bytes": "2000"})
+    big = ComMap(SIM.header, *np.zeros((2, *SIM.header.scan_shape), np.float32), 16, 16, True, True)
+    assert len(big.to_bytes()) > 2000
+    client = KafkaClientConfig(kafka_broker.bootstrap_servers)
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    _ = pipeline | beam.Create([big]) | write_com_maps_kafka(client=client, topic=topic)
+    refused = rf"Kafka delivery to {topic!r} failed for 1 of 1 messages: Broker: Message size too large \[while"
+    with pytest.raises(Exception, match=refused):
+        pipeline.run().wait_until_finish()
 
 
 # --- consumer lag -------------------------------------------------------------------------------------------
