@@ -157,7 +157,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from beamops.runner import run, setup_logging
 
     setup_logging()
-    return run({}, beam_args, lambda pipeline, _values: definition.build(pipeline), prog="beamops pipeline run")
+    bounded = not any(getattr(inst.params, "unbounded", False) for inst in definition.instances.values())
+    return run({}, beam_args, lambda p, _: definition.build(p), prog="beamops pipeline run", bounded=bounded)
 
 
 def _pipeline_parser(sub: Any) -> None:

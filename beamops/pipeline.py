@@ -306,17 +306,23 @@ class PipelineDefinition:
         if self.create_topics:
             self._create_topics()
         outputs: dict[str, OperatorOutputs] = {}
+        sources = {}
         for inst in self.instances.values():
-            transform = inst.id >> inst.transform(self.kafka)
+            op = inst.transform(self.kafka)
             if inst.input is None:
-                outputs[inst.id] = pipeline | transform
+                outputs[inst.id] = pipeline | inst.id >> op
+                sources[inst.id] = op
             else:
                 upstream, port = inst.input
-                outputs[inst.id] = outputs[upstream][port] | transform
+                outputs[inst.id] = outputs[upstream][port] | inst.id >> op
         dead = tuple(out[DEAD_LETTER] for out in outputs.values())
         all_dead = dead | f"{DEAD_LETTERS}.all" >> beam.Flatten()
         all_dead.element_type = DeadLetter
         outputs[DEAD_LETTERS] = all_dead | DEAD_LETTERS >> self.dead_letters.transform(self.kafka)
+        everything = tuple(pc for out in outputs.values() for pc in out.values())
+        for name, source in sources.items():
+            if hasattr(source, "commit_after"):  # a source that commits its reads (Kafka) once all is written
+                source.commit_after(*everything, label=f"{name}.commit")
         return outputs
 
     def _create_topics(self) -> None:

@@ -35,7 +35,7 @@ def _given(beam_args: list[str], name: str) -> str | None:
     return None
 
 
-def flink_defaults(beam_args: list[str]) -> list[str]:
+def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     """For --runner=FlinkRunner, add what a user should not have to type.
 
     ``--flink_version=1.20``, ``--flink_master=localhost:8081``, the cached job-server jar,
@@ -44,7 +44,9 @@ def flink_defaults(beam_args: list[str]) -> list[str]:
     ``--finish_bundle_before_checkpointing``. Without the last, a checkpoint taken while the Kafka
     reader's first bundle is in flight sometimes leaves the reader never running again: no error,
     no output (7 of about 30 jobs here; none of 17 with it, none of 7 without checkpoints).
-    Options the user gave win.
+    ``bounded`` (the job's input ends): ``--shutdown_sources_after_idle_ms=1000``, without which
+    the streaming job never finishes (Beam keeps its Impulse sources running for checkpoints,
+    BEAM-3727; Flink 1.20 checkpoints after tasks finish). Options the user gave win.
     """
     from beamops.services.flink_cluster import flink_runner_args
 
@@ -56,6 +58,8 @@ def flink_defaults(beam_args: list[str]) -> list[str]:
         "finish_bundle_before_checkpointing": None,
         "streaming": None,
     }
+    if bounded:
+        defaults["shutdown_sources_after_idle_ms"] = "1000"
     for name, value in defaults.items():
         if _given(beam_args, name) is None and f"--{name}" not in beam_args:
             extra.append(f"--{name}" if value is None else f"--{name}={value}")
@@ -67,10 +71,12 @@ def run(
     beam_args: list[str],
     build_fn: Callable[[beam.Pipeline, dict[str, Any]], None],
     prog: str,
+    bounded: bool = False,
 ) -> int:
     """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
     anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it. ``prog``
-    (``python -m jobs.com_pipeline``) starts the error lines."""
+    (``python -m jobs.com_pipeline``) starts the error lines; ``bounded``: the input ends (see
+    flink_defaults)."""
     runner = _given(beam_args, "runner")
     unknown = unknown_arguments(beam_args, forwarded=_runner_key(runner) not in IN_PROCESS_RUNNERS)
     if unknown:
@@ -81,7 +87,7 @@ def run(
     started = time.monotonic()
     try:
         if _runner_key(runner) == "flink":
-            beam_args = flink_defaults(beam_args)
+            beam_args = flink_defaults(beam_args, bounded)
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         build_fn(pipeline, values)
     except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:

@@ -95,18 +95,23 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     frames = pipeline | source
     maps = frames | com_partial(operator_params(values, com_partial)) | com_reduce(operator_params(values, com_reduce))
     dead_letters = [maps.dead_letter]
+    results = []  # what the sinks wrote: a bounded read commits its offsets once all of it is complete
     if from_kafka and values.get("output_topic"):
         sent = maps.com_map | write_com_maps_kafka(client=client, topic=values["output_topic"])
         dead_letters.append(sent.dead_letter)
+        results.append(sent.written)
     if not from_kafka or values.get("out_dir"):
         written = maps.com_map | write_com_map(operator_params(values, write_com_map))
         written.main | "LogWritten" >> beam.Map(lambda path: log.info("wrote %s", path))
         dead_letters.append(written.dead_letter)
+        results.append(written.main)
     all_dead = dead_letters | "AllDeadLetters" >> beam.Flatten()
     if from_kafka and values.get("dead_letter_topic"):
-        all_dead | write_dead_letters_kafka(client=client, topic=values["dead_letter_topic"])
+        results.append((all_dead | write_dead_letters_kafka(client=client, topic=values["dead_letter_topic"])).main)
     else:
-        all_dead | write_dead_letters(out_dir=out_dir)
+        results.append((all_dead | write_dead_letters(out_dir=out_dir)).main)
+    if from_kafka:
+        source.commit_after(*results)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -127,7 +132,8 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run(values, beam_args, build, prog=PROG)
+    bounded = not values.get("bootstrap_servers") or values.get("stop") != "never"
+    return run(values, beam_args, build, prog=PROG, bounded=bounded)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run(values, beam_args, build, prog=PROG)
+    return run(values, beam_args, build, prog=PROG, bounded=True)  # a replay's stop is bounded
 
 
 if __name__ == "__main__":

@@ -123,6 +123,11 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     assert "--checkpointing_interval=10000" in args and "--streaming" in args
     assert "--finish_bundle_before_checkpointing" in args
     assert "--environment_type=EXTERNAL" in args and "--environment_type=LOOPBACK" not in args
+    assert not any(a.startswith("--shutdown_sources_after_idle_ms") for a in args)
+    # A bounded job ends: Beam keeps a checkpointing streaming job's sources up unless told otherwise.
+    assert "--shutdown_sources_after_idle_ms=1000" in flink_defaults(["--runner=FlinkRunner"], bounded=True)
+    given = ["--runner=FlinkRunner", "--shutdown_sources_after_idle_ms=5000"]
+    assert [a for a in flink_defaults(given, bounded=True) if "shutdown" in a] == [given[1]]
 
 
 def test_flink_runner_without_a_job_server_jar_is_a_clear_error(

@@ -7,8 +7,13 @@ restriction's position, the next offset, is the resume state. What happens
 on resume: a runner that checkpoints (Flink) restarts each partition at the
 offset after the last one whose output it committed; without a checkpoint, a
 read with ``start=committed`` resumes at the consumer group's committed offset.
-Offsets are committed to the group only after the bundle that read them is
-finalized, so a crash re-reads (at-least-once), never skips.
+Offsets are committed to the group only for work whose results are safe: a
+bounded read after the job's sinks wrote (``read_kafka_frames.commit_after``;
+the jobs and pipeline definitions call it), an unbounded read when the runner
+finalizes the bundle that read them (on Flink: once the checkpoint holding its
+results is complete). A crash re-reads (at-least-once). An in-process runner
+finalizes a bundle as soon as it ends, before the stages after a shuffle run:
+there an unbounded read's commits can run ahead of its results.
 
 Each message becomes a SparseFrameBatch stamped with the message timestamp
 (event time); the watermark of a partition is the largest timestamp read. A
@@ -27,7 +32,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +43,7 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
-from apache_beam.transforms.window import GlobalWindow, TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from pydantic import Field, field_validator, model_validator
@@ -54,6 +59,25 @@ log = logging.getLogger(__name__)
 UNBOUNDED_STOP = sys.maxsize
 CONTENT_TYPE_HEADER = "content-type"
 SCHEMA_VERSION_HEADER = "beamops-schema-version"
+
+
+READ_PROGRESS = "read_progress"
+
+
+@dataclass(frozen=True)
+class ReadProgress:
+    """A bounded read of a partition got this far: every message before ``next_offset`` was decoded
+    or sent to dead letters."""
+
+    topic: str
+    partition: int
+    next_offset: int
+
+
+@dataclass
+class _ReadState:
+    last_done: int | None = None  # the last offset claimed and handled
+    finished: bool = False  # the whole restriction is read: this partition's consumer can go
 
 
 @dataclass(frozen=True)
@@ -87,7 +111,13 @@ class ReadFromKafkaParams(OperatorParams):
             "offset:P=N,... | timestamp:T (a time that has passed)."
         ),
     )
-    commit_offsets: bool = Field(True, description="Commit processed offsets to group_id (ignored without one).")
+    commit_offsets: bool = Field(
+        True,
+        description=(
+            "Commit processed offsets to group_id (ignored without one): a bounded read once the job's results are "
+            "written, an unbounded one as the runner finalizes its bundles (on Flink: after each checkpoint)."
+        ),
+    )
     poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for one message (s).")
     max_read_s: float = Field(
         2.0, gt=0, description="An unbounded read yields to the runner after this long (s); bounded reads ignore it."
@@ -333,65 +363,82 @@ class _ReadPartitionFn(beam.DoFn):
         tracker: OffsetRestrictionTracker = _RESTRICTION_PARAM,
         watermark: ManualWatermarkEstimator = _WATERMARK_PARAM,
     ) -> Iterator[Any]:
-        from confluent_kafka import KafkaError, TopicPartition
+        from confluent_kafka import TopicPartition
 
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
             return
         consumer = self._consumer_for(read)
-        tp = TopicPartition(read.topic, read.partition, restriction.start)
-        consumer.assign([tp])
+        consumer.assign([TopicPartition(read.topic, read.partition, restriction.start)])
         unbounded = restriction.stop == UNBOUNDED_STOP
-        deadline = time.monotonic() + self._params.max_read_s
-        last_done = None
-        finished = False  # the whole restriction is read: this partition's consumer can go
+        state = _ReadState()
         try:
-            while True:
-                if unbounded and time.monotonic() > deadline:
-                    tracker.defer_remainder(Duration(seconds=0.05))
-                    return
-                msg = consumer.poll(self._params.poll_timeout_s)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    err = msg.error()
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        self._report_lag(read, msg.offset(), msg.offset())
-                        if msg.offset() >= restriction.stop:
-                            # Control records or compaction can leave no message at stop - 1:
-                            # claim it anyway, so the commit covers the whole range.
-                            if tracker.try_claim(restriction.stop - 1):
-                                last_done = restriction.stop - 1
-                            finished = True
-                            return
-                        continue
-                    if err.code() == KafkaError._AUTO_OFFSET_RESET:
-                        self._resume_after_lost_offsets(consumer, read, msg.offset())
-                        continue
-                    if err.fatal():
-                        raise RuntimeError(f"Kafka consumer for {read.topic}[{read.partition}] failed: {err}")
-                    log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
-                    continue
-                offset = msg.offset()
-                if not tracker.try_claim(offset):
-                    finished = True
-                    return
-                yield from self._decode(msg, read, watermark)
-                last_done = offset
-                if offset + 1 >= restriction.stop:
-                    finished = True
-                    return
+            yield from self._read_messages(consumer, read, tracker, watermark, unbounded, state)
         finally:
-            if last_done is not None:
-                self._report_lag(read, None, last_done + 1)
-            commit = last_done is not None and self._params.group_id and self._params.commit_offsets
-            if finished:
+            if state.last_done is not None:
+                self._report_lag(read, None, state.last_done + 1)
+            # A bounded read commits after the job's sinks wrote (read_kafka_frames.commit_after); an
+            # unbounded one when the runner finalizes the bundle (on Flink, after the checkpoint with it).
+            commit = unbounded and state.last_done is not None and self._params.group_id and self._params.commit_offsets
+            if state.finished:
                 del self._consumers[(read.topic, read.partition)]
             if commit:
-                committer = _Committer(consumer, read.topic, read.partition, last_done + 1, close=finished)
+                committer = _Committer(consumer, read.topic, read.partition, state.last_done + 1, close=state.finished)
                 finalizer.register(committer)
-            elif finished:
+            elif state.finished:
                 consumer.close()
+        if state.last_done is not None and not unbounded:
+            yield pvalue.TaggedOutput(READ_PROGRESS, ReadProgress(read.topic, read.partition, state.last_done + 1))
+
+    def _read_messages(
+        self,
+        consumer: Any,
+        read: PartitionRead,
+        tracker: OffsetRestrictionTracker,
+        watermark: ManualWatermarkEstimator,
+        unbounded: bool,
+        state: _ReadState,
+    ) -> Iterator[Any]:
+        """Claim and decode messages until the restriction is done (or, unbounded, ``max_read_s`` passed)."""
+        from confluent_kafka import KafkaError
+
+        restriction = tracker.current_restriction()
+        deadline = time.monotonic() + self._params.max_read_s
+        while True:
+            if unbounded and time.monotonic() > deadline:
+                tracker.defer_remainder(Duration(seconds=0.05))
+                return
+            msg = consumer.poll(self._params.poll_timeout_s)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                err = msg.error()
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._report_lag(read, msg.offset(), msg.offset())
+                    if msg.offset() >= restriction.stop:
+                        # Control records or compaction can leave no message at stop - 1:
+                        # claim it anyway, so the commit covers the whole range.
+                        if tracker.try_claim(restriction.stop - 1):
+                            state.last_done = restriction.stop - 1
+                        state.finished = True
+                        return
+                    continue
+                if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                    self._resume_after_lost_offsets(consumer, read, msg.offset())
+                    continue
+                if err.fatal():
+                    raise RuntimeError(f"Kafka consumer for {read.topic}[{read.partition}] failed: {err}")
+                log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
+                continue
+            offset = msg.offset()
+            if not tracker.try_claim(offset):
+                state.finished = True
+                return
+            yield from self._decode(msg, read, watermark)
+            state.last_done = offset
+            if offset + 1 >= restriction.stop:
+                state.finished = True
+                return
 
     def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
         """The broker no longer has offset ``asked``: go on at the log's start if it was deleted, else fail."""
@@ -488,6 +535,78 @@ class _Committer:
                 self._consumer.close()
 
 
+_WRITTEN = ""  # the mark of each element a sink wrote
+
+
+class _CommitFn(beam.DoFn):
+    """Commits each partition's furthest read offset to the group, given all progress and written marks."""
+
+    def __init__(self, client: KafkaClientConfig, group_id: str) -> None:
+        self._client = client
+        self._group_id = group_id
+
+    def setup(self) -> None:
+        self._consumer = _consumer(self._client, self._group_id)
+
+    def teardown(self) -> None:
+        self._consumer.close()
+
+    def process(self, grouped: tuple[int, Iterable[str]]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        furthest: dict[tuple[str, int], int] = {}
+        for mark in grouped[1]:
+            if mark != _WRITTEN:  # what a sink wrote only made this wait
+                topic, partition, offset = json.loads(mark)
+                furthest[topic, partition] = max(offset, furthest.get((topic, partition), offset))
+        for (topic, partition), offset in sorted(furthest.items()):
+            try:
+                self._consumer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+            except KafkaException as exc:
+                raise RuntimeError(
+                    f"the results were written, but committing {topic}[{partition}] up to offset {offset} for "
+                    f"group {self._group_id!r} failed: {exc.args[0].str()}; a read from the committed offsets "
+                    "reads them again"
+                ) from exc
+            log.info("committed %s[%d] up to offset %d for group %r", topic, partition, offset, self._group_id)
+
+
+class _CommitAfter(beam.PTransform):
+    """ReadProgress -> offsets committed to ``group_id`` once every PCollection in ``written`` is complete."""
+
+    def __init__(self, client: KafkaClientConfig, group_id: str, written: tuple[pvalue.PCollection, ...]) -> None:
+        super().__init__()
+        self._client = client
+        self._group_id = group_id
+        self._written = written
+
+    def expand(self, progress: pvalue.PCollection) -> pvalue.PCollection:
+        # One GroupByKey over the progress and a mark per written element fires once all its inputs are
+        # complete, so the commit follows the sinks. (Side inputs would do it too, but Beam's Flink runner
+        # fails to checkpoint the state of a ParDo with side inputs.) The marks are strings, a coder
+        # Flink's own state handles.
+        marks = [
+            progress
+            | "ProgressGlobal" >> beam.WindowInto(GlobalWindows())
+            | "Progress"
+            >> beam.Map(lambda r: (0, json.dumps([r.topic, r.partition, r.next_offset]))).with_output_types(
+                tuple[int, str]
+            )
+        ]
+        for i, pc in enumerate(self._written):
+            marks.append(
+                pc
+                | f"WrittenGlobal{i}" >> beam.WindowInto(GlobalWindows())
+                | f"Written{i}" >> beam.Map(lambda _: (0, _WRITTEN)).with_output_types(tuple[int, str])
+            )
+        return (
+            marks
+            | "All" >> beam.Flatten()
+            | "WaitForAll" >> beam.GroupByKey()
+            | "Commit" >> beam.ParDo(_CommitFn(self._client, self._group_id))
+        )
+
+
 @beam.DoFn.unbounded_per_element()
 class _ReadUnboundedPartitionFn(_ReadPartitionFn):
     """The same reader, declared unbounded so streaming runners treat it as a stream."""
@@ -519,9 +638,29 @@ class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase l
             | "Topic" >> beam.Create([p.topic])
             | "Partitions" >> beam.ParDo(_ResolvePartitionsFn(self.client, p))
             | "SpreadPartitions" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(reader).with_outputs(DEAD_LETTER, main="frames")
+            | "Read" >> beam.ParDo(reader).with_outputs(DEAD_LETTER, READ_PROGRESS, main="frames")
         )
+        self._progress = results[READ_PROGRESS]
         return {"frames": results.frames, DEAD_LETTER: results[DEAD_LETTER]}
+
+    def commit_after(self, *written: pvalue.PCollection, label: str = "commit_offsets") -> None:
+        """Commit a bounded read's offsets to ``group_id`` once every PCollection in ``written`` is complete.
+
+        Pass the outputs of the job's sinks (maps, dead letters), so a run that fails before its results
+        are written commits nothing and the next run from the committed offsets reads the range again.
+        Without this call a bounded read commits nothing. An unbounded read commits by itself, when the
+        runner finalizes each bundle (on Flink: once the checkpoint holding its results is complete);
+        for it, and without a group or with ``commit_offsets`` false, this does nothing. ``label``
+        names the commit step (unique per reader in a pipeline).
+        """
+        p = self.params
+        if p.unbounded or not p.group_id or not p.commit_offsets:
+            return
+        if not hasattr(self, "_progress"):
+            raise ValueError("commit_after: apply the reader to the pipeline first")
+        if not written:
+            raise ValueError("commit_after needs the PCollections the job writes (its sinks' outputs)")
+        self._progress | label >> _CommitAfter(self.client, p.group_id, written)
 
 
 def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, replication: int = -1) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from beamops import ComMap
 from beamops.io.kafka_config import KafkaClientConfig
@@ -209,6 +209,37 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
         got = ComMap.from_bytes(finals[scan])
         assert (got.final, got.complete, got.frames_seen) == (True, True, SIM.n_frames)
         assert finals[scan] == expected[scan], f"scan {scan}: Flink's final map differs from the DirectRunner's"
+
+
+def test_a_bounded_run_on_flink_ends_and_commits_after_its_maps(flink, kafka_broker, tmp_path):
+    """--stop latest on Flink: the job finishes by itself and moves the group to the end it read."""
+    frames_in, maps_out = kafka_broker.new_topic(partitions=2, prefix="in"), kafka_broker.new_topic(prefix="out")
+    bootstrap = kafka_broker.bootstrap_servers
+    group = f"batch-{uuid.uuid4().hex[:8]}"
+    with FramePublisher(KafkaClientConfig(bootstrap), frames_in) as publisher:
+        publisher.publish_all(replace(SIM, scan_number=4).batches(BATCH))
+    job_args = [
+        sys.executable, "-m", "jobs.com_pipeline", "--runner=FlinkRunner", *flink.beam_args(),
+        "--environment_type=LOOPBACK", "--bootstrap_servers", bootstrap, "--input_topic", frames_in,
+        "--output_topic", maps_out, "--dead_letter_topic", kafka_broker.new_topic(prefix="dead"),
+        "--group_id", group, "--start", "committed", "--stop", "latest", "--emit_every", str(EMIT_EVERY),
+    ]  # fmt: skip
+    job_log = tmp_path / "job.log"
+    with child(job_args, job_log) as job:
+        status = job.wait(JOB_START_S + MAPS_S)
+    assert status == 0, job_log.read_text()[-4000:]
+    finals: dict[int, bytes] = {}
+    with map_reader(bootstrap, maps_out) as consumer:
+        collect_maps(consumer, {4}, 60, [], finals)
+    assert finals[4] == direct_runner_finals(kafka_broker, frames_in, {4})[4]
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = [TopicPartition(frames_in, p) for p in (0, 1)]
+        committed = [tp.offset for tp in consumer.committed(partitions, timeout=10)]
+        ends = [consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions]
+    finally:
+        consumer.close()
+    assert committed == ends == [8, 8]
 
 
 def completed_checkpoints(flink: FlinkCluster, job_id: str) -> int:

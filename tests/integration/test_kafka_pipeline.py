@@ -834,6 +834,83 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     assert committed_offsets(kafka_broker, group, topic) == ends_2
 
 
+@pytest.mark.parametrize("downstream_fails", [True, False])
+def test_a_bounded_read_commits_only_after_what_it_is_told_to_wait_for(kafka_broker, downstream_fails):
+    """On FnApiRunner a bundle is finalized as soon as it ends, before the stages after a shuffle run."""
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    publish(kafka_broker, topic, list(TINY.batches(2)))
+
+    def after_the_shuffle(total: tuple[int, list[int]]) -> int:
+        if downstream_fails:
+            raise RuntimeError("the sink failed")
+        return sum(total[1])
+
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    reader = read_kafka_frames({"topic": topic, "group_id": group}, client=client_of(kafka_broker))
+    frames = pipeline | reader
+    written = frames.frames | beam.Map(lambda b: (0, b.n_frames)) | beam.GroupByKey() | beam.Map(after_the_shuffle)
+    reader.commit_after(written)
+    if downstream_fails:
+        with pytest.raises(Exception, match="the sink failed"):
+            call_bounded(lambda: pipeline.run().wait_until_finish(), what="a read whose sink fails")
+        assert all(offset < 0 for offset in committed_offsets(kafka_broker, group, topic).values())
+    else:
+        call_bounded(lambda: pipeline.run().wait_until_finish(), what="a read whose sink works")
+        assert committed_offsets(kafka_broker, group, topic) == end_offsets(kafka_broker, topic)
+
+
+def test_a_run_that_fails_before_its_maps_are_written_commits_nothing(kafka_broker, capsys):
+    """The offsets are committed after the sinks wrote, so the next run reads the range again."""
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    publish(kafka_broker, topic, list(SIM.batches(BATCH)))
+    refusing = kafka_broker.new_topic(prefix="com", config={"max.message.bytes": "2000"})  # a map is larger
+    dead = kafka_broker.new_topic(prefix="dead")
+    args = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", topic, "--output_topic", refusing,
+            "--dead_letter_topic", dead, "--group_id", group, "--start", "committed"]  # fmt: skip
+    assert call_bounded(lambda: com_pipeline.main(args), what="a job whose map the broker refuses") == 1
+    assert "Message size too large" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(offset < 0 for offset in committed_offsets(kafka_broker, group, topic).values())
+
+    again = job_topics(kafka_broker, topic)
+    run_job(com_pipeline.main, kafka_broker, *again, "--group_id", group, "--start", "committed")
+    maps = final_maps(kafka_broker, topic_arg(again, "--output_topic"))
+    assert_same_map(maps[SIM.scan_number][0], reference_maps((SIM,))[SIM.scan_number])
+    assert committed_offsets(kafka_broker, group, topic) == end_offsets(kafka_broker, topic)
+
+
+def test_a_pipeline_definition_reading_kafka_commits_after_its_sinks(kafka_broker, tmp_path):
+    from beamops.cli import main as beamops_main
+
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    publish(kafka_broker, topic, list(SIM.batches(BATCH)))
+    out = kafka_broker.new_topic(prefix="com")
+    definition = tmp_path / "live.yaml"
+    definition.write_text(
+        f"""\
+name: live
+kafka: {{bootstrap_servers: "{kafka_broker.bootstrap_servers}"}}
+dead_letters: {{params: {{out_dir: "{tmp_path / "dead"}"}}}}
+operators:
+  source:
+    operator: read_kafka_frames
+    params: {{topic: {topic}, group_id: {group}, start: committed}}
+  partial: {{operator: com_partial, input: source.frames}}
+  reduce: {{operator: com_reduce, input: partial.com_partial}}
+  maps:
+    operator: write_com_maps_kafka
+    input: reduce.com_map
+    params: {{topic: {out}}}
+"""
+    )
+    assert call_bounded(lambda: beamops_main(["pipeline", "run", str(definition)]), what="beamops pipeline run") == 0
+    maps = final_maps(kafka_broker, out)
+    assert_same_map(maps[SIM.scan_number][0], reference_maps((SIM,))[SIM.scan_number])
+    assert committed_offsets(kafka_broker, group, topic) == end_offsets(kafka_broker, topic)
+
+
 def test_a_live_run_commits_up_to_the_end_of_a_transactional_topic(kafka_broker):
     """A transactional producer leaves a commit marker after its messages: the group must get past it."""
     topic = kafka_broker.new_topic(partitions=2)
