@@ -16,7 +16,9 @@ finalizes a bundle as soon as it ends, before the stages after a shuffle run:
 there an unbounded read's commits can run ahead of its results.
 
 Each message becomes a SparseFrameBatch stamped with the message timestamp
-(event time); the watermark of a partition is the largest timestamp read. A
+(event time); the watermark of a partition is the largest timestamp read, and
+for an unbounded read that has read all of it, now less ``idle_watermark_lag_s``
+(so an idle partition does not hold back the others). A
 message that does not decode goes to ``dead_letter`` with its raw bytes,
 topic, partition, offset and the error, and the read goes on.
 
@@ -78,6 +80,7 @@ class ReadProgress:
 class _ReadState:
     last_done: int | None = None  # the last offset claimed and handled
     finished: bool = False  # the whole restriction is read: this partition's consumer can go
+    caught_up: bool = False  # the last poll reached the end of the partition's log
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,15 @@ class ReadFromKafkaParams(OperatorParams):
     poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for one message (s).")
     max_read_s: float = Field(
         2.0, gt=0, description="An unbounded read yields to the runner after this long (s); bounded reads ignore it."
+    )
+    idle_watermark_lag_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "An unbounded read that has read all of a partition moves that partition's watermark to this long "
+            "before now (s), so an idle or empty partition does not hold back the event time of the others "
+            "(and scans can time out); a message stamped earlier than that which arrives later is late."
+        ),
     )
 
     @field_validator("start")
@@ -410,6 +422,8 @@ class _ReadPartitionFn(beam.DoFn):
                 return
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
+                if unbounded and state.caught_up:
+                    self._advance_idle_watermark(watermark)
                 continue
             if msg.error() is not None:
                 err = msg.error()
@@ -422,6 +436,9 @@ class _ReadPartitionFn(beam.DoFn):
                             state.last_done = restriction.stop - 1
                         state.finished = True
                         return
+                    state.caught_up = True
+                    if unbounded:
+                        self._advance_idle_watermark(watermark)
                     continue
                 if err.code() == KafkaError._AUTO_OFFSET_RESET:
                     self._resume_after_lost_offsets(consumer, read, msg.offset())
@@ -431,6 +448,7 @@ class _ReadPartitionFn(beam.DoFn):
                 log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
                 continue
             offset = msg.offset()
+            state.caught_up = False
             if not tracker.try_claim(offset):
                 state.finished = True
                 return
@@ -439,6 +457,13 @@ class _ReadPartitionFn(beam.DoFn):
             if offset + 1 >= restriction.stop:
                 state.finished = True
                 return
+
+    def _advance_idle_watermark(self, watermark: ManualWatermarkEstimator) -> None:
+        """All of the partition is read: its event time is now, less the lag a message may still have."""
+        idle = Timestamp.now() - Duration(seconds=self._params.idle_watermark_lag_s)
+        current = watermark.current_watermark()
+        if current is None or idle > current:
+            watermark.set_watermark(idle)
 
     def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
         """The broker no longer has offset ``asked``: go on at the log's start if it was deleted, else fail."""

@@ -753,6 +753,38 @@ def test_a_stop_past_the_end_of_the_log_says_the_read_waits_for_it(kafka_broker,
     ]
 
 
+@pytest.mark.parametrize("partition_has_messages", [True, False])
+def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now_less_the_lag(
+    kafka_broker, numbered_topic, partition_has_messages
+):
+    """An idle or empty partition must not hold back the event time (and the scan timeouts) of the others."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+    from apache_beam.utils.timestamp import Duration, Timestamp
+
+    from beamops.io.kafka import UNBOUNDED_STOP, PartitionRead, ReadFromKafkaParams, _ReadPartitionFn
+
+    topic = numbered_topic if partition_has_messages else kafka_broker.new_topic(partitions=1)
+    params = ReadFromKafkaParams(topic=topic, stop="never", max_read_s=1.5, poll_timeout_s=0.2)
+    reader = _ReadPartitionFn("read_kafka_frames", client_of(kafka_broker), params)
+    reader.setup()
+    watermark = ManualWatermarkEstimator(None)
+    # As the SDK harness hands it to process(): a view that can defer the remainder.
+    tracker = RestrictionTrackerView(
+        ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(0, UNBOUNDED_STOP)))
+    )
+    try:
+        before = Timestamp.now()
+        out = list(reader.process(PartitionRead(topic, 0, 0, None), None, tracker, watermark))
+        after = Timestamp.now()
+    finally:
+        reader.teardown()
+    assert len(out) == (6 if partition_has_messages else 0)  # messages 0, 3, ..., 15, stamped T0 .. T0 + 15 s
+    lag = Duration(seconds=params.idle_watermark_lag_s)
+    assert before - lag <= watermark.current_watermark() <= after - lag
+
+
 def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
     """--start/--stop by timestamp pick exactly the messages of the middle scan of three."""
     topic = kafka_broker.new_topic(partitions=2)
