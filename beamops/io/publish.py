@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameBatch
 from beamops.io.kafka import CONTENT_TYPE_HEADER, SCHEMA_VERSION_HEADER
-from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, redact
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, rdkafka_logger, redact
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class FramePublisher:
         settings.update({"enable.idempotence": True, "acks": "all"})
         settings["bootstrap.servers"] = client.bootstrap_servers
         settings["error_cb"] = self._on_error
-        settings["logger"] = logging.getLogger(f"{__name__}.rdkafka")
+        settings["logger"] = rdkafka_logger()  # a broker away for a minute is one line, not one per retry
         log.debug("producer for %r with %r", topic, redact({k: str(v) for k, v in settings.items()}))
 
         self._fatal: str | None = None
