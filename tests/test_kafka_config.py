@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +221,12 @@ def test_every_job_takes_kafka_settings_the_same_way() -> None:
     assert simulate.parse_args(["--bootstrap_servers", "b:1", "--topic", "t", *given]).kafka_config == expected
     assert com_pipeline.parse_args(given)[0]["kafka_config"] == expected
     assert replay.parse_args(given)[0]["kafka_config"] == expected
+
+
+def test_a_commit_that_lands_after_a_later_one_does_not_move_the_group_back() -> None:
+    group = f"g-{uuid.uuid4().hex}"
+    assert kafka._furthest_commit(group, "frames", 0, 5)
+    assert not kafka._furthest_commit(group, "frames", 0, 3)  # finalized out of order: skipped
+    assert not kafka._furthest_commit(group, "frames", 0, 5)
+    assert kafka._furthest_commit(group, "frames", 0, 7)
+    assert kafka._furthest_commit(group, "frames", 1, 2) and kafka._furthest_commit(f"{group}-other", "frames", 0, 1)

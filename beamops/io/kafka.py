@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -394,8 +395,19 @@ class _ReadPartitionFn(beam.DoFn):
             commit = unbounded and state.last_done is not None and self._params.group_id and self._params.commit_offsets
             if state.finished:
                 del self._consumers[(read.topic, read.partition)]
+            else:
+                # A deferred read. This DoFn may wait for its bundle's finalization (a checkpoint) before it
+                # reads again, while other instances read on: stop librdkafka prefetching for it meanwhile.
+                consumer.unassign()
             if commit:
-                committer = _Committer(consumer, read.topic, read.partition, state.last_done + 1, close=state.finished)
+                committer = _Committer(
+                    consumer,
+                    self._params.group_id,
+                    read.topic,
+                    read.partition,
+                    state.last_done + 1,
+                    close=state.finished,
+                )
                 finalizer.register(committer)
             elif state.finished:
                 consumer.close()
@@ -542,22 +554,44 @@ class _Committer:
     ``close``: the partition's read is over, so the consumer is closed after the commit.
     """
 
-    def __init__(self, consumer: Any, topic: str, partition: int, offset: int, *, close: bool = False) -> None:
-        self._consumer, self._topic, self._partition, self._offset = consumer, topic, partition, offset
+    def __init__(
+        self, consumer: Any, group_id: str, topic: str, partition: int, offset: int, *, close: bool = False
+    ) -> None:
+        self._consumer, self._group_id = consumer, group_id
+        self._topic, self._partition, self._offset = topic, partition, offset
         self._close = close
 
     def __call__(self) -> None:
         from confluent_kafka import TopicPartition
 
         try:
-            self._consumer.commit(
-                offsets=[TopicPartition(self._topic, self._partition, self._offset)], asynchronous=False
-            )
+            if _furthest_commit(self._group_id, self._topic, self._partition, self._offset):
+                self._consumer.commit(
+                    offsets=[TopicPartition(self._topic, self._partition, self._offset)], asynchronous=False
+                )
         except Exception as exc:  # a later commit covers it; re-reading is the at-least-once fallback
             log.warning("commit of %s[%d]@%d failed: %s", self._topic, self._partition, self._offset, exc)
         finally:
             if self._close:
                 self._consumer.close()
+
+
+_committed: dict[tuple[str, str, int], int] = {}
+_committed_lock = threading.Lock()
+
+
+def _furthest_commit(group_id: str, topic: str, partition: int, offset: int) -> bool:
+    """True if ``offset`` is past what this process committed for the partition (and records it).
+
+    The SDK harness finalizes bundles on a thread pool, so two commits of one partition can land out
+    of order: the later, lower one would move the group back (and a restart re-read more).
+    """
+    key = (group_id, topic, partition)
+    with _committed_lock:
+        if offset <= _committed.get(key, -1):
+            return False
+        _committed[key] = offset
+        return True
 
 
 _WRITTEN = ""  # the mark of each element a sink wrote
