@@ -86,12 +86,14 @@ class _ReadState:
 
 @dataclass(frozen=True)
 class PartitionRead:
-    """One partition's part of a read: offsets [start, stop); stop None = unbounded."""
+    """One partition's part of a read: offsets [start, stop); stop None = unbounded. ``of``: how many
+    partitions the topic had when the read began (0: not known)."""
 
     topic: str
     partition: int
     start: int
     stop: int | None
+    of: int = 0
 
 
 class ReadFromKafkaParams(OperatorParams):
@@ -295,7 +297,7 @@ class _ResolvePartitionsFn(beam.DoFn):
                     "the read waits for offsets up to it to be written",
                     topic, q, end, high,
                 )  # fmt: skip
-            yield PartitionRead(topic, q, begin, end)
+            yield PartitionRead(topic, q, begin, end, of=len(partitions))
 
 
 def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: int, high: int) -> int:
@@ -432,6 +434,8 @@ class _ReadPartitionFn(beam.DoFn):
             if unbounded and time.monotonic() > deadline:
                 tracker.defer_remainder(Duration(seconds=0.05))
                 return
+            if unbounded:
+                _check_partition_count(consumer, read)
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
                 if unbounded and state.caught_up:
@@ -538,6 +542,31 @@ class _ReadPartitionFn(beam.DoFn):
                 return
         self._last_lag_check[key] = now
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
+
+
+PARTITION_CHECK_EVERY_S = 60.0
+_partition_checked: dict[str, float] = {}
+
+
+def _check_partition_count(consumer: Any, read: PartitionRead) -> None:
+    """Every PARTITION_CHECK_EVERY_S per topic and process: say so if the topic has partitions this read
+    does not (they were added after it began; it reads the partitions it found then)."""
+    now = time.monotonic()
+    if not read.of or now - _partition_checked.get(read.topic, -float("inf")) < PARTITION_CHECK_EVERY_S:
+        return
+    _partition_checked[read.topic] = now
+    try:
+        info = consumer.list_topics(read.topic, timeout=5).topics.get(read.topic)
+    except Exception:  # informative only; the read goes on
+        return
+    if info is not None and info.partitions and len(info.partitions) > read.of:
+        unread = sorted(q for q in info.partitions if q >= read.of)
+        Metrics.gauge(METRICS_NAMESPACE, f"partitions_not_read.{read.topic}").set(len(unread))
+        log.error(
+            "Kafka topic %r now has %d partitions; this read began with %d and does not read %s: the frames "
+            "published there are missing from its maps. Restart the job (start=committed) to read them all",
+            read.topic, len(info.partitions), read.of, unread,
+        )  # fmt: skip
 
 
 def _check_headers(headers: list[tuple[str, bytes]] | None) -> None:

@@ -787,6 +787,38 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
     assert before - lag <= watermark.current_watermark() <= after - lag
 
 
+def test_a_live_read_says_when_its_topic_gained_partitions_it_does_not_read(kafka_broker, monkeypatch):
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+    from confluent_kafka.admin import NewPartitions
+
+    from beamops.io import kafka
+    from beamops.io.kafka import UNBOUNDED_STOP, ReadFromKafkaParams, _ReadPartitionFn, _ResolvePartitionsFn
+
+    monkeypatch.setattr(kafka, "_partition_checked", {})
+    topic = kafka_broker.new_topic(partitions=2)
+    params = ReadFromKafkaParams(topic=topic, stop="never", max_read_s=1.0, poll_timeout_s=0.2)
+    (first, _) = list(_ResolvePartitionsFn(client_of(kafka_broker), params).process(topic))
+    assert first.of == 2
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
+    admin.create_partitions([NewPartitions(topic, 4)])[topic].result(timeout=30)  # while the job runs
+    reader = _ReadPartitionFn("read_kafka_frames", client_of(kafka_broker), params)
+    reader.setup()
+    tracker = RestrictionTrackerView(
+        ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(0, UNBOUNDED_STOP)))
+    )
+    try:
+        with log_records("beamops.io.kafka", logging.ERROR) as errors:
+            list(reader.process(first, None, tracker, ManualWatermarkEstimator(None)))
+    finally:
+        reader.teardown()
+    assert [r.getMessage() for r in errors] == [
+        f"Kafka topic {topic!r} now has 4 partitions; this read began with 2 and does not read [2, 3]: the frames "
+        "published there are missing from its maps. Restart the job (start=committed) to read them all"
+    ]
+
+
 def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
     """--start/--stop by timestamp pick exactly the messages of the middle scan of three."""
     topic = kafka_broker.new_topic(partitions=2)
