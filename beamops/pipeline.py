@@ -319,11 +319,29 @@ class PipelineDefinition:
         all_dead = dead | f"{DEAD_LETTERS}.all" >> beam.Flatten()
         all_dead.element_type = DeadLetter
         outputs[DEAD_LETTERS] = all_dead | DEAD_LETTERS >> self.dead_letters.transform(self.kafka)
-        everything = tuple(pc for out in outputs.values() for pc in out.values())
         for name, source in sources.items():
-            if hasattr(source, "commit_after"):  # a source that commits its reads (Kafka) once all is written
-                source.commit_after(*everything, label=f"{name}.commit")
+            if hasattr(source, "commit_after"):  # a source that commits its reads (Kafka) once they are written
+                source.commit_after(*self._results_of(name, outputs))
         return outputs
+
+    def _results_of(self, source: str, outputs: dict[str, OperatorOutputs]) -> list[beam.PCollection]:
+        """What the sinks downstream of ``source`` wrote: the outputs of its branch no instance reads,
+        and the dead-letter sink's if the pipeline has no other source (whose dead letters it also waits on)."""
+        downstream, consumed = {source}, set()
+        for inst in self.instances.values():  # in build order: every upstream before its downstreams
+            if inst.input is not None:
+                consumed.add(inst.input)
+                if inst.input[0] in downstream:
+                    downstream.add(inst.id)
+        results = [
+            pc
+            for name in downstream
+            for port, pc in outputs[name].items()
+            if port != DEAD_LETTER and (name, port) not in consumed
+        ]
+        if all(inst.input is not None for inst in self.instances.values() if inst.id != source):
+            results += list(outputs[DEAD_LETTERS].values())
+        return results
 
     def _create_topics(self) -> None:
         from beamops.io.kafka import ensure_topic

@@ -137,7 +137,7 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
     _, unknown = parser.parse_known_args(beam_args)
     known = [option for action in parser._actions for option in action.option_strings]
     named = []
-    value_of_forwarded = False
+    value_of_forwarded = after_secret = False
     for arg in unknown:
         name = arg.split("=", 1)[0]
         may_be_a_value, value_of_forwarded = value_of_forwarded, False
@@ -147,10 +147,22 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
             value_of_forwarded = "=" not in arg
             continue
         match = difflib.get_close_matches(name, known, n=1) if arg.startswith("-") else []
-        if "=" in arg and is_secret(name):  # a mistyped --kafka_config sasl.password=... must not be echoed
-            arg = f"{name}=***"
-        named.append(f"{arg} (did you mean {match[0]}?)" if match else arg)
+        named.append(
+            f"{_masked(arg, after_secret)} (did you mean {match[0]}?)" if match else _masked(arg, after_secret)
+        )
+        after_secret = is_secret(name) and "=" not in arg  # "--sasl_password hunter2": the next word is the secret
     return named
+
+
+def _masked(arg: str, is_a_secret: bool) -> str:
+    """``arg`` as an error may show it: the value of any secret-looking ``key=`` in it is ``***``."""
+    if is_a_secret and not arg.startswith("-"):
+        return "***"
+    parts = arg.split("=")
+    for i, key in enumerate(parts[:-1]):
+        if is_secret(key):
+            return "=".join([*parts[: i + 1], "***"])
+    return arg
 
 
 def dead_letter_counts(result: Any) -> dict[str, int]:

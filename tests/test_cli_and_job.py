@@ -162,9 +162,13 @@ def test_a_portable_runner_gets_the_options_beam_forwards_to_its_job_server() ->
 
 
 def test_a_secret_among_unknown_arguments_is_not_echoed() -> None:
-    assert unknown_arguments(["sasl.password=hunter2", "--ssl.key.password=s3cret"]) == [
+    given = ["sasl.password=a", "--ssl.key.password=b", "--kafka-config=sasl.password=c", "--sasl_password", "d"]
+    assert unknown_arguments(given) == [
         "sasl.password=***",
         "--ssl.key.password=***",
+        "--kafka-config=sasl.password=*** (did you mean --kafka_config?)",
+        "--sasl_password",
+        "***",
     ]
 
 

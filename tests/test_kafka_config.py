@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,9 +225,42 @@ def test_every_job_takes_kafka_settings_the_same_way() -> None:
 
 
 def test_a_commit_that_lands_after_a_later_one_does_not_move_the_group_back() -> None:
-    group = f"g-{uuid.uuid4().hex}"
-    assert kafka._furthest_commit(group, "frames", 0, 5)
-    assert not kafka._furthest_commit(group, "frames", 0, 3)  # finalized out of order: skipped
-    assert not kafka._furthest_commit(group, "frames", 0, 5)
-    assert kafka._furthest_commit(group, "frames", 0, 7)
-    assert kafka._furthest_commit(group, "frames", 1, 2) and kafka._furthest_commit(f"{group}-other", "frames", 0, 1)
+    run, group = uuid.uuid4().hex, "g"
+    assert kafka._furthest_commit(run, group, "frames", 0, 5)
+    assert not kafka._furthest_commit(run, group, "frames", 0, 3)  # finalized out of order: skipped
+    assert not kafka._furthest_commit(run, group, "frames", 0, 5)
+    assert kafka._furthest_commit(run, group, "frames", 0, 7)
+    assert kafka._furthest_commit(run, group, "frames", 1, 2) and kafka._furthest_commit(run, "other", "frames", 0, 1)
+    # Another run of the same group (a new pipeline in this process) starts from its own offsets.
+    assert kafka._furthest_commit(uuid.uuid4().hex, group, "frames", 0, 3)
+
+
+def test_a_bounded_read_with_a_group_says_when_its_pipeline_never_commits(caplog: pytest.LogCaptureFixture) -> None:
+    import apache_beam as beam
+
+    def reader_fn(wired: bool) -> Any:
+        pipeline = beam.Pipeline()
+        reader = read_kafka_frames({"topic": "t", "group_id": "g"}, client=KafkaClientConfig("127.0.0.1:9"))
+        frames = pipeline | reader
+        if wired:
+            reader.commit_after(frames.frames)
+        return reader._reader
+
+    caplog.set_level(logging.WARNING, logger="beamops.io.kafka")
+    for wired in (True, False):
+        fn = reader_fn(wired)
+        fn.setup()
+        fn.teardown()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "commits its offsets to group 'g' only through read_kafka_frames.commit_after" in warning
+
+
+def test_two_readers_in_one_pipeline_get_commit_steps_of_their_own() -> None:
+    import apache_beam as beam
+
+    pipeline = beam.Pipeline()
+    for label in ("live", "backlog"):
+        reader = read_kafka_frames({"topic": label, "group_id": "g"}, client=KafkaClientConfig("127.0.0.1:9"))
+        reader.commit_after((pipeline | label >> reader).frames)
+    labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
+    assert {"live.commit", "backlog.commit"} <= labels

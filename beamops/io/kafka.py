@@ -29,6 +29,7 @@ bundle ends with a flush.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -304,8 +305,9 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
     """Where a read of a partition whose log holds offsets ``low..high-1`` starts, asked for ``begin``.
 
     Offsets before ``low`` are gone (retention, compaction, deleted records): the read starts at
-    ``low`` and says so. A start past ``high`` is refused: Kafka cannot fetch an offset not yet
-    written (its consumer would jump back to the beginning of the log). So is a stop before the start.
+    ``low`` and says so. A start past ``high`` is refused (Kafka cannot fetch an offset not yet
+    written) unless the stop leaves nothing to read, which is said and read as empty. So is a stop
+    before the start.
     """
     if begin < low:
         log.warning(
@@ -314,6 +316,13 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
             topic, partition, begin, low - 1, low,
         )  # fmt: skip
         return low
+    if begin > high and end is not None and end <= begin:
+        # e.g. one offset:N for partitions of uneven length, with stop=latest: nothing to read here
+        log.warning(
+            "kafka read %s[%d]: the start offset %d is past the end of the log (next offset %d): nothing to read",
+            topic, partition, begin, high,
+        )  # fmt: skip
+        return end
     if begin > high:
         raise ValueError(
             f"Kafka topic {topic!r} partition {partition}: the start offset {begin} is past the end of its "
@@ -350,9 +359,19 @@ class _ReadPartitionFn(beam.DoFn):
         self._name = name
         self._client = client
         self._params = params
+        self._run = uuid.uuid4().hex  # one reader of one pipeline, the same in every worker
+        self.commits_wired = False  # read_kafka_frames.commit_after was called (bounded reads commit there)
 
     def setup(self) -> None:
         self._consumers: dict[tuple[str, int], Any] = {}
+        p = self._params
+        if not p.unbounded and p.group_id and p.commit_offsets and not self.commits_wired:
+            log.warning(
+                "%s: this bounded read of %r commits its offsets to group %r only through "
+                "read_kafka_frames.commit_after(<the sinks' outputs>), which this pipeline does not call: "
+                "nothing is committed",
+                self._name, p.topic, p.group_id,
+            )  # fmt: skip
         self._metrics = OperatorMetrics(self._name)
         self._messages = Metrics.counter(METRICS_NAMESPACE, "messages_in")
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
@@ -400,10 +419,12 @@ class _ReadPartitionFn(beam.DoFn):
             else:
                 # A deferred read. This DoFn may wait for its bundle's finalization (a checkpoint) before it
                 # reads again, while other instances read on: stop librdkafka prefetching for it meanwhile.
-                consumer.unassign()
+                with contextlib.suppress(Exception):  # never hide the exception a read may be raising
+                    consumer.unassign()
             if commit:
                 committer = _Committer(
                     consumer,
+                    self._run,
                     self._params.group_id,
                     read.topic,
                     read.partition,
@@ -482,12 +503,20 @@ class _ReadPartitionFn(beam.DoFn):
             watermark.set_watermark(idle)
 
     def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
-        """The broker no longer has offset ``asked``: go on at the log's start if it was deleted, else fail."""
+        """The broker did not serve offset ``asked``: go on at the log's start if it was deleted, fetch it
+        again if it is in the log, else (past the end: a topic deleted and created again) fail."""
         from confluent_kafka import TopicPartition
 
         low, high = consumer.get_watermark_offsets(
             TopicPartition(read.topic, read.partition), timeout=METADATA_TIMEOUT_S
         )
+        if low <= asked <= high:  # the offset is there (a transient error of the broker): fetch it again
+            log.warning(
+                "kafka %s[%d]: offset %d was reported out of range but is in the log (%d..%d): retrying",
+                read.topic, read.partition, asked, low, high - 1,
+            )  # fmt: skip
+            consumer.assign([TopicPartition(read.topic, read.partition, asked)])
+            return
         if asked < low:
             log.warning(
                 "kafka %s[%d]: offsets %d..%d were deleted while the read was behind them (retention, "
@@ -584,9 +613,9 @@ class _Committer:
     """
 
     def __init__(
-        self, consumer: Any, group_id: str, topic: str, partition: int, offset: int, *, close: bool = False
+        self, consumer: Any, run: str, group_id: str, topic: str, partition: int, offset: int, *, close: bool = False
     ) -> None:
-        self._consumer, self._group_id = consumer, group_id
+        self._consumer, self._run, self._group_id = consumer, run, group_id
         self._topic, self._partition, self._offset = topic, partition, offset
         self._close = close
 
@@ -594,10 +623,11 @@ class _Committer:
         from confluent_kafka import TopicPartition
 
         try:
-            if _furthest_commit(self._group_id, self._topic, self._partition, self._offset):
-                self._consumer.commit(
-                    offsets=[TopicPartition(self._topic, self._partition, self._offset)], asynchronous=False
-                )
+            with _committed_lock:  # held across the commit, so a lower one cannot land after a higher one
+                if _furthest_commit(self._run, self._group_id, self._topic, self._partition, self._offset):
+                    self._consumer.commit(
+                        offsets=[TopicPartition(self._topic, self._partition, self._offset)], asynchronous=False
+                    )
         except Exception as exc:  # a later commit covers it; re-reading is the at-least-once fallback
             log.warning("commit of %s[%d]@%d failed: %s", self._topic, self._partition, self._offset, exc)
         finally:
@@ -605,22 +635,22 @@ class _Committer:
                 self._consumer.close()
 
 
-_committed: dict[tuple[str, str, int], int] = {}
+_committed: dict[tuple[str, str, str, int], int] = {}
 _committed_lock = threading.Lock()
 
 
-def _furthest_commit(group_id: str, topic: str, partition: int, offset: int) -> bool:
-    """True if ``offset`` is past what this process committed for the partition (and records it).
+def _furthest_commit(run: str, group_id: str, topic: str, partition: int, offset: int) -> bool:
+    """True if ``offset`` is past what this process committed for the partition in this ``run`` (one
+    reader of one pipeline), and records it. Call it holding ``_committed_lock``.
 
     The SDK harness finalizes bundles on a thread pool, so two commits of one partition can land out
     of order: the later, lower one would move the group back (and a restart re-read more).
     """
-    key = (group_id, topic, partition)
-    with _committed_lock:
-        if offset <= _committed.get(key, -1):
-            return False
-        _committed[key] = offset
-        return True
+    key = (run, group_id, topic, partition)
+    if offset <= _committed.get(key, -1):
+        return False
+    _committed[key] = offset
+    return True
 
 
 _WRITTEN = ""  # the mark of each element a sink wrote
@@ -637,7 +667,9 @@ class _CommitFn(beam.DoFn):
         self._consumer = _consumer(self._client, self._group_id)
 
     def teardown(self) -> None:
-        self._consumer.close()
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            consumer.close()
 
     def process(self, grouped: tuple[int, Iterable[str]]) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -669,7 +701,7 @@ class _CommitAfter(beam.PTransform):
         self._written = written
 
     def expand(self, progress: pvalue.PCollection) -> pvalue.PCollection:
-        # One GroupByKey over the progress and a mark per written element fires once all its inputs are
+        # One GroupByKey over the progress and a mark per written PCollection fires once all its inputs are
         # complete, so the commit follows the sinks. (Side inputs would do it too, but Beam's Flink runner
         # fails to checkpoint the state of a ParDo with side inputs.) The marks are strings, a coder
         # Flink's own state handles.
@@ -685,7 +717,9 @@ class _CommitAfter(beam.PTransform):
             marks.append(
                 pc
                 | f"WrittenGlobal{i}" >> beam.WindowInto(GlobalWindows())
-                | f"Written{i}" >> beam.Map(lambda _: (0, _WRITTEN)).with_output_types(tuple[int, str])
+                # One mark per PCollection, once it is complete (without_defaults: no side input).
+                | f"Written{i}" >> beam.CombineGlobally(lambda _: _WRITTEN).without_defaults()
+                | f"Mark{i}" >> beam.Map(lambda mark: (0, mark)).with_output_types(tuple[int, str])
             )
         return (
             marks
@@ -720,26 +754,27 @@ class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase l
 
     def build(self, root: pvalue.PBegin) -> Mapping[str, pvalue.PCollection]:
         p = self.params
-        reader = (_ReadUnboundedPartitionFn if p.unbounded else _ReadPartitionFn)(self.name, self.client, p)
+        read = beam.ParDo((_ReadUnboundedPartitionFn if p.unbounded else _ReadPartitionFn)(self.name, self.client, p))
         results = (
             root
             | "Topic" >> beam.Create([p.topic])
             | "Partitions" >> beam.ParDo(_ResolvePartitionsFn(self.client, p))
             | "SpreadPartitions" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(reader).with_outputs(DEAD_LETTER, READ_PROGRESS, main="frames")
+            | "Read" >> read.with_outputs(DEAD_LETTER, READ_PROGRESS, main="frames")
         )
-        self._progress = results[READ_PROGRESS]
+        # read.fn, not the DoFn given to it: ParDo keeps a copy, the one that is sent to the workers.
+        self._reader, self._progress = read.fn, results[READ_PROGRESS]
         return {"frames": results.frames, DEAD_LETTER: results[DEAD_LETTER]}
 
-    def commit_after(self, *written: pvalue.PCollection, label: str = "commit_offsets") -> None:
+    def commit_after(self, *written: pvalue.PCollection) -> None:
         """Commit a bounded read's offsets to ``group_id`` once every PCollection in ``written`` is complete.
 
         Pass the outputs of the job's sinks (maps, dead letters), so a run that fails before its results
         are written commits nothing and the next run from the committed offsets reads the range again.
         Without this call a bounded read commits nothing. An unbounded read commits by itself, when the
         runner finalizes each bundle (on Flink: once the checkpoint holding its results is complete);
-        for it, and without a group or with ``commit_offsets`` false, this does nothing. ``label``
-        names the commit step (unique per reader in a pipeline).
+        for it, and without a group or with ``commit_offsets`` false, this does nothing. The commit
+        step is named after the reader: ``<its label>.commit``.
         """
         p = self.params
         if p.unbounded or not p.group_id or not p.commit_offsets:
@@ -748,7 +783,9 @@ class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase l
             raise ValueError("commit_after: apply the reader to the pipeline first")
         if not written:
             raise ValueError("commit_after needs the PCollections the job writes (its sinks' outputs)")
-        self._progress | label >> _CommitAfter(self.client, p.group_id, written)
+        reader_label = self._progress.producer.full_label.rsplit("/", 2)[0]  # <label>/Read/ParDo(...)
+        self._progress | f"{reader_label}.commit" >> _CommitAfter(self.client, p.group_id, written)
+        self._reader.commits_wired = True
 
 
 def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, replication: int = -1) -> bool:

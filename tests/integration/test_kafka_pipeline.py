@@ -709,7 +709,18 @@ def test_a_read_past_the_end_of_a_recreated_log_fails_saying_so(kafka_broker, nu
         run_source(kafka_broker, numbered_topic, start="offset:0=9", stop="offset:0=12")
 
 
-@pytest.mark.parametrize("stop", ["never", "offset:9", "latest"])
+def test_a_start_past_the_end_with_nothing_to_read_reads_nothing_and_says_so(kafka_broker, numbered_topic):
+    """One offset:N for partitions of uneven length (6, 5, 5 messages here), stop=latest."""
+    with log_records("beamops.io.kafka", logging.WARNING) as warnings:
+        assert read_range(kafka_broker, numbered_topic, "offset:6", "latest") == []  # partition 0 ends at 6 too
+    assert sorted(r.getMessage() for r in warnings) == [
+        f"kafka read {numbered_topic}[{q}]: the start offset 6 is past the end of the log (next offset 5): "
+        "nothing to read"
+        for q in (1, 2)
+    ]
+
+
+@pytest.mark.parametrize("stop", ["never", "offset:9"])
 def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic, stop):
     """Kafka cannot fetch offsets not yet written (its consumer would go back to the beginning)."""
     refused = r"partition 0: the start offset 7 is past the end of its log \(next offset 6\)"
