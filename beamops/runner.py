@@ -147,9 +147,8 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
             value_of_forwarded = "=" not in arg
             continue
         match = difflib.get_close_matches(name, known, n=1) if arg.startswith("-") else []
-        named.append(
-            f"{_masked(arg, after_secret)} (did you mean {match[0]}?)" if match else _masked(arg, after_secret)
-        )
+        shown = _masked(arg, after_secret)
+        named.append(f"{shown} (did you mean {match[0]}?)" if match else shown)
         after_secret = is_secret(name) and "=" not in arg  # "--sasl_password hunter2": the next word is the secret
     return named
 

@@ -451,12 +451,12 @@ class _ReadPartitionFn(beam.DoFn):
 
         restriction = tracker.current_restriction()
         deadline = time.monotonic() + self._params.max_read_s
+        if unbounded:  # once per call (every max_read_s at most), not per message
+            _check_partition_count(consumer, read)
         while True:
             if unbounded and time.monotonic() > deadline:
                 tracker.defer_remainder(Duration(seconds=0.05))
                 return
-            if unbounded:
-                _check_partition_count(consumer, read)
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
                 if unbounded and state.caught_up:
@@ -497,10 +497,7 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _advance_idle_watermark(self, watermark: ManualWatermarkEstimator) -> None:
         """All of the partition is read: its event time is now, less the lag a message may still have."""
-        idle = Timestamp.now() - Duration(seconds=self._params.idle_watermark_lag_s)
-        current = watermark.current_watermark()
-        if current is None or idle > current:
-            watermark.set_watermark(idle)
+        _raise_watermark(watermark, Timestamp.now() - Duration(seconds=self._params.idle_watermark_lag_s))
 
     def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
         """The broker did not serve offset ``asked``: go on at the log's start if it was deleted, fetch it
@@ -535,9 +532,7 @@ class _ReadPartitionFn(beam.DoFn):
         started = time.perf_counter()
         kind, ts_ms = msg.timestamp()
         event_time = Timestamp(micros=ts_ms * 1000) if kind != 0 and ts_ms >= 0 else Timestamp.now()
-        current = watermark.current_watermark()
-        if current is None or event_time > current:
-            watermark.set_watermark(event_time)
+        _raise_watermark(watermark, event_time)
         origin = {"topic": read.topic, "partition": read.partition, "offset": msg.offset(), "timestamp_ms": ts_ms}
         raw = msg.value() or b""
         self._messages.inc()
@@ -571,6 +566,13 @@ class _ReadPartitionFn(beam.DoFn):
                 return
         self._last_lag_check[key] = now
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
+
+
+def _raise_watermark(watermark: ManualWatermarkEstimator, moment: Timestamp) -> None:
+    """Move ``watermark`` to ``moment`` unless it is there already: a watermark never goes back."""
+    current = watermark.current_watermark()
+    if current is None or moment > current:
+        watermark.set_watermark(moment)
 
 
 PARTITION_CHECK_EVERY_S = 60.0
