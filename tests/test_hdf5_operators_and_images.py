@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from beamops import FrameHeader, Image
 from beamops.testing import ScanSimulation, assert_com_close, run_operator
@@ -42,6 +43,13 @@ def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None
     assert result.outputs == []
     assert {d.error_type for d in result.dead_letters} == {"FileExistsError"}
     assert sum(1 for _ in SIMS[0].batches(16)) == len(result.dead_letters)
+
+
+def test_a_file_that_cannot_be_written_fails_the_job_saying_which(tmp_path: Path) -> None:
+    """Not dead letters: a full or read-only disk would send every scan there, and their writer fails too."""
+    (tmp_path / "scan_000003.h5").mkdir()  # where the file should go: overwrite=True cannot replace it
+    with pytest.raises(Exception, match=f"cannot write '{tmp_path / 'scan_000003.h5'}'"):
+        run_operator(write_hdf5_frames(out_dir=str(tmp_path), overwrite=True), SIMS[0].batches(16))
 
 
 def test_a_bad_file_is_a_dead_letter_naming_it(tmp_path: Path) -> None:

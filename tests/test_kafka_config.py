@@ -190,7 +190,15 @@ def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("timestamp:1700000000", "timestamps are in milliseconds since the epoch; for 1700000000 s give 1700000000000"),
+        (
+            "timestamp:1700000000",
+            "timestamps are in milliseconds since the epoch (from 1973 on); for 1700000000 s give 1700000000000",
+        ),
+        (
+            "timestamp:0",
+            "timestamps are in milliseconds since the epoch (from 1973 on); give a time in ms or ISO-8601, "
+            "or earliest to read from the start",
+        ),
         ("timestamp:-5", "a timestamp cannot be negative"),
         ("offset:-1", "offset -1 is negative"),
         ("offset:-1=3", "partition -1 is negative"),

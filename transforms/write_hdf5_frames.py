@@ -19,7 +19,7 @@ from pydantic import Field
 from beamops import DEAD_LETTER, DeadLetter, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.io.files import output_dir
 from beamops.io.hdf5 import write_stempy_hdf5
-from beamops.operator import OperatorMetrics
+from beamops.operator import OperatorMetrics, WorkerEnvironmentError
 from beamops.spec import Mount
 
 
@@ -43,11 +43,15 @@ class _WriteScanFn(beam.DoFn):
         try:
             output_dir(path.parent)
             write_stempy_hdf5(path, ordered, overwrite=self._params.overwrite)
-        except (OSError, ValueError) as exc:  # e.g. the file exists: every batch goes to dead letters
+        except (FileExistsError, ValueError) as exc:
+            # Saved before (overwrite=False), or batches of one scan number that disagree on its shape:
+            # the scan's batches go to dead letters, the job goes on.
             for batch in ordered:
                 letter = self._metrics.dead_letter(DeadLetter.from_exception("write_hdf5_frames", batch, exc))
                 yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
+        except OSError as exc:  # a disk that is full or not writable: every scan would fail, so the job does
+            raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
         self._metrics.frames_in.inc(sum(b.n_frames for b in ordered))
         yield str(path)
 

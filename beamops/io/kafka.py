@@ -364,6 +364,9 @@ class _ReadPartitionFn(beam.DoFn):
 
     def setup(self) -> None:
         self._consumers: dict[tuple[str, int], Any] = {}
+        # Consumers of finished reads, unassigned, for this instance's next read (key: bounded or not):
+        # a new consumer's first fetch waits 10-70 ms for its connections, per partition read.
+        self._idle: dict[bool, list[Any]] = {True: [], False: []}
         p = self._params
         if not p.unbounded and p.group_id and p.commit_offsets and not self.commits_wired:
             log.warning(
@@ -380,13 +383,16 @@ class _ReadPartitionFn(beam.DoFn):
         log.info("kafka reader for %r with %r", self._params.topic, self._client)
 
     def teardown(self) -> None:
-        for consumer in self._consumers.values():
+        for consumer in [*self._consumers.values(), *self._idle[True], *self._idle[False]]:
             consumer.close()
 
     def _consumer_for(self, read: PartitionRead) -> Any:
         key = (read.topic, read.partition)
         if key not in self._consumers:
-            self._consumers[key] = _consumer(self._client, self._params.group_id, bounded=read.stop is not None)
+            bounded = read.stop is not None
+            idle = self._idle[bounded]
+            reused = idle.pop() if idle else None
+            self._consumers[key] = reused or _consumer(self._client, self._params.group_id, bounded=bounded)
         return self._consumers[key]
 
     def process(
@@ -433,9 +439,17 @@ class _ReadPartitionFn(beam.DoFn):
                 )
                 finalizer.register(committer)
             elif state.finished:
-                consumer.close()
+                self._put_idle(consumer, bounded=read.stop is not None)
         if state.last_done is not None and not unbounded:
             yield pvalue.TaggedOutput(READ_PROGRESS, ReadProgress(read.topic, read.partition, state.last_done + 1))
+
+    def _put_idle(self, consumer: Any, *, bounded: bool) -> None:
+        try:
+            consumer.unassign()
+        except Exception:  # a consumer that cannot even unassign is not worth keeping
+            consumer.close()
+        else:
+            self._idle[bounded].append(consumer)
 
     def _read_messages(
         self,
@@ -462,6 +476,8 @@ class _ReadPartitionFn(beam.DoFn):
                 if unbounded and state.caught_up:
                     self._advance_idle_watermark(watermark)
                 continue
+            if msg.partition() != read.partition or msg.topic() != read.topic:
+                continue  # an event left from the consumer's previous read (consumers are reused)
             if msg.error() is not None:
                 err = msg.error()
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -161,7 +161,12 @@ def _timestamp_ms(text: str) -> int:
         if ms < 0:
             raise ValueError("a timestamp cannot be negative")
         if ms < _SECONDS_NOT_MS:
-            raise ValueError(f"timestamps are in milliseconds since the epoch; for {ms} s give {ms * 1000}")
+            hint = (
+                f"for {ms} s give {ms * 1000}"
+                if ms * 1000 >= _SECONDS_NOT_MS
+                else "give a time in ms or ISO-8601, or earliest to read from the start"
+            )
+            raise ValueError(f"timestamps are in milliseconds since the epoch (from 1973 on); {hint}")
         return ms
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:

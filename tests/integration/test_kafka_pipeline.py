@@ -670,6 +670,24 @@ def test_start_and_stop_by_timestamp(kafka_broker, numbered_topic, start, stop, 
     assert read_range(kafka_broker, numbered_topic, start, stop) == sorted(expected)
 
 
+def test_a_reader_reads_partition_after_partition_with_one_consumer(kafka_broker, numbered_topic, monkeypatch):
+    """A finished partition read hands its consumer to the next one: a new consumer's first fetch waits
+    10-70 ms for its connections, which at 0.2 MB messages is a tenth of a partition's read."""
+    from beamops.io import kafka
+
+    made: list[bool] = []
+    new_consumer = kafka._consumer
+
+    def counted(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
+        made.append(bounded)
+        return new_consumer(client, group_id, bounded=bounded)
+
+    monkeypatch.setattr(kafka, "_consumer", counted)
+    assert read_range(kafka_broker, numbered_topic, "earliest", "latest") == list(range(16))
+    # One to find the partitions and their ends, one for the three partition reads.
+    assert len(made) == 2, made
+
+
 def test_a_start_before_deleted_records_reads_what_is_left_and_says_what_is_gone(kafka_broker, numbered_topic):
     admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
     for future in admin.delete_records([TopicPartition(numbered_topic, 0, 2)]).values():
