@@ -81,7 +81,6 @@ class ReadProgress:
 @dataclass
 class _ReadState:
     last_done: int | None = None  # the last offset claimed and handled
-    finished: bool = False  # the whole restriction is read: this partition's consumer can go
     caught_up: bool = False  # the last poll reached the end of the partition's log
 
 
@@ -363,10 +362,11 @@ class _ReadPartitionFn(beam.DoFn):
         self.commits_wired = False  # read_kafka_frames.commit_after was called (bounded reads commit there)
 
     def setup(self) -> None:
-        self._consumers: dict[tuple[str, int], Any] = {}
-        # Consumers of finished reads, unassigned, for this instance's next read (key: bounded or not):
-        # a new consumer's first fetch waits 10-70 ms for its connections, per partition read.
+        # Consumers between reads, unassigned (key: bounded or not). Each read, finished or deferred,
+        # hands its consumer back, so the next read of this instance, of any partition, starts on a
+        # connected one: a new consumer's first fetch waits 10-70 ms for its connections.
         self._idle: dict[bool, list[Any]] = {True: [], False: []}
+        self._committer: Any = None  # commits of unbounded reads, made when first needed
         p = self._params
         if not p.unbounded and p.group_id and p.commit_offsets and not self.commits_wired:
             log.warning(
@@ -383,17 +383,23 @@ class _ReadPartitionFn(beam.DoFn):
         log.info("kafka reader for %r with %r", self._params.topic, self._client)
 
     def teardown(self) -> None:
-        for consumer in [*self._consumers.values(), *self._idle[True], *self._idle[False]]:
-            consumer.close()
+        for consumer in [*self._idle[True], *self._idle[False], self._committer]:
+            if consumer is not None:
+                consumer.close()
 
-    def _consumer_for(self, read: PartitionRead) -> Any:
-        key = (read.topic, read.partition)
-        if key not in self._consumers:
-            bounded = read.stop is not None
-            idle = self._idle[bounded]
-            reused = idle.pop() if idle else None
-            self._consumers[key] = reused or _consumer(self._client, self._params.group_id, bounded=bounded)
-        return self._consumers[key]
+    def _take_consumer(self, bounded: bool) -> Any:
+        idle = self._idle[bounded]
+        return idle.pop() if idle else _consumer(self._client, self._params.group_id, bounded=bounded)
+
+    def _give_back(self, consumer: Any, bounded: bool) -> None:
+        """Unassign ``consumer`` (librdkafka stops prefetching, up to 64 MiB, for a read that may wait
+        for a checkpoint) and keep it for the next read."""
+        try:
+            consumer.unassign()
+        except Exception:  # a consumer that cannot even unassign is not worth keeping
+            consumer.close()
+        else:
+            self._idle[bounded].append(consumer)
 
     def process(
         self,
@@ -408,48 +414,30 @@ class _ReadPartitionFn(beam.DoFn):
         restriction = tracker.current_restriction()
         if restriction.start >= restriction.stop:
             return
-        consumer = self._consumer_for(read)
-        consumer.assign([TopicPartition(read.topic, read.partition, restriction.start)])
-        unbounded = restriction.stop == UNBOUNDED_STOP
+        bounded = read.stop is not None
+        consumer = self._take_consumer(bounded)
         state = _ReadState()
         try:
-            yield from self._read_messages(consumer, read, tracker, watermark, unbounded, state)
-        finally:
+            consumer.assign([TopicPartition(read.topic, read.partition, restriction.start)])
+            yield from self._read_messages(consumer, read, tracker, watermark, not bounded, state)
             if state.last_done is not None:
-                self._report_lag(read, None, state.last_done + 1)
-            # A bounded read commits after the job's sinks wrote (read_kafka_frames.commit_after); an
-            # unbounded one when the runner finalizes the bundle (on Flink, after the checkpoint with it).
-            commit = unbounded and state.last_done is not None and self._params.group_id and self._params.commit_offsets
-            if state.finished:
-                del self._consumers[(read.topic, read.partition)]
-            else:
-                # A deferred read. This DoFn may wait for its bundle's finalization (a checkpoint) before it
-                # reads again, while other instances read on: stop librdkafka prefetching for it meanwhile.
-                with contextlib.suppress(Exception):  # never hide the exception a read may be raising
-                    consumer.unassign()
-            if commit:
-                committer = _Committer(
-                    consumer,
-                    self._run,
-                    self._params.group_id,
-                    read.topic,
-                    read.partition,
-                    state.last_done + 1,
-                    close=state.finished,
-                )
-                finalizer.register(committer)
-            elif state.finished:
-                self._put_idle(consumer, bounded=read.stop is not None)
-        if state.last_done is not None and not unbounded:
+                self._report_lag_after_read(read, consumer, state.last_done + 1)
+        except BaseException:
+            with contextlib.suppress(Exception):  # never hide the exception the read is raising
+                consumer.close()
+            raise
+        self._give_back(consumer, bounded)
+        if state.last_done is None:
+            return
+        p = self._params
+        if bounded:  # committed after the job's sinks wrote (read_kafka_frames.commit_after)
             yield pvalue.TaggedOutput(READ_PROGRESS, ReadProgress(read.topic, read.partition, state.last_done + 1))
-
-    def _put_idle(self, consumer: Any, *, bounded: bool) -> None:
-        try:
-            consumer.unassign()
-        except Exception:  # a consumer that cannot even unassign is not worth keeping
-            consumer.close()
-        else:
-            self._idle[bounded].append(consumer)
+        elif p.group_id and p.commit_offsets:  # when the runner finalizes the bundle (Flink: after its checkpoint)
+            if self._committer is None:
+                self._committer = _consumer(self._client, p.group_id, bounded=False)
+            finalizer.register(
+                _Committer(self._committer, self._run, p.group_id, read.topic, read.partition, state.last_done + 1)
+            )
 
     def _read_messages(
         self,
@@ -487,7 +475,6 @@ class _ReadPartitionFn(beam.DoFn):
                         # claim it anyway, so the commit covers the whole range.
                         if tracker.try_claim(restriction.stop - 1):
                             state.last_done = restriction.stop - 1
-                        state.finished = True
                         return
                     state.caught_up = True
                     if unbounded:
@@ -503,12 +490,10 @@ class _ReadPartitionFn(beam.DoFn):
             offset = msg.offset()
             state.caught_up = False
             if not tracker.try_claim(offset):
-                state.finished = True
                 return
             yield from self._decode(msg, read, watermark)
             state.last_done = offset
             if offset + 1 >= restriction.stop:
-                state.finished = True
                 return
 
     def _advance_idle_watermark(self, watermark: ManualWatermarkEstimator) -> None:
@@ -564,23 +549,22 @@ class _ReadPartitionFn(beam.DoFn):
         self._metrics.frames_out.inc(batch.n_frames)
         yield TimestampedValue(batch.with_origin(origin), event_time)
 
-    def _report_lag(self, read: PartitionRead, high: int | None, position: int) -> None:
-        now = time.monotonic()
-        key = (read.topic, read.partition)
-        if high is None:
-            if now - self._last_lag_check.get(key, 0.0) < 5.0:
-                return
-            try:
-                consumer = self._consumers[(read.topic, read.partition)]
-                from confluent_kafka import TopicPartition
+    def _report_lag_after_read(self, read: PartitionRead, consumer: Any, position: int) -> None:
+        """The lag where a read stopped (at most every 5 s per partition), against the end offset of its
+        last fetch: asking the broker would wait behind our own long poll."""
+        from confluent_kafka import TopicPartition
 
-                # The end offset of the last fetch: asking the broker would wait behind our own long poll.
-                _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), cached=True)
-            except Exception:  # lag is informative; never fail a read for it
-                return
-            if high < 0:
-                return
-        self._last_lag_check[key] = now
+        if time.monotonic() - self._last_lag_check.get((read.topic, read.partition), 0.0) < 5.0:
+            return
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(read.topic, read.partition), cached=True)
+        except Exception:  # lag is informative; never fail a read for it
+            return
+        if high >= 0:
+            self._report_lag(read, high, position)
+
+    def _report_lag(self, read: PartitionRead, high: int, position: int) -> None:
+        self._last_lag_check[(read.topic, read.partition)] = time.monotonic()
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
 
 
@@ -627,15 +611,13 @@ def _check_headers(headers: list[tuple[str, bytes]] | None) -> None:
 class _Committer:
     """Commits a partition's next offset once the runner has committed the bundle that read it.
 
-    ``close``: the partition's read is over, so the consumer is closed after the commit.
+    ``consumer`` is the reader's commit consumer, shared by its committers: the SDK harness may
+    finalize bundles on several threads, and librdkafka's commit is thread-safe.
     """
 
-    def __init__(
-        self, consumer: Any, run: str, group_id: str, topic: str, partition: int, offset: int, *, close: bool = False
-    ) -> None:
+    def __init__(self, consumer: Any, run: str, group_id: str, topic: str, partition: int, offset: int) -> None:
         self._consumer, self._run, self._group_id = consumer, run, group_id
         self._topic, self._partition, self._offset = topic, partition, offset
-        self._close = close
 
     def __call__(self) -> None:
         from confluent_kafka import TopicPartition
@@ -648,9 +630,6 @@ class _Committer:
                     )
         except Exception as exc:  # a later commit covers it; re-reading is the at-least-once fallback
             log.warning("commit of %s[%d]@%d failed: %s", self._topic, self._partition, self._offset, exc)
-        finally:
-            if self._close:
-                self._consumer.close()
 
 
 _committed: dict[tuple[str, str, str, int], int] = {}

@@ -808,7 +808,8 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
         out = list(reader.process(PartitionRead(topic, 0, 0, None), None, tracker, watermark))
         after = Timestamp.now()
         # Deferred: until this DoFn reads again (maybe after a checkpoint), its consumer fetches nothing.
-        assert reader._consumers[(topic, 0)].assignment() == []
+        (consumer,) = reader._idle[False]  # kept for the next read, of this partition or another
+        assert consumer.assignment() == []
     finally:
         reader.teardown()
     assert len(out) == (6 if partition_has_messages else 0)  # messages 0, 3, ..., 15, stamped T0 .. T0 + 15 s
