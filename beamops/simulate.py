@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from beamops.frames import DenseFrameBatch, FrameHeader, SparseFrameBatch
 
@@ -31,6 +32,44 @@ def _flat_shift_field(scan_shape: tuple[int, int], amplitude: float) -> tuple[np
     sx = amplitude * np.sin(2 * np.pi * c / cols) * (0.5 + 0.5 * r / rows)
     sy = 0.5 * amplitude * np.cos(2 * np.pi * r / rows)
     return sx.reshape(-1), sy.reshape(-1)
+
+
+@njit(cache=True, nogil=True)
+def _disc_events(
+    uv: np.ndarray,
+    start: int,
+    offsets: np.ndarray,
+    positions: np.ndarray,
+    sx: np.ndarray,
+    sy: np.ndarray,
+    cx: float,
+    cy: float,
+    radius: float,
+    cols: int,
+    events: np.ndarray,
+) -> int:
+    """Fill ``events[start:]``: frame ``i``'s electrons (``offsets[i]:offsets[i + 1]``) uniform in the
+    disc of ``radius`` around (x, y) = (cx + sx[p], cy + sy[p]), p = positions[i], rounded to the
+    nearest pixel (flat index row * cols + col). ``uv`` (2, m) are uniform draws in [0, 1); a draw
+    outside the unit disc is rejected (no sqrt, cos or sin). Returns how far it got: len(events)
+    unless the draws ran out."""
+    j, m = 0, uv.shape[1]
+    k = start
+    i = np.searchsorted(offsets, start, side="right") - 1
+    while i < len(positions):
+        x0 = cx + sx[positions[i]]
+        y0 = cy + sy[positions[i]]
+        while k < offsets[i + 1]:
+            if j == m:
+                return k
+            u = 2.0 * uv[0, j] - 1.0
+            v = 2.0 * uv[1, j] - 1.0
+            j += 1
+            if u * u + v * v <= 1.0:
+                events[k] = np.uint32(np.rint(y0 + radius * v)) * cols + np.uint32(np.rint(x0 + radius * u))
+                k += 1
+        i += 1
+    return k
 
 
 @dataclass(frozen=True)
@@ -115,16 +154,18 @@ class ScanSimulation:
         positions = (frame_numbers % self.n_positions).astype(np.uint32)
         rng = np.random.default_rng([self.seed, self.scan_number, index])
         counts = rng.poisson(self.events_per_frame, size=len(positions))
-        event_pos = np.repeat(positions, counts)
-        radius = self.disc_radius * np.sqrt(rng.random(len(event_pos)))
-        angle = 2 * np.pi * rng.random(len(event_pos))
-        sx, sy = _flat_shift_field(self.scan_shape, self.shift_amplitude)
-        cx, cy = self.center
-        col = np.rint(cx + sx[event_pos] + radius * np.cos(angle)).astype(np.uint32)
-        row = np.rint(cy + sy[event_pos] + radius * np.sin(angle)).astype(np.uint32)
-        events = row * np.uint32(self.frame_shape[1]) + col
         offsets = np.zeros(len(positions) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
+        events = np.empty(offsets[-1], np.uint32)
+        sx, sy = _flat_shift_field(self.scan_shape, self.shift_amplitude)
+        cx, cy = self.center
+        done = 0
+        while done < len(events):  # a disc takes 4/pi draws per electron on average; rarely, more
+            left = len(events) - done
+            uv = rng.random((2, left * 4 // 3 + 64), dtype=np.float32)  # float32: twice as fast to draw
+            done = _disc_events(
+                uv, done, offsets, positions, sx, sy, cx, cy, self.disc_radius, self.frame_shape[1], events
+            )
         return SparseFrameBatch(
             self.header,
             events,

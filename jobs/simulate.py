@@ -32,6 +32,7 @@ from beamops.options import add_kafka_client_arguments
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
+BEHIND = 0.5  # a run with more of its frames late than this says it could not keep up with --rate
 log = logging.getLogger("jobs.simulate")
 
 
@@ -245,6 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{f' (target {args.rate:,.0f})' if args.rate else ''}",
         flush=True,
     )
+    if args.rate and stats.late_frames > BEHIND * stats.frames:
+        log.warning(
+            "%.0f%% of the frames were ready only after --rate %s frames/s had them due: this process could "
+            "not make and send frames faster here; for more, run fewer events per frame, or several "
+            "simulators (--first_scan_number) at once",
+            100 * stats.late_frames / stats.frames, f"{args.rate:,.0f}",
+        )  # fmt: skip
     return 0
 
 

@@ -80,6 +80,8 @@ class RateLimiter:
         self._due: float | None = None
         #: Total time spent waiting, s.
         self.waited_s = 0.0
+        #: Frames that were ready only after their time: behind the schedule (a burst after a stall too).
+        self.late_frames = 0
 
     def wait(self, frames: int) -> float:
         """Sleep until ``frames`` more frames may leave; returns the time slept (s)."""
@@ -89,7 +91,8 @@ class RateLimiter:
         due = now if self._due is None else max(self._due, now - self.max_lag_s)
         self._due = due + frames / self.rate
         delay = self._due - now
-        if delay < 1e-6:  # on time (up to float rounding)
+        if delay < 1e-6:  # due already (up to float rounding): the publisher is behind
+            self.late_frames += frames
             return 0.0
         self._sleep(delay)
         self.waited_s += delay
@@ -110,6 +113,7 @@ class PublishStats:
     queued_messages: int
     elapsed_s: float
     throttled_s: float
+    late_frames: int  # frames ready only after the rate limit's schedule said they were due
 
     @property
     def frames_per_s(self) -> float:
@@ -353,6 +357,7 @@ class FramePublisher:
             queued_messages=len(self._producer),
             elapsed_s=elapsed,
             throttled_s=self.limiter.waited_s,
+            late_frames=self.limiter.late_frames,
         )
 
     # -- context manager --------------------------------------------------------------------------

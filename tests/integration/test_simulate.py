@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 import uuid
@@ -164,17 +166,29 @@ def test_a_stempy_file_is_published_event_for_event(kafka_broker, tmp_path):
         np.testing.assert_array_equal(events, stempy_view.data[position, row % per_position])
 
 
-def test_the_rate_limit_is_respected(kafka_broker, capsys):
+def test_the_rate_limit_is_respected(kafka_broker, capsys, caplog):
     topic = kafka_broker.new_topic(partitions=2)
     args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=50", "--batch_size=100", "--rate=4000"]
     started = time.monotonic()
-    assert run(kafka_broker, topic, *args) == 0
+    with caplog.at_level(logging.WARNING, logger="jobs.simulate"):
+        assert run(kafka_broker, topic, *args) == 0
     elapsed = time.monotonic() - started
+    assert not [r for r in caplog.records if r.name == "jobs.simulate"]  # it kept up: no "could not" warning
     assert 0.45 <= elapsed < 10, elapsed  # 2000 frames at 4000 frames/s: 0.5 s
     summary = capsys.readouterr().out
     assert "published 2000 frames in 20 batches" in summary and "(target 4,000)" in summary
     achieved = float(summary.split(" s, ")[1].split(" frames/s")[0].replace(",", ""))
     assert achieved <= 4000 * 1.1, summary
+    assert len(read_topic(kafka_broker.bootstrap_servers, topic)) == 20
+
+
+def test_a_rate_the_simulator_cannot_reach_is_reported(kafka_broker, caplog):
+    topic = kafka_broker.new_topic(partitions=2)
+    args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=50", "--batch_size=100", "--rate=1e9"]
+    with caplog.at_level(logging.WARNING, logger="jobs.simulate"):
+        assert run(kafka_broker, topic, *args) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "jobs.simulate"]
+    assert re.fullmatch(r"(9\d|100)% of the frames were ready only after --rate 1,000,000,000 frames/s .*", warning)
     assert len(read_topic(kafka_broker.bootstrap_servers, topic)) == 20
 
 
@@ -196,6 +210,7 @@ def test_rate_limiter_schedule():
     for _ in range(6):
         limiter.wait(100)
     assert slept == [0.1]  # five batches go at once, the sixth waits
+    assert limiter.late_frames == 500
     assert RateLimiter(None).wait(10**6) == 0.0 and RateLimiter(0).rate is None
 
 
