@@ -249,9 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate and stats.late_frames > BEHIND * stats.frames:
         log.warning(
             "%.0f%% of the frames were ready only after --rate %s frames/s had them due: this process could "
-            "not make and send frames faster here; for more, run fewer events per frame, or several "
-            "simulators (--first_scan_number) at once",
+            "not make and send frames faster here; for more, run several simulators (--first_scan_number) "
+            "at once%s",
             100 * stats.late_frames / stats.frames, f"{args.rate:,.0f}",
+            "" if args.hdf5 else ", or fewer events per frame",
         )  # fmt: skip
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,26 @@ def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None
     assert sum(1 for _ in SIMS[0].batches(16)) == len(result.dead_letters)
 
 
-def test_a_file_that_cannot_be_written_fails_the_job_saying_which(tmp_path: Path) -> None:
+def test_a_full_disk_fails_the_job_saying_which_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not dead letters: a full or read-only disk would send every scan there, and their writer fails too."""
-    (tmp_path / "scan_000003.h5").mkdir()  # where the file should go: overwrite=True cannot replace it
-    with pytest.raises(Exception, match=f"cannot write '{tmp_path / 'scan_000003.h5'}'"):
-        run_operator(write_hdf5_frames(out_dir=str(tmp_path), overwrite=True), SIMS[0].batches(16))
+    from transforms import write_hdf5_frames as module
+
+    def disk_full(path: Path, *_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(module, "write_stempy_hdf5", disk_full)
+    with pytest.raises(Exception, match=f"cannot write '{tmp_path / 'scan_000003.h5'}': .*No space left on device"):
+        run_operator(write_hdf5_frames(out_dir=str(tmp_path)), SIMS[0].batches(16))
+
+
+def test_a_directory_where_a_file_should_go_sends_that_scan_to_dead_letters(tmp_path: Path) -> None:
+    (tmp_path / "scan_000003.h5").mkdir()
+    batches = [b for sim in SIMS for b in sim.batches(16)]
+    result = run_operator(write_hdf5_frames(out_dir=str(tmp_path), overwrite=True), batches)
+    assert [Path(p).name for p in result.outputs] == ["scan_000004.h5"]
+    assert {d.error_type for d in result.dead_letters} == {"IsADirectoryError"}
+    assert len(result.dead_letters) == sum(1 for _ in SIMS[0].batches(16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan_000003.h5", "scan_000004.h5"]  # no temp file left
 
 
 def test_a_bad_file_is_a_dead_letter_naming_it(tmp_path: Path) -> None:

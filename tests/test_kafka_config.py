@@ -272,3 +272,50 @@ def test_two_readers_in_one_pipeline_get_commit_steps_of_their_own() -> None:
         reader.commit_after((pipeline | label >> reader).frames)
     labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
     assert {"live.commit", "backlog.commit"} <= labels
+
+
+class _ErrorEvent:
+    """What Consumer.poll returns for an error of the whole client: no topic, no partition."""
+
+    def __init__(self, error: Any) -> None:
+        self._error = error
+
+    def topic(self) -> None:
+        return None
+
+    def partition(self) -> None:
+        return None
+
+    def error(self) -> Any:
+        return self._error
+
+
+class _FailedConsumer:
+    def __init__(self, error: Any) -> None:
+        self.polls = 0
+        self._error = error
+
+    def poll(self, _timeout: float) -> _ErrorEvent:
+        self.polls += 1
+        if self.polls > 100:
+            raise AssertionError("the read kept polling a consumer in a fatal state")
+        return _ErrorEvent(self._error)
+
+
+def test_a_fatal_error_of_the_consumer_fails_the_read() -> None:
+    """Errors of the client name no partition: the check for events of a reused consumer's previous
+    read must not skip them."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from confluent_kafka import KafkaError
+
+    reader = kafka._ReadPartitionFn(
+        "read_kafka_frames", KafkaClientConfig("127.0.0.1:1"), ReadFromKafkaParams(topic="t")
+    )
+    reader.setup()
+    consumer = _FailedConsumer(KafkaError(KafkaError._FATAL, "the idempotent producer's epoch was fenced", fatal=True))
+    tracker = OffsetRestrictionTracker(OffsetRange(0, 10))
+    read = kafka.PartitionRead("t", 0, 0, 10)
+    with pytest.raises(RuntimeError, match=r"Kafka consumer for t\[0\] failed: .*fenced"):
+        list(reader._read_messages(consumer, read, tracker, ManualWatermarkEstimator(None), False, kafka._ReadState()))
+    assert consumer.polls == 1

@@ -8,6 +8,7 @@ bounded run, at end of input). Frames are written in frame-number order.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -29,6 +30,11 @@ class WriteHdf5Params(OperatorParams):
     overwrite: bool = Field(False, description="Replace an existing file of the same scan.")
 
 
+# A full, read-only or failing disk, or a directory this worker may not write to: every scan would
+# fail the same way (and the dead-letter writer too), so the job fails saying why.
+_EVERY_FILE_FAILS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
 class _WriteScanFn(beam.DoFn):
     def __init__(self, params: WriteHdf5Params) -> None:
         self._params = params
@@ -43,15 +49,15 @@ class _WriteScanFn(beam.DoFn):
         try:
             output_dir(path.parent)
             write_stempy_hdf5(path, ordered, overwrite=self._params.overwrite)
-        except (FileExistsError, ValueError) as exc:
-            # Saved before (overwrite=False), or batches of one scan number that disagree on its shape:
-            # the scan's batches go to dead letters, the job goes on.
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _EVERY_FILE_FAILS:
+                raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
+            # This scan's problem (saved before and overwrite=False, a directory in the file's place,
+            # batches of one scan number that disagree on its shape): its batches go to dead letters.
             for batch in ordered:
                 letter = self._metrics.dead_letter(DeadLetter.from_exception("write_hdf5_frames", batch, exc))
                 yield pvalue.TaggedOutput(DEAD_LETTER, letter)
             return
-        except OSError as exc:  # a disk that is full or not writable: every scan would fail, so the job does
-            raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
         self._metrics.frames_in.inc(sum(b.n_frames for b in ordered))
         yield str(path)
 

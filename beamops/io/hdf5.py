@@ -36,6 +36,7 @@ the dataset and shows the group as ``SparseArray.metadata["beamops"]``.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,9 @@ def write_stempy_hdf5(
     Every batch must have the same scan number, scan shape and frame shape. The file is
     readable by ``stempy.io.load_electron_counts`` and by :func:`read_stempy_hdf5`, which
     gives back the same frames, scan positions, frame numbers and header. Refuses to replace
-    an existing file unless ``overwrite``; on an error the partly written file is removed.
+    an existing file unless ``overwrite``. The file is written under a temporary name beside
+    ``path`` and renamed when complete, so a reader never opens half a file, and a failed
+    write removes only its own temporary file.
     """
     h5py = _h5py()
     path = os.fspath(path)
@@ -320,8 +323,9 @@ def write_stempy_hdf5(
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     written = 0
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with h5py.File(path, "w") as f:
+        with h5py.File(tmp, "w") as f:
             f.attrs["version"] = WRITE_VERSION
             group = f.create_group(GROUP)
             frames = group.create_dataset(
@@ -360,8 +364,11 @@ def write_stempy_hdf5(
                 positions[written : written + n] = batch.scan_positions
                 numbers[written : written + n] = batch.frame_numbers
                 written += n
+        if not overwrite and os.path.exists(path):  # written by another writer meanwhile
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        os.replace(tmp, path)
     except BaseException:
-        Path(path).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return StempyFileInfo(
         path=path,

@@ -385,7 +385,8 @@ class _ReadPartitionFn(beam.DoFn):
     def teardown(self) -> None:
         for consumer in [*self._idle[True], *self._idle[False], self._committer]:
             if consumer is not None:
-                consumer.close()
+                with contextlib.suppress(Exception):  # close the others anyway
+                    consumer.close()
 
     def _take_consumer(self, bounded: bool) -> Any:
         idle = self._idle[bounded]
@@ -397,7 +398,8 @@ class _ReadPartitionFn(beam.DoFn):
         try:
             consumer.unassign()
         except Exception:  # a consumer that cannot even unassign is not worth keeping
-            consumer.close()
+            with contextlib.suppress(Exception):  # the read itself went well
+                consumer.close()
         else:
             self._idle[bounded].append(consumer)
 
@@ -464,8 +466,8 @@ class _ReadPartitionFn(beam.DoFn):
                 if unbounded and state.caught_up:
                     self._advance_idle_watermark(watermark)
                 continue
-            if msg.partition() != read.partition or msg.topic() != read.topic:
-                continue  # an event left from the consumer's previous read (consumers are reused)
+            if msg.topic() is not None and (msg.topic(), msg.partition()) != (read.topic, read.partition):
+                continue  # an event of the consumer's previous read (consumers are reused), not an error of it
             if msg.error() is not None:
                 err = msg.error()
                 if err.code() == KafkaError._PARTITION_EOF:

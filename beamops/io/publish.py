@@ -60,7 +60,8 @@ class RateLimiter:
     Schedule-based: a batch of ``n`` frames is due ``n / rate`` seconds after the previous
     one, as if a detector had just finished acquiring it, so the first batch also waits. A
     publisher that falls behind catches up by bursting, but by at most ``max_lag_s`` worth
-    of frames. ``rate`` None or 0 means no limit.
+    of frames; a batch ready after it was due never waits, and counts in ``late_frames``.
+    ``rate`` None or 0 means no limit.
     """
 
     def __init__(
@@ -88,11 +89,15 @@ class RateLimiter:
         if self.rate is None:
             return 0.0
         now = self._clock()
-        due = now if self._due is None else max(self._due, now - self.max_lag_s)
-        self._due = due + frames / self.rate
+        span = frames / self.rate
+        if self._due is not None and now >= self._due + span - 1e-6:
+            self.late_frames += frames  # ready after the schedule had it due: the publisher is behind
+        if self._due is None:
+            self._due = now + span
+        else:  # a stall earns a burst of at most max_lag_s worth, and a batch made late never waits
+            self._due = max(self._due + span, min(now - self.max_lag_s + span, now))
         delay = self._due - now
-        if delay < 1e-6:  # due already (up to float rounding): the publisher is behind
-            self.late_frames += frames
+        if delay < 1e-6:  # on time (up to float rounding)
             return 0.0
         self._sleep(delay)
         self.waited_s += delay

@@ -211,6 +211,14 @@ def test_rate_limiter_schedule():
         limiter.wait(100)
     assert slept == [0.1]  # five batches go at once, the sixth waits
     assert limiter.late_frames == 500
+    # Batches that each take longer to make than max_lag_s are all late (the catch-up cap aside).
+    slow = RateLimiter(500, max_lag_s=1.0, clock=lambda: now[0], sleep=sleep)
+    slept.clear()
+    for _ in range(5):
+        slow.wait(1000)  # due every 2 s
+        now[0] += 3.0  # made in 3 s
+    assert slow.late_frames == 4000  # all but the first
+    assert slept == [2.0]  # the first batch waits its 2 s; the late ones go at once
     assert RateLimiter(None).wait(10**6) == 0.0 and RateLimiter(0).rate is None
 
 
