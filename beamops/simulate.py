@@ -97,6 +97,9 @@ class ScanSimulation:
             )
         if self.events_per_frame < 0 or self.frames_per_position < 1 or min(self.scan_shape) < 1:
             raise ValueError("events_per_frame >= 0, frames_per_position >= 1 and a non-empty scan are required")
+        if not (self.disc_radius > 0 and self.shift_amplitude >= 0):  # a negative one would pass the check above
+            got = f"got {self.disc_radius} and {self.shift_amplitude}"
+            raise ValueError(f"disc_radius must be > 0 and shift_amplitude >= 0 px, {got}")
 
     @property
     def n_positions(self) -> int:

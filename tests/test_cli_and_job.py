@@ -215,3 +215,18 @@ def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "device='cuda' was requested but numba sees no CUDA GPU" in last
     assert not (tmp_path / "dead_letters").exists() and not list(tmp_path.glob("*_com.npz"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--shift_amplitude", "-30"], "disc_radius must be > 0 and shift_amplitude >= 0 px, got 20.0 and -30.0"),
+        (["--disc_radius", "300"], "frame_shape (576, 576) is too small for disc_radius 300.0 + shift_amplitude 8.0"),
+    ],
+)
+def test_the_simulate_job_refuses_a_disc_that_would_leave_the_frame(extra, says, capsys) -> None:
+    from jobs import simulate
+
+    # No broker listens on port 9: the scan is checked first.
+    assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra]) == 2
+    assert says in capsys.readouterr().err
