@@ -146,6 +146,16 @@ class OperatorMetrics:
             self._logged_at, self._unlogged = now, 0
         return letter
 
+    def to_dead_letters(self, element: Any, exc: Exception) -> pvalue.TaggedOutput:
+        """``element``, which failed with ``exc``, as a dead letter on its way out (counted and logged).
+
+        A WorkerEnvironmentError is raised again instead: the worker is at fault, not the element.
+        """
+        if isinstance(exc, WorkerEnvironmentError):
+            raise exc
+        letter = self.dead_letter(DeadLetter.from_exception(self.operator, element, exc))
+        return pvalue.TaggedOutput(DEAD_LETTER, letter)
+
     def observe(self, element: Any, started: float) -> None:
         self.batches.inc()
         self.frames_in.inc(_frames(element))
@@ -353,11 +363,8 @@ class _BatchFnDoFn(beam.DoFn):
             result = self._fn(element, self._params)
             # A generator runs only when iterated: drain it here so its errors become dead letters too.
             items = [] if result is None else list(result) if isinstance(result, Iterator) else [result]
-        except WorkerEnvironmentError:
-            raise
         except Exception as exc:  # the element goes to dead letters; the stream goes on
-            letter = self._metrics.dead_letter(DeadLetter.from_exception(self._name, element, exc))
-            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+            yield self._metrics.to_dead_letters(element, exc)
             return
         finally:
             self._metrics.observe(element, started)

@@ -49,7 +49,6 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from numba import njit
 from pydantic import Field
 
-from beamops.deadletter import DeadLetter
 from beamops.frames import FrameHeader, SparseFrameBatch
 from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, OperatorMetrics, OperatorParams
 
@@ -301,8 +300,7 @@ class ScanReduceFn(beam.DoFn):
             acc = state.acc or self.new_accumulator(batch)
             duplicates = acc.add(batch)
         except Exception as exc:  # the batch goes to dead letters; the scan goes on
-            letter = self._metrics.dead_letter(DeadLetter.from_exception(self._name, batch, exc))
-            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+            yield self._metrics.to_dead_letters(batch, exc)
             return
         finally:
             self._metrics.observe(batch, started)

@@ -15,7 +15,7 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import TimestampedValue
 from pydantic import Field
 
-from beamops import DEAD_LETTER, DeadLetter, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.io.hdf5 import read_stempy_hdf5
 from beamops.operator import OperatorMetrics
 from beamops.spec import Mount
@@ -44,8 +44,7 @@ class _ReadFileFn(beam.DoFn):
                 yield TimestampedValue(batch.with_origin({"file": path}), frames_before / p.frame_rate_hz)
                 frames_before += batch.n_frames
         except (OSError, ValueError) as exc:  # a bad file is a dead letter naming it; the pipeline goes on
-            letter = self._metrics.dead_letter(DeadLetter.from_exception("read_hdf5_frames", path.encode(), exc))
-            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+            yield self._metrics.to_dead_letters(path.encode(), exc)
 
 
 class read_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators

@@ -15,7 +15,7 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import TimestampedValue
 from pydantic import Field
 
-from beamops import DEAD_LETTER, DeadLetter, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.operator import OperatorMetrics
 from beamops.simulate import ScanSimulation
 
@@ -64,8 +64,7 @@ class _SimulateBatchFn(beam.DoFn):
         try:
             batch = sim.batch(batch_index, p.batch_size)
         except Exception as exc:
-            letter = self._metrics.dead_letter(DeadLetter.from_exception("simulated_scan", element, exc))
-            yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+            yield self._metrics.to_dead_letters(element, exc)
             return
         self._metrics.frames_out.inc(batch.n_frames)
         first_frame = scan_index * sim.n_frames + batch_index * p.batch_size

@@ -8,7 +8,6 @@ bounded run, at end of input). Frames are written in frame-number order.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindows, Sessions
 from pydantic import Field
 
-from beamops import DEAD_LETTER, DeadLetter, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.io.files import output_dir
+from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops.io.files import fails_every_file, output_dir, unwritable
 from beamops.io.hdf5 import write_stempy_hdf5
-from beamops.operator import OperatorMetrics, WorkerEnvironmentError
+from beamops.operator import OperatorMetrics
 from beamops.spec import Mount
 
 
@@ -28,11 +27,6 @@ class WriteHdf5Params(OperatorParams):
     out_dir: Mount = Field("out", description="Directory for scan_<N>.h5 files.")
     gap_s: float = Field(60.0, gt=0, description="A scan's file is written after this many seconds without frames.")
     overwrite: bool = Field(False, description="Replace an existing file of the same scan.")
-
-
-# A full, read-only or failing disk, or a directory this worker may not write to: every scan would
-# fail the same way (and the dead-letter writer too), so the job fails saying why.
-_EVERY_FILE_FAILS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
 class _WriteScanFn(beam.DoFn):
@@ -50,13 +44,12 @@ class _WriteScanFn(beam.DoFn):
             output_dir(path.parent)
             write_stempy_hdf5(path, ordered, overwrite=self._params.overwrite)
         except (OSError, ValueError) as exc:
-            if isinstance(exc, OSError) and exc.errno in _EVERY_FILE_FAILS:
-                raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
+            if isinstance(exc, OSError) and fails_every_file(exc):
+                raise unwritable(path, exc) from exc
             # This scan's problem (saved before and overwrite=False, a directory in the file's place,
             # batches of one scan number that disagree on its shape): its batches go to dead letters.
             for batch in ordered:
-                letter = self._metrics.dead_letter(DeadLetter.from_exception("write_hdf5_frames", batch, exc))
-                yield pvalue.TaggedOutput(DEAD_LETTER, letter)
+                yield self._metrics.to_dead_letters(batch, exc)
             return
         self._metrics.frames_in.inc(sum(b.n_frames for b in ordered))
         yield str(path)

@@ -9,6 +9,7 @@ letters (whose writer would fail the same way).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Hashable
@@ -16,6 +17,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from beamops.operator import WorkerEnvironmentError
+
+# A full, read-only or failing disk, or a directory this worker may not write to: every file would
+# fail the same way (and the dead-letter writer too).
+_EVERY_FILE_FAILS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def fails_every_file(exc: OSError) -> bool:
+    """Whether ``exc``, raised writing one file, says the worker cannot write any (not this file's problem)."""
+    return exc.errno in _EVERY_FILE_FAILS
+
+
+def unwritable(path: str | Path, exc: OSError) -> WorkerEnvironmentError:
+    """The error that fails the job when ``path`` cannot be written."""
+    return WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}")
 
 
 def output_dir(path: str | Path) -> Path:
@@ -36,7 +51,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(fh)
         os.replace(tmp, path)
     except OSError as exc:
-        raise WorkerEnvironmentError(f"cannot write {str(path)!r}: {exc}") from exc
+        raise unwritable(path, exc) from exc
 
 
 class PreviewThrottle:
