@@ -62,8 +62,9 @@ def operator_params(values: dict[str, Any], op: type[Operator]) -> dict[str, Any
     return {name: values[name] for name in op.Params.model_fields if values.get(name) is not None}
 
 
-def add_kafka_arguments(parser: Any, *, live: bool) -> None:
-    """Kafka input/output options of a job; ``live=False`` (replay) has no consumer group."""
+def add_kafka_arguments(parser: Any, *, live: bool) -> list[str]:
+    """Kafka input/output options of a job; ``live=False`` (replay) has no consumer group. Returns the
+    names of those that need ``--bootstrap_servers``."""
     from beamops.io.kafka import ReadFromKafkaParams
 
     fields = ReadFromKafkaParams.model_fields
@@ -84,6 +85,7 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> None:
         help="Create --output_topic and --dead_letter_topic (1 partition) if they do not exist.",
     )
     add_kafka_client_arguments(group)
+    return [action.dest for action in group._group_actions if action.dest != "bootstrap_servers"]
 
 
 def add_kafka_client_arguments(group: Any) -> None:

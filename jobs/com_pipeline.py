@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops import OperatorParameterError
 from beamops.io.kafka import ensure_topic, read_kafka_frames, write_com_maps_kafka, write_dead_letters_kafka
-from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.kafka_config import KafkaClientConfig, never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
 from beamops.runner import DEFAULT_RUNNER, run, setup_logging
 from transforms.com_partial import com_partial
@@ -41,10 +41,7 @@ from transforms.write_dead_letters import write_dead_letters
 OPERATORS = (simulated_scan, com_partial, com_reduce, write_com_map)
 DEFAULT_OUT_DIR = "out"
 PROG = "python -m jobs.com_pipeline"
-KAFKA_OPTIONS = (
-    "input_topic", "output_topic", "dead_letter_topic", "group_id", "start", "stop",
-    "kafka_config_file", "kafka_config", "create_topics",
-)  # fmt: skip
+KAFKA_OPTIONS = add_kafka_arguments(argparse.ArgumentParser(), live=True)  # the ones that need a broker
 log = logging.getLogger("jobs.com_pipeline")
 
 
@@ -132,7 +129,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     values, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    bounded = not values.get("bootstrap_servers") or values.get("stop") != "never"
+    bounded = not values.get("bootstrap_servers") or not never_stops(values.get("stop") or "latest")
     return run(values, beam_args, build, prog=PROG, bounded=bounded)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import apache_beam as beam
 
 from beamops import OperatorParameterError
+from beamops.io.kafka_config import never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments
 from beamops.runner import run, setup_logging
 from jobs import com_pipeline
@@ -38,7 +39,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
             raise OperatorParameterError(f"a replay needs --{required}")
     if values["start"].strip() == "committed":
         raise OperatorParameterError("a replay has no consumer group: start from offsets or a timestamp")
-    if values["stop"].strip() == "never":
+    if never_stops(values["stop"]):
         raise OperatorParameterError("a replay needs a bounded --stop (latest, offset:..., timestamp:...)")
     if values.get("output_topic") == values["input_topic"]:
         raise OperatorParameterError("--output_topic must differ from --input_topic")

@@ -54,7 +54,7 @@ from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_sparse_batch
-from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition
+from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition, never_stops
 from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
 from beamops.results import ComMap
 
@@ -158,7 +158,7 @@ class ReadFromKafkaParams(OperatorParams):
 
     @property
     def unbounded(self) -> bool:
-        return ReadPosition.parse(self.stop, stop=True).kind == "never"
+        return never_stops(self.stop)
 
 
 def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> dict[str, Any]:
@@ -838,6 +838,12 @@ def dead_letter_record(letter: DeadLetter) -> Record:
     return letter.operator.encode(), letter.payload, headers
 
 
+def _drop_queued(producer: Any) -> None:
+    """Drop what ``producer`` still has queued or in flight (their delivery reports are served at once)."""
+    producer.purge()
+    producer.flush(0)
+
+
 class KafkaWriteParams(OperatorParams):
     topic: str = Field(description="Topic to write to.")
     flush_timeout_s: float = Field(
@@ -872,8 +878,7 @@ class _WriteFn(beam.DoFn):
     def teardown(self) -> None:
         producer = getattr(self, "_producer", None)
         if producer is not None:  # nothing is queued after a bundle that finished; after one that failed, drop it
-            producer.purge()
-            producer.flush(0)
+            _drop_queued(producer)
 
     def start_bundle(self) -> None:
         self._pending: list[tuple[Any, Timestamp, Any]] = []
@@ -902,16 +907,15 @@ class _WriteFn(beam.DoFn):
         self._producer.poll(0)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        # A little past message.timeout.ms, so the messages that time out report it.
-        remaining = self._producer.flush(self._params.flush_timeout_s + 5.0)
+        wait_s = self._params.flush_timeout_s + 5.0  # past message.timeout.ms: the messages that time out say so
+        remaining = self._producer.flush(wait_s)
         failures = list(self._failures)
         if failures or remaining:
-            problems = [f"{'; '.join(sorted(set(failures))[:3])}"] if failures else []
+            problems = ["; ".join(sorted(set(failures))[:3])] if failures else []
             if remaining:
-                problems.append(f"{remaining} not delivered within {self._params.flush_timeout_s + 5.0:g} s")
+                problems.append(f"{remaining} not delivered within {wait_s:g} s")
             # The bundle is retried: what is still queued must not be delivered after it as well.
-            self._producer.purge()
-            self._producer.flush(0)
+            _drop_queued(self._producer)
             raise RuntimeError(
                 f"Kafka delivery to {self._params.topic!r} failed for {len(failures) + remaining} of "
                 f"{len(failures) + remaining + len(self._delivered)} messages: {'; '.join(problems)}"

@@ -195,6 +195,11 @@ StartKind = Literal["earliest", "latest", "committed", "offset", "timestamp"]
 StopKind = Literal["never", "latest", "offset", "timestamp"]
 
 
+def never_stops(stop: str) -> bool:
+    """Whether a read with this stop position is unbounded (``never``); every other one ends."""
+    return stop.strip() == "never"
+
+
 @dataclass(frozen=True)
 class ReadPosition:
     """Where a read starts or stops.
