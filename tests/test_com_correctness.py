@@ -280,22 +280,29 @@ def test_sparse_kernel_splits_every_pixel_index_exactly(frame_shape):
     np.testing.assert_array_equal(sums[2], 1)
 
 
-def test_sparse_kernel_float32_and_float64_splits_give_the_same_sums():
-    """Many events per frame: the vectorized float32 sums equal the float64 ones (an index >= 2**21 forces them)."""
-    from transforms.com_partial import FLOAT32_SPLIT_MAX_PIXELS, NO_CROP, com_sparse_kernel
+@pytest.mark.parametrize("cols", [576, 2048, 1])
+def test_sparse_kernel_sums_are_exact_per_frame_whatever_its_largest_index(cols):
+    """Long frames of the largest indices below 2**21 (32-bit block sums at their bound), frames with an
+    index >= 2**21 (the exact float64 split, for that frame only) and empty frames: every sum exact."""
+    from transforms.com_partial import FLOAT32_SPLIT_MAX_PIXELS, NO_CROP, SUM_BLOCK, com_sparse_kernel
 
     rng = np.random.default_rng(4)
-    cols = 576
-    lengths = rng.poisson(300, 200)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    events = rng.integers(0, cols * cols, offsets[-1]).astype(np.uint32)
-    forced = np.concatenate([events, [FLOAT32_SPLIT_MAX_PIXELS]]).astype(np.uint32)  # in no frame's range
-    out32 = np.empty(200), np.empty(200), np.empty(200, np.int64)
-    out64 = np.empty(200), np.empty(200), np.empty(200, np.int64)
-    com_sparse_kernel(events, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *out32)
-    com_sparse_kernel(forced, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *out64)
-    for a, b in zip(out32, out64, strict=True):
-        np.testing.assert_array_equal(a, b)
-    frames = [events[offsets[i] : offsets[i + 1]].astype(np.int64) for i in range(200)]
-    np.testing.assert_array_equal(out32[0], [int((f % cols).sum()) for f in frames])
-    np.testing.assert_array_equal(out32[1], [int((f // cols).sum()) for f in frames])
+    top = FLOAT32_SPLIT_MAX_PIXELS
+    frames = [
+        rng.integers(0, 576 * 576, rng.poisson(300)),
+        np.full(3 * SUM_BLOCK + 17, top - 1),  # every block sum as large as it can be
+        rng.integers(top - cols, top, 2 * SUM_BLOCK),
+        np.array([], np.int64),
+        np.concatenate([rng.integers(0, top, SUM_BLOCK + 5), [top]]),  # one index past the float32 split
+        rng.integers(top, 2**32 - 1, 2 * SUM_BLOCK + 1),  # block sums would wrap: all float64
+        rng.integers(0, 1000, 50),
+    ]
+    events = np.concatenate(frames).astype(np.uint32)
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames])]).astype(np.int64)
+    n = len(frames)
+    sums = np.empty(n), np.empty(n), np.empty(n, np.int64)
+    com_sparse_kernel(events, offsets, cols, NO_CROP, False, 0.0, 0.0, 0.0, 0.0, 0.0, *sums)
+    exact = [f.astype(np.int64) for f in frames]
+    np.testing.assert_array_equal(sums[0], [int((f % cols).sum()) for f in exact])
+    np.testing.assert_array_equal(sums[1], [int((f // cols).sum()) for f in exact])
+    np.testing.assert_array_equal(sums[2], [len(f) for f in exact])
