@@ -23,6 +23,7 @@ from beamops.operator import METRICS_NAMESPACE, OperatorParameterError
 DEFAULT_RUNNER = "FnApiRunner"
 # Runners that run the pipeline in this process; any other one is portable and gets unknown options.
 IN_PROCESS_RUNNERS = frozenset({"fnapi", "direct", "bundlebaseddirect", "switchingdirect"})
+HARNESS_PLUGIN = "beamops.harness"  # what an SDK worker imports at start (--beam_plugins)
 log = logging.getLogger("beamops.runner")
 
 
@@ -46,7 +47,9 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     no output (7 of about 30 jobs here; none of 17 with it, none of 7 without checkpoints).
     ``bounded`` (the job's input ends): ``--shutdown_sources_after_idle_ms=1000``, without which
     the streaming job never finishes (Beam keeps its Impulse sources running for checkpoints,
-    BEAM-3727; Flink 1.20 checkpoints after tasks finish). Options the user gave win.
+    BEAM-3727; Flink 1.20 checkpoints after tasks finish). Options the user gave win. And always
+    ``--beam_plugins=beamops.harness``, so an SDK worker started as a process of its own (the
+    docker images' worker pool) applies :mod:`beamops.harness` before its first bundle.
     """
     from beamops.services.flink_cluster import flink_runner_args
 
@@ -63,7 +66,10 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     for name, value in defaults.items():
         if _given(beam_args, name) is None and f"--{name}" not in beam_args:
             extra.append(f"--{name}" if value is None else f"--{name}={value}")
-    return [*beam_args, *(a for a in extra if _given(beam_args, a[2:].split("=")[0]) is None)]
+    extra = [a for a in extra if _given(beam_args, a[2:].split("=")[0]) is None]
+    if f"--beam_plugins={HARNESS_PLUGIN}" not in beam_args:
+        extra.append(f"--beam_plugins={HARNESS_PLUGIN}")  # appends to the user's own plugins, if any
+    return [*beam_args, *extra]
 
 
 def run(

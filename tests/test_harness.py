@@ -1,0 +1,50 @@
+"""beamops.harness: bundles end without waiting up to 200 ms for Beam's state-sampler thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.worker import statesampler
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beamops.harness import STATE_SAMPLING_PERIOD_MS
+from beamops.runner import HARNESS_PLUGIN, flink_defaults
+
+FLINK = ["--runner=FlinkRunner", "--flink_job_server_jar=/not/needed.jar"]  # no jar lookup
+
+
+def _sampling_period_ms(_: Any) -> int:
+    return statesampler.get_current_tracker().sampling_period_ms
+
+
+def test_a_bundle_samples_its_state_every_10_ms_so_it_ends_at_most_that_late() -> None:
+    # The sampler of the bundle running this very DoFn, as Beam's BundleProcessor builds it.
+    with BeamTestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        periods = p | beam.Create([0, 1]) | beam.Map(_sampling_period_ms)
+        assert_that(periods, equal_to([STATE_SAMPLING_PERIOD_MS] * 2))
+    assert STATE_SAMPLING_PERIOD_MS < statesampler.DEFAULT_SAMPLING_PERIOD_MS
+
+
+def test_an_sdk_worker_process_applies_it_at_start_from_its_beam_plugins() -> None:
+    # What Beam's sdk_worker_main does with --beam_plugins before it takes its first bundle.
+    assert f"--beam_plugins={HARNESS_PLUGIN}" in flink_defaults(FLINK)
+    code = (
+        "from apache_beam.runners.worker import sdk_worker_main, statesampler\n"
+        f"sdk_worker_main._import_beam_plugins([{HARNESS_PLUGIN!r}])\n"
+        "print(statesampler.StateSampler('stage', None).sampling_period_ms)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == [str(STATE_SAMPLING_PERIOD_MS)]
+
+
+def test_the_users_own_beam_plugins_are_kept_and_ours_is_added_once() -> None:
+    given = [*FLINK, "--beam_plugins=their.plugin"]
+    args = flink_defaults(given)
+    plugins = [a for a in args if a.startswith("--beam_plugins")]
+    assert plugins == ["--beam_plugins=their.plugin", f"--beam_plugins={HARNESS_PLUGIN}"]
+    assert flink_defaults(args).count(f"--beam_plugins={HARNESS_PLUGIN}") == 1
