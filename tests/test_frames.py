@@ -430,6 +430,26 @@ def test_record_batch_before_the_schema() -> None:
         decode_batch(body + data)
 
 
+def test_stream_in_arrows_legacy_framing_still_decodes() -> None:
+    # Arrow < 0.15 wrote messages without the continuation marker; the schema is then read as Arrow does.
+    batch = small_sparse()
+    rb = batch.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rb.schema, options=pa.ipc.IpcWriteOptions(use_legacy_format=True)) as writer:
+        writer.write_batch(rb)
+    legacy = sink.getvalue().to_pybytes()
+    assert legacy[:4] != b"\xff\xff\xff\xff"
+    assert_sparse_equal(decode_batch(legacy), batch)
+
+
+@pytest.mark.parametrize("cut", [5, 8, 100, -9])
+def test_stream_cut_short_is_a_decode_error(cut: int) -> None:
+    # The first message's length prefix then points past the bytes there are, or the body is cut.
+    data = small_sparse().to_bytes()[:cut]
+    with pytest.raises(FrameDecodeError):
+        decode_batch(data)
+
+
 def test_non_beamops_arrow_stream() -> None:
     foreign = pa.record_batch({"a": pa.array([1, 2, 3])})
     with pytest.raises(FrameDecodeError, match="not a beamops frame batch"):
