@@ -161,27 +161,11 @@ class ScanProgress:
                 f"{mine.frame_shape}, {mine.total_frames}"
             )
 
-    def check_in_range(self, header: FrameHeader, positions: np.ndarray, frame_numbers: np.ndarray | None) -> None:
-        """ValueError for a scan position, or (with total_frames) a frame number, out of range."""
-        mine = self.header
-        if not len(positions):
-            return
-        if int(positions.max()) >= mine.n_positions:
-            raise ValueError(
-                f"scan {header.scan_number}: scan position {int(positions.max())} out of range "
-                f"for scan_shape {mine.scan_shape}"
-            )
-        last_frame = None if mine.total_frames is None or frame_numbers is None else int(frame_numbers.max())
-        if last_frame is not None and last_frame >= mine.total_frames:
-            raise ValueError(
-                f"scan {header.scan_number}: frame number {last_frame} out of range "
-                f"for a scan of {mine.total_frames} frames"
-            )
-
     def check_sparse_batch(self, batch: SparseFrameBatch) -> None:
-        """ValueError unless sparse ``batch`` belongs to this scan and its CSR and indices are in range.
+        """ValueError unless sparse ``batch`` belongs to this scan and its CSR and event indices are in range.
 
-        The counting kernels do not check bounds: call this before touching any sum.
+        The counting kernels do not check bounds: call this, then :meth:`fresh_in_range` (positions
+        and frame numbers), before touching any sum.
         """
         h, mine = batch.header, self.header
         self.check_same_scan(h)
@@ -197,19 +181,38 @@ class ScanProgress:
                 f"scan {h.scan_number}: event index {int(batch.events.max())} out of range "
                 f"for frame_shape {mine.frame_shape}"
             )
-        self.check_in_range(h, batch.scan_positions, batch.frame_numbers)
 
-    def fresh_frames(self, frame_numbers: np.ndarray | None, n_frames: int) -> tuple[np.ndarray, int]:
+    def fresh_in_range(
+        self, header: FrameHeader, positions: np.ndarray, frame_numbers: np.ndarray | None
+    ) -> tuple[np.ndarray, int]:
         """(True per frame not seen before, number of redeliveries), marking the frames seen.
 
-        Redeliveries can only be told apart when the header gives total_frames
-        (one bit per expected frame) and the frames carry their numbers; else
-        every frame counts as fresh.
+        ValueError, before marking anything, for a scan position or (with total_frames) a frame number
+        out of range. Redeliveries can only be told apart when the header gives total_frames (one bit
+        per expected frame) and the frames carry their numbers; else every frame counts as fresh.
         """
-        fresh = np.ones(n_frames, np.bool_)
-        if self.header.total_frames is None or frame_numbers is None:
-            return fresh, 0
-        return fresh, _mark_fresh(frame_numbers, self.seen_frames, fresh)
+        mine = self.header
+        numbered = mine.total_frames is not None and frame_numbers is not None
+        fresh = np.empty(len(positions), np.bool_)
+        status, duplicates = _check_and_mark(
+            positions,
+            frame_numbers if numbered else _NO_FRAME_NUMBERS,
+            mine.n_positions,
+            mine.total_frames if numbered else 0,
+            self.seen_frames,
+            fresh,
+        )
+        if status == _POSITION_OUT_OF_RANGE:
+            raise ValueError(
+                f"scan {header.scan_number}: scan position {int(positions.max())} out of range "
+                f"for scan_shape {mine.scan_shape}"
+            )
+        if status == _FRAME_OUT_OF_RANGE:
+            raise ValueError(
+                f"scan {header.scan_number}: frame number {int(frame_numbers.max())} out of range "
+                f"for a scan of {mine.total_frames} frames"
+            )
+        return fresh, duplicates
 
     def count(self, n_frames: int, new_positions: int, duplicates: int) -> int:
         """Record a batch of ``n_frames`` added, ``duplicates`` of them skipped; return ``duplicates``."""
@@ -219,9 +222,35 @@ class ScanProgress:
         return duplicates
 
 
+_POSITION_OUT_OF_RANGE, _FRAME_OUT_OF_RANGE = 1, 2
+_NO_FRAME_NUMBERS = np.zeros(0, np.uint64)
+
+
+# One call for what took two numpy reductions, an allocation and a marking kernel: in a pipeline,
+# on caches a 2 MB message has just gone through, 47 µs became 13 (measured 2026-12-07).
 @njit(cache=True, nogil=True)
-def _mark_fresh(frame_numbers: np.ndarray, seen_frames: np.ndarray, fresh: np.ndarray) -> int:
-    """Set ``fresh[i]`` unless frame ``i``'s bit is already set (a redelivery); set the bits. Return duplicates."""
+def _check_and_mark(
+    positions: np.ndarray,
+    frame_numbers: np.ndarray,
+    n_positions: int,
+    total_frames: int,
+    seen_frames: np.ndarray,
+    fresh: np.ndarray,
+) -> tuple[int, int]:
+    """(status, duplicates): every position below ``n_positions`` and every frame number below
+    ``total_frames`` (status 0, else which is out of range, with nothing marked); then ``fresh[i]``
+    unless frame ``i``'s bit is already set (a redelivery), and the bits set. Without frame numbers
+    (an empty array) every frame is fresh."""
+    for i in range(len(positions)):
+        if positions[i] >= n_positions:
+            return _POSITION_OUT_OF_RANGE, 0
+    frames_limit = np.uint64(total_frames)  # uint64 against int64 would compare in float64
+    for i in range(len(frame_numbers)):
+        if frame_numbers[i] >= frames_limit:
+            return _FRAME_OUT_OF_RANGE, 0
+    if len(frame_numbers) == 0:
+        fresh[:] = True
+        return 0, 0
     duplicates = 0
     for i in range(len(frame_numbers)):
         f = frame_numbers[i]
@@ -229,7 +258,7 @@ def _mark_fresh(frame_numbers: np.ndarray, seen_frames: np.ndarray, fresh: np.nd
         fresh[i] = not (seen_frames[byte] & bit)
         duplicates += not fresh[i]
         seen_frames[byte] |= bit
-    return duplicates
+    return 0, duplicates
 
 
 @dataclass

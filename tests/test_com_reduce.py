@@ -594,3 +594,37 @@ def test_scan_state_is_written_when_the_scan_starts():
 
 if __name__ == "__main__" and sys.argv[1:] == ["residency"]:
     print(json.dumps(_unbacked_pages_of_fresh_state()))
+
+
+@pytest.mark.parametrize(
+    ("positions", "numbers", "error"),
+    [
+        ([0, 1, 4], [0, 1, 2], "scan position 4 out of range for scan_shape \\(1, 4\\)"),
+        ([0, 1, 2], [0, 1, 8], "frame number 8 out of range for a scan of 8 frames"),
+        ([0, 1, 2], [0, 1, 2**64 - 1], f"frame number {2**64 - 1} out of range"),
+    ],
+    ids=["position", "frame-number", "largest-uint64"],
+)
+def test_a_batch_out_of_range_changes_nothing_and_redeliveries_are_told_apart(positions, numbers, error):
+    """The range checks run before any frame is marked seen or any sum is added."""
+    from transforms.com_reduce import ScanAccumulator
+
+    header = FrameHeader(scan_number=1, scan_shape=(1, 4), frame_shape=(576, 576), total_frames=8)
+
+    def partial(pos: list[int], num: list[int]) -> ComPartial:
+        n = len(pos)
+        ones = np.ones(n)
+        return ComPartial(header, np.array(pos, np.uint32), ones, ones, np.ones(n, np.int64), np.array(num, np.uint64))
+
+    acc = ScanAccumulator.empty(header, 0)
+    assert acc.add(partial([3], [5])) == 0
+    before = {name: np.copy(getattr(acc, name)) for name in ("sum_x", "counts", "frames", "seen_frames")}
+    with pytest.raises(ValueError, match=error):
+        acc.add(partial(positions, numbers))
+    for name, array in before.items():
+        np.testing.assert_array_equal(getattr(acc, name), array, err_msg=name)
+    assert (acc.frames_seen, acc.positions_seen) == (1, 1)
+    # Frame 5 again (a redelivery) is skipped and counted; frames 0 and 1 are new.
+    assert acc.add(partial([3, 0, 1], [5, 0, 1])) == 1
+    assert (acc.frames_seen, acc.positions_seen, acc.duplicates) == (3, 3, 1)
+    np.testing.assert_array_equal(acc.counts, [1, 1, 0, 1])

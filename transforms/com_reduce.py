@@ -129,8 +129,7 @@ class ScanAccumulator(ScanProgress):
         n = partial.n_frames
         if not (len(partial.sum_x) == len(partial.sum_y) == len(partial.counts) == n):
             raise ValueError(f"scan {h.scan_number}: ComPartial columns have different lengths")
-        self.check_in_range(h, partial.scan_positions, partial.frame_numbers)
-        fresh, duplicates = self.fresh_frames(partial.frame_numbers, n)
+        fresh, duplicates = self.fresh_in_range(h, partial.scan_positions, partial.frame_numbers)
         new_positions = _accumulate(
             partial.scan_positions, partial.sum_x, partial.sum_y, partial.counts, fresh,
             self.sum_x, self.sum_y, self.counts, self.frames,

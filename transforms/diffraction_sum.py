@@ -96,7 +96,7 @@ class PatternAccumulator(ScanProgress):
         are out of range (the kernel does not check bounds).
         """
         self.check_sparse_batch(batch)
-        fresh, duplicates = self.fresh_frames(batch.frame_numbers, batch.n_frames)
+        fresh, duplicates = self.fresh_in_range(batch.header, batch.scan_positions, batch.frame_numbers)
         new_positions = sum_events_kernel(
             batch.events, batch.offsets, batch.scan_positions, fresh, self.seen_positions, self.pattern
         )

@@ -341,7 +341,7 @@ class VirtualImageAccumulator(ScanProgress):
         """
         self.check_sparse_batch(batch)
         n = batch.n_frames
-        accepted, duplicates = self.fresh_frames(batch.frame_numbers, n)
+        accepted, duplicates = self.fresh_in_range(batch.header, batch.scan_positions, batch.frame_numbers)
         new_positions = _register_frames(batch.scan_positions, accepted, self.frames_per_position)
         self.count(n, new_positions, duplicates)
         events, offsets, positions = batch.events, np.asarray(batch.offsets, np.int64), batch.scan_positions
