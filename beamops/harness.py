@@ -29,7 +29,7 @@ def end_bundles_promptly() -> None:
     end of the bundle joins it, so waits for the sleep under way to end ("May have to wait up to
     sampling_period_ms", apache_beam/runners/worker/statesampler_fast.pyx; the ramp-up of
     apache/beam#5466 spares only bundles shorter than about a second). A bundle that reads a
-    2 GB topic ends 0-200 ms late, 115 ms at the median of 6 runs here, against 21 ms with this
+    2 GB topic ends 0-200 ms late, 131 ms at the median of 8 runs here, against 24 ms with this
     (2026-12-07). The SDK harness takes no option for it: BundleProcessor builds its sampler
     with the class's default period, which is what this sets.
     """

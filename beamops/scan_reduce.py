@@ -192,6 +192,10 @@ class ScanProgress:
         per expected frame) and the frames carry their numbers; else every frame counts as fresh.
         """
         mine = self.header
+        if frame_numbers is not None and len(frame_numbers) != len(positions):
+            raise ValueError(
+                f"scan {header.scan_number}: {len(frame_numbers)} frame numbers for {len(positions)} scan positions"
+            )
         numbered = mine.total_frames is not None and frame_numbers is not None
         fresh = np.empty(len(positions), np.bool_)
         status, duplicates = _check_and_mark(

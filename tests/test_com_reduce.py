@@ -624,6 +624,12 @@ def test_a_batch_out_of_range_changes_nothing_and_redeliveries_are_told_apart(po
     for name, array in before.items():
         np.testing.assert_array_equal(getattr(acc, name), array, err_msg=name)
     assert (acc.frames_seen, acc.positions_seen) == (1, 1)
+    short = partial([0, 1, 2], [0, 1, 2])
+    short = ComPartial(header, short.scan_positions, short.sum_x, short.sum_y, short.counts, short.frame_numbers[:2])
+    with pytest.raises(ValueError, match="2 frame numbers for 3 scan positions"):
+        acc.add(short)
+    for name, array in before.items():
+        np.testing.assert_array_equal(getattr(acc, name), array, err_msg=name)
     # Frame 5 again (a redelivery) is skipped and counted; frames 0 and 1 are new.
     assert acc.add(partial([3, 0, 1], [5, 0, 1])) == 1
     assert (acc.frames_seen, acc.positions_seen, acc.duplicates) == (3, 3, 1)
