@@ -290,20 +290,12 @@ def consume_and_reduce(client: KafkaClientConfig, topic: str, emit_every: int) -
     return run, reducer.maps
 
 
-def compute_only(messages: list[bytes], emit_every: int) -> list[ComMap]:
-    """decode + COM + reduce over messages already in memory: no Kafka, no Beam."""
-    reducer = Reducer(emit_every)
-    for m in messages:
-        batch = decode_batch(m)
-        assert isinstance(batch, SparseFrameBatch)
-        reducer.add(batch)
-    return reducer.maps
+def compute_only(messages: list[bytes], emit_every: int) -> tuple[list[ComMap], float]:
+    """decode + COM + reduce over messages held in memory, no Kafka, no Beam: (maps, seconds of that work).
 
-
-def compute_after_copy(messages: list[bytes], emit_every: int) -> float:
-    """Seconds that decode + COM + reduce take over ``messages``, each one decoded as soon as a copy of it
-    is made (the copy is not timed): the state poll() leaves a message in, just copied out of librdkafka.
-    Read where they lie instead, 2 MB messages come from DRAM and take 1.2-1.5x as long."""
+    Each message is decoded as soon as a copy of it is made, and the copy is not timed: the state poll()
+    leaves a message in, just copied out of librdkafka. Read where they lie instead, 2 MB messages come
+    from DRAM and take 1.2-1.5x as long."""
     reducer = Reducer(emit_every)
     spent = 0.0
     for m in messages:
@@ -313,7 +305,7 @@ def compute_after_copy(messages: list[bytes], emit_every: int) -> float:
         assert isinstance(batch, SparseFrameBatch)
         reducer.add(batch)
         spent += time.perf_counter() - started
-    return spent
+    return reducer.maps, spent
 
 
 def _keep_reading(bootstrap: str, topic: str, go: Any, busy: Any, idle: Any, stop: Any) -> None:
@@ -609,7 +601,7 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
     )
 
     # --- correctness, before any timing ---
-    want = finals(compute_only(messages, args.emit_every))
+    want = finals(compute_only(messages, args.emit_every)[0])
     got: list[bytes] = []
     bare_consume(plain, topic, on_value=lambda _p, _o, v: got.append(v))
     if len(got) != len(messages) or digests(iter(got)) != digests(iter(messages)):
@@ -651,9 +643,9 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
         "bare": bare("bare", False),
         "poll": bare("poll", True),
         "compute": lambda: consume_and_reduce(plain, topic, args.emit_every),
-        "compute only": lambda: spans["compute only"].append(compute_after_copy(messages, args.emit_every)),
+        "compute only": lambda: spans["compute only"].append(compute_only(messages, args.emit_every)[1]),
         "compute busy": lambda: spans["compute busy"].append(
-            busy.meanwhile(lambda: compute_after_copy(messages, args.emit_every))
+            busy.meanwhile(lambda: compute_only(messages, args.emit_every)[1])
         ),
         "empty": lambda: run_pipeline(plain, empty_topic, args.emit_every),
         "read only": lambda: spans["read only"].append(
