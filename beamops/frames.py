@@ -37,6 +37,9 @@ CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 _HEADER_KEY = b"beamops.header"
 _KIND_KEY = b"beamops.kind"
 _CONTINUATION = b"\xff\xff\xff\xff"  # starts every message of an Arrow IPC stream (its encapsulation format)
+# What may follow a stream's last message: nothing, the end-of-stream marker, or the marker of Arrow's
+# legacy framing. Compared as bytes: reading past the last message raises EOFError, a cost per message.
+_STREAM_ENDS = (b"", _CONTINUATION + b"\0\0\0\0", b"\0\0\0\0")
 
 
 class FrameDecodeError(ValueError):
@@ -234,10 +237,17 @@ class SparseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, *, schema_checked: bool = False) -> SparseFrameBatch:
+    def from_arrow(
+        cls,
+        rb: pa.RecordBatch,
+        header: FrameHeader,
+        *,
+        schema_checked: bool = False,
+        origin: dict[str, Any] | None = None,
+    ) -> SparseFrameBatch:
         """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns.
 
-        ``header`` must be validated (``FrameHeader.from_json`` does it).
+        ``header`` must be validated (``FrameHeader.from_json`` does it); ``origin`` as in :meth:`with_origin`.
         """
         events_col, positions, numbers = _expect_columns(rb, _SPARSE_FIELDS, schema_checked)
         raw_offsets = events_col.offsets.to_numpy(zero_copy_only=True)
@@ -249,7 +259,7 @@ class SparseFrameBatch:
         if len(raw_offsets) and _widen_and_check(raw_offsets, values, positions, n_pixels, n_positions, offsets):
             # Every invariant validate() checks holds: the record batch's columns have one length,
             # and the rest was checked in the same pass.
-            return cls(header, values[raw_offsets[0] : raw_offsets[-1]], offsets, positions, numbers)
+            return cls(header, values[raw_offsets[0] : raw_offsets[-1]], offsets, positions, numbers, origin)
         # Something is out of range (or there are no offsets at all): say exactly what.
         start = int(raw_offsets[0]) if len(raw_offsets) else 0
         end = int(raw_offsets[-1]) if len(raw_offsets) else 0
@@ -313,8 +323,16 @@ class DenseFrameBatch:
         )
 
     @classmethod
-    def from_arrow(cls, rb: pa.RecordBatch, header: FrameHeader, *, schema_checked: bool = False) -> DenseFrameBatch:
-        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns."""
+    def from_arrow(
+        cls,
+        rb: pa.RecordBatch,
+        header: FrameHeader,
+        *,
+        schema_checked: bool = False,
+        origin: dict[str, Any] | None = None,
+    ) -> DenseFrameBatch:
+        """The batch in ``rb`` (zero-copy views); ``schema_checked``: the caller already checked ``rb``'s columns;
+        ``origin`` as in :meth:`with_origin`."""
         col, positions, numbers = _expect_columns(rb, _dense_fields(header.n_pixels), schema_checked)
         n = rb.num_rows
         values = col.values.to_numpy(zero_copy_only=True)
@@ -327,6 +345,7 @@ class DenseFrameBatch:
             flat.reshape(n, *header.frame_shape),
             positions.to_numpy(zero_copy_only=True),
             numbers.to_numpy(zero_copy_only=True),
+            origin,
         )
         batch.validate()
         return batch
@@ -460,10 +479,9 @@ def _stream_schema(schema_message: bytes) -> _StreamSchema:
     return _StreamSchema(kind, header, schema)
 
 
-def _first_message(data: bytes | memoryview | pa.Buffer) -> bytes:
+def _first_message(view: memoryview) -> bytes:
     """The bytes of the stream's first message as Arrow frames it (a continuation marker, then the
     metadata's length), or b"" if the stream does not start so."""
-    view = memoryview(data)
     if view[:4] != _CONTINUATION:
         return b""
     return bytes(view[: 8 + int.from_bytes(view[4:8], "little")])
@@ -481,14 +499,16 @@ def _next_message(messages: pa.BufferReader, kind: str, missing: str, wrong_kind
     return message
 
 
-def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
-    """Decode untrusted bytes into a validated batch without copying the arrays.
+def decode_batch(data: bytes | memoryview | pa.Buffer, origin: dict[str, Any] | None = None) -> FrameBatch:
+    """Decode untrusted bytes into a validated batch without copying the arrays; ``origin`` as in
+    ``with_origin``.
 
     Raises :class:`FrameDecodeError` and nothing else.
     """
     try:
         messages = pa.BufferReader(data)
-        schema_message = _first_message(data)
+        view = memoryview(data)
+        schema_message = _first_message(view)
         try:
             # Every batch of a scan starts with the same schema message: found by its bytes, it is
             # not read as a message first (16-24 µs less per message when the caches are cold, as
@@ -509,24 +529,25 @@ def decode_batch(data: bytes | memoryview | pa.Buffer) -> FrameBatch:
             "stream holds no record batch",
             "expected a record batch after the schema, got a {} message",
         )
-        try:
-            pa.ipc.read_message(messages)
-        except EOFError:
-            pass
-        else:
-            raise FrameDecodeError("a message must hold exactly one record batch")
+        if view[messages.tell() :] not in _STREAM_ENDS:  # else read it: a message, or bytes Arrow rejects
+            try:
+                pa.ipc.read_message(messages)
+            except EOFError:
+                pass
+            else:
+                raise FrameDecodeError("a message must hold exactly one record batch")
         rb = pa.ipc.read_record_batch(body, stream.schema)
         rb.validate()  # buffer sizes; from_arrow checks the contents (offsets, indices) in one pass
-        return stream.kind.from_arrow(rb, stream.header, schema_checked=True)
+        return stream.kind.from_arrow(rb, stream.header, schema_checked=True, origin=origin)
     except FrameDecodeError:
         raise
     except Exception as exc:  # any failure on untrusted bytes is a decode error
         raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def decode_sparse_batch(data: bytes | memoryview | pa.Buffer) -> SparseFrameBatch:
+def decode_sparse_batch(data: bytes | memoryview | pa.Buffer, origin: dict[str, Any] | None = None) -> SparseFrameBatch:
     """:func:`decode_batch` for a stream that must hold counted frames; FrameDecodeError otherwise."""
-    batch = decode_batch(data)
+    batch = decode_batch(data, origin)
     if not isinstance(batch, SparseFrameBatch):
         raise FrameDecodeError(f"expected sparse frames, got a {type(batch).__name__}")
     return batch

@@ -406,6 +406,30 @@ def test_two_record_batches_in_one_message() -> None:
         decode_batch(ipc(rb, rb))
 
 
+@pytest.mark.parametrize(
+    ("tail", "decodes"),
+    [
+        (b"", True),  # the stream cut before its end-of-stream marker
+        (b"\xff\xff\xff\xff\x00\x00\x00\x00", True),  # the marker
+        (b"\x00\x00\x00\x00", True),  # the marker of Arrow's legacy framing
+        (b"\x01\x02\x03", False),  # bytes that are no message
+        (b"\xff\xff\xff\xff\x10\x00\x00\x00", False),  # a message cut short
+    ],
+    ids=["nothing", "end-of-stream", "legacy-end", "junk", "cut-message"],
+)
+def test_what_may_follow_the_record_batch(tail: bytes, decodes: bool) -> None:
+    batch = small_sparse()
+    body = encode_batch(batch)[:-8]  # without its end-of-stream marker
+    origin = {"topic": "t", "partition": 0, "offset": 7}
+    if decodes:
+        got = decode_batch(body + tail, origin)
+        assert_sparse_equal(got, batch)
+        assert got.origin == origin
+    else:
+        with pytest.raises(FrameDecodeError):
+            decode_batch(body + tail)
+
+
 def test_stream_with_only_a_schema() -> None:
     rb = small_sparse().to_arrow()
     sink = pa.BufferOutputStream()

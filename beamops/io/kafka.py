@@ -82,6 +82,22 @@ class ReadProgress:
 class _ReadState:
     last_done: int | None = None  # the last offset claimed and handled
     caught_up: bool = False  # the last poll reached the end of the partition's log
+    watermark: Timestamp | None = None  # the estimator's watermark as this call last saw or set it
+
+    def raise_watermark(self, estimator: ManualWatermarkEstimator, moment: Timestamp) -> None:
+        """Move ``estimator`` to ``moment`` unless it is there already: a watermark never goes back.
+
+        Compared with the value this call last set, not read from the estimator per message: only this
+        call sets it, and Beam's thread-safe wrapper takes a lock for every read.
+        """
+        if self.watermark is None or moment > self.watermark:
+            estimator.set_watermark(moment)
+            self.watermark = moment
+
+
+# The read's input comes from Create (through Reshuffle), so every element it reads is in the global
+# window: its outputs carry that window directly instead of Beam assigning it per message.
+_IN_GLOBAL_WINDOW = (GlobalWindow(),)
 
 
 @dataclass(frozen=True)
@@ -418,7 +434,7 @@ class _ReadPartitionFn(beam.DoFn):
             return
         bounded = read.stop is not None
         consumer = self._take_consumer(bounded)
-        state = _ReadState()
+        state = _ReadState(watermark=watermark.current_watermark())
         try:
             consumer.assign([TopicPartition(read.topic, read.partition, restriction.start)])
             yield from self._read_messages(consumer, read, tracker, watermark, not bounded, state)
@@ -464,7 +480,7 @@ class _ReadPartitionFn(beam.DoFn):
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
                 if unbounded and state.caught_up:
-                    self._advance_idle_watermark(watermark)
+                    self._advance_idle_watermark(watermark, state)
                 continue
             if msg.topic() is not None and (msg.topic(), msg.partition()) != (read.topic, read.partition):
                 continue  # an event of the consumer's previous read (consumers are reused), not an error of it
@@ -480,7 +496,7 @@ class _ReadPartitionFn(beam.DoFn):
                         return
                     state.caught_up = True
                     if unbounded:
-                        self._advance_idle_watermark(watermark)
+                        self._advance_idle_watermark(watermark, state)
                     continue
                 if err.code() == KafkaError._AUTO_OFFSET_RESET:
                     self._resume_after_lost_offsets(consumer, read, msg.offset())
@@ -493,14 +509,14 @@ class _ReadPartitionFn(beam.DoFn):
             state.caught_up = False
             if not tracker.try_claim(offset):
                 return
-            yield from self._decode(msg, read, watermark)
+            yield from self._decode(msg, read, watermark, state)
             state.last_done = offset
             if offset + 1 >= restriction.stop:
                 return
 
-    def _advance_idle_watermark(self, watermark: ManualWatermarkEstimator) -> None:
+    def _advance_idle_watermark(self, watermark: ManualWatermarkEstimator, state: _ReadState) -> None:
         """All of the partition is read: its event time is now, less the lag a message may still have."""
-        _raise_watermark(watermark, Timestamp.now() - Duration(seconds=self._params.idle_watermark_lag_s))
+        state.raise_watermark(watermark, Timestamp.now() - Duration(seconds=self._params.idle_watermark_lag_s))
 
     def _resume_after_lost_offsets(self, consumer: Any, read: PartitionRead, asked: int) -> None:
         """The broker did not serve offset ``asked``: go on at the log's start if it was deleted, fetch it
@@ -531,25 +547,27 @@ class _ReadPartitionFn(beam.DoFn):
             f"(offsets {low}..{high - 1}); was the topic deleted and created again? Start a new read (replay) of it"
         )
 
-    def _decode(self, msg: Any, read: PartitionRead, watermark: ManualWatermarkEstimator) -> Iterator[Any]:
+    def _decode(
+        self, msg: Any, read: PartitionRead, watermark: ManualWatermarkEstimator, state: _ReadState
+    ) -> Iterator[Any]:
         started = time.perf_counter()
         kind, ts_ms = msg.timestamp()
         event_time = Timestamp(micros=ts_ms * 1000) if kind != 0 and ts_ms >= 0 else Timestamp.now()
-        _raise_watermark(watermark, event_time)
+        state.raise_watermark(watermark, event_time)
         origin = {"topic": read.topic, "partition": read.partition, "offset": msg.offset(), "timestamp_ms": ts_ms}
         raw = msg.value() or b""
         self._messages.inc()
         self._bytes.inc(len(raw))
         try:
             _check_headers(msg.headers())
-            batch = decode_sparse_batch(raw)
+            batch = decode_sparse_batch(raw, origin)
         except FrameDecodeError as exc:
             letter = self._metrics.dead_letter(DeadLetter.from_raw(self._name, raw, exc, origin))
             yield pvalue.TaggedOutput(DEAD_LETTER, TimestampedValue(letter, event_time))
             return
         self._metrics.observe(batch, started)
         self._metrics.frames_out.inc(batch.n_frames)
-        yield TimestampedValue(batch.with_origin(origin), event_time)
+        yield WindowedValue(batch, event_time, _IN_GLOBAL_WINDOW)
 
     def _report_lag_after_read(self, read: PartitionRead, consumer: Any, position: int) -> None:
         """The lag where a read stopped (at most every 5 s per partition), against the end offset of its
@@ -568,13 +586,6 @@ class _ReadPartitionFn(beam.DoFn):
     def _report_lag(self, read: PartitionRead, high: int, position: int) -> None:
         self._last_lag_check[(read.topic, read.partition)] = time.monotonic()
         Metrics.gauge(METRICS_NAMESPACE, f"consumer_lag.{read.topic}.{read.partition}").set(max(high - position, 0))
-
-
-def _raise_watermark(watermark: ManualWatermarkEstimator, moment: Timestamp) -> None:
-    """Move ``watermark`` to ``moment`` unless it is there already: a watermark never goes back."""
-    current = watermark.current_watermark()
-    if current is None or moment > current:
-        watermark.set_watermark(moment)
 
 
 PARTITION_CHECK_EVERY_S = 60.0
