@@ -8,7 +8,7 @@
 
 DESIGN.md's reference batch is 2 MB (1000 frames of about 500 events). Its
 topic is 2.1 GB, the size of a replay (bench.replay_memory reads as much),
-so the wall time weighs the pipeline's fixed start-up (about 0.3 s, Beam's
+so the wall time weighs the pipeline's fixed start-up (about 0.15 s, Beam's
 mostly) against a read as long as a replay's, not a 0.2 s one. The 0.2 MB
 messages show how the ratio falls when the per-message costs weigh ten
 times more against the bytes.

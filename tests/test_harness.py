@@ -42,9 +42,11 @@ def test_an_sdk_worker_process_applies_it_at_start_from_its_beam_plugins() -> No
         "from apache_beam.runners.worker import sdk_worker_main, statesampler\n"
         f"sdk_worker_main._import_beam_plugins([{HARNESS_PLUGIN!r}])\n"
         "print(statesampler.StateSampler('stage', None).sampling_period_ms)\n"
+        "from apache_beam.transforms import userstate\n"
+        "print(hasattr(userstate.get_dofn_specs, '__wrapped__'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.split() == [str(STATE_SAMPLING_PERIOD_MS)]
+    assert out.stdout.split() == [str(STATE_SAMPLING_PERIOD_MS), "True"]
 
 
 def test_the_users_own_beam_plugins_are_kept_and_ours_is_added_once() -> None:
