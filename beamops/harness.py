@@ -55,8 +55,8 @@ def inspect_each_dofn_once() -> None:
     every ``DoFnSignature`` and ``to_runner_api``: 120 times for the 14 ParDos of the Kafka -> COM
     pipeline, a quarter of the 0.2 s that pipeline takes over an empty topic (0.20 -> 0.14-0.15 s
     with this, 2026-12-07). The answer depends only on the object's methods, which Beam's callers
-    take as fixed too; it is kept while the object lives (a weak reference), and a DoFn that cannot
-    be weakly referenced is inspected every time, as before.
+    take as fixed too; it is kept while the object lives (a weak reference). An object that cannot be
+    weakly referenced (a DoFn always can) is inspected every time, as before.
     """
     inspect_specs = userstate.get_dofn_specs
     if getattr(inspect_specs, "__wrapped__", None) is not None:  # already applied
