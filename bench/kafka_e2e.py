@@ -8,7 +8,7 @@
 
 DESIGN.md's reference batch is 2 MB (1000 frames of about 500 events). Its
 topic is 2.1 GB, the size of a replay (bench.replay_memory reads as much),
-so the wall time weighs the pipeline's fixed start-up (about 0.15 s, Beam's
+so the wall time weighs the pipeline's fixed start-up (about 0.11 s, Beam's
 mostly) against a read as long as a replay's, not a 0.2 s one. The 0.2 MB
 messages show how the ratio falls when the per-message costs weigh ten
 times more against the bytes.
@@ -61,7 +61,10 @@ publishes simulated scans (``ScanSimulation``, 576x576 frames) with
   minus the wall of the same pipeline over an empty 4-partition topic (best
   minus best, median minus median);
   first in -> last out (from the first batch leaving the Kafka read to the last
-  map leaving com_reduce, in-process probes).
+  map leaving com_reduce, in-process probes). The walls time the job's own
+  chain; first in -> last out comes from runs of their own (taking turns with
+  the others) with one more step, a Map after the read that notes the first
+  batch: that step costs every message, so it stays out of the timed walls.
 * **the read alone** (info): ``read_kafka_frames`` by itself, its decoded
   batches counted and dropped: what any pipeline reading with it can reach at
   best (wall, and first in -> last batch out).
@@ -380,11 +383,14 @@ def run_pipeline(
     beam_args: Sequence[str] = (),
     stop: str = "latest",
     read_only: bool = False,
+    probed: bool = True,
 ) -> BeamRun:
     """read_kafka_frames (earliest..``stop``, no group) | com_partial | com_reduce on FnApiRunner.
 
     ``read_only``: the read alone (decoded batches counted and dropped), the ceiling of any pipeline
-    that reads with it.
+    that reads with it. ``probed``: a Map after the read notes when the first batch leaves it (the
+    run's ``span`` and ``to_first``); without it (``span`` None) the pipeline is the job's own chain,
+    as the end-to-end walls time it: the probe is one more step per message.
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -396,12 +402,14 @@ def run_pipeline(
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner", *beam_args]))
     read = pipeline | read_kafka_frames({"topic": topic, "start": "earliest", "stop": stop}, client=client)
-    stamped = read.frames | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(SparseFrameBatch)
+    batches = read.frames
+    if probed:
+        batches = batches | "StampFirst" >> beam.Map(_probe.stamp_first, key).with_output_types(SparseFrameBatch)
     dead = [read.dead_letter]
     if read_only:
-        stamped | "Tally" >> beam.Map(_probe.tally, key)
+        batches | "Tally" >> beam.Map(_probe.tally, key)
     else:
-        out = stamped | com_partial() | com_reduce(emit_every=emit_every)
+        out = batches | com_partial() | com_reduce(emit_every=emit_every)
         out.com_map | "Collect" >> beam.Map(_probe.collect, key)
         dead.append(out.dead_letter)
     dead | "AllDead" >> beam.Flatten() | "CollectDead" >> beam.Map(_probe.collect, key + "-dead")
@@ -510,7 +518,7 @@ def steady_state(
                     points[name].append((run.bytes, run.wall))
                     continue
                 stop = "offset:" + ",".join(f"{p}={o}" for p, o in stops[f].items())
-                beam_run = run_pipeline(client, topic, args.emit_every, stop=stop)
+                beam_run = run_pipeline(client, topic, args.emit_every, stop=stop, probed=False)
                 read = sum(m.frames_seen for m in beam_run.maps if m.final) / frames_per_byte
                 points[name].append((read, beam_run.wall))
     fits = {name: robust_line(*zip(*pts, strict=True)) for name, pts in points.items()}
@@ -637,6 +645,9 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
         return run
 
     def e2e(name: str) -> Callable[[], None]:
+        return lambda: run_pipeline(plain, topic, args.emit_every, variants[name], probed=False)
+
+    def e2e_probed(name: str) -> Callable[[], None]:
         return lambda: spans[name].append(run_pipeline(plain, topic, args.emit_every, variants[name]).span or math.nan)
 
     cases = {
@@ -647,11 +658,12 @@ def measure_topic(args: argparse.Namespace, broker: Any, plain: KafkaClientConfi
         "compute busy": lambda: spans["compute busy"].append(
             busy.meanwhile(lambda: compute_only(messages, args.emit_every)[1])
         ),
-        "empty": lambda: run_pipeline(plain, empty_topic, args.emit_every),
+        "empty": lambda: run_pipeline(plain, empty_topic, args.emit_every, probed=False),
         "read only": lambda: spans["read only"].append(
             run_pipeline(plain, topic, args.emit_every, read_only=True).span or math.nan
         ),
         **{name: e2e(name) for name in variants},
+        **{f"{name}, probed": e2e_probed(name) for name in variants},
     }
     busy = BusyReader(plain, topic)
     try:
