@@ -53,15 +53,19 @@ def end_bundles_promptly() -> None:
 
 
 def _wrap_once(owner: Any, name: str, parameters: list[str], wrap: Callable[[Any], Any], otherwise: str) -> None:
-    """Replace Beam's ``owner.name`` by ``wrap(it)`` (which keeps it as ``__wrapped__``), once, if it still
-    takes ``parameters``; if not, warn that Beam has changed and that ``otherwise``, and leave it."""
+    """Replace Beam's ``owner.name`` by ``wrap(it)``, with Beam's as its ``__wrapped__`` and Beam's docstring,
+    once, if it still takes ``parameters``; if not, warn that Beam has changed and that ``otherwise``, and
+    leave it."""
     beams = getattr(owner, name)
     if getattr(beams, "__wrapped__", None) is not None:  # already applied
         return
     if list(inspect.signature(beams).parameters) != parameters:
         log.warning("Beam's %s.%s has changed: %s", getattr(owner, "__name__", owner), name, otherwise)
         return
-    setattr(owner, name, wrap(beams))
+    wrapper = wrap(beams)
+    wrapper.__wrapped__ = beams
+    wrapper.__doc__ = beams.__doc__
+    setattr(owner, name, wrapper)
 
 
 def inspect_each_dofn_once() -> None:
@@ -81,6 +85,7 @@ def inspect_each_dofn_once() -> None:
 def _inspected_once(
     inspect_specs: Callable[[Any], tuple[set[Any], set[Any]]],
 ) -> Callable[[Any], tuple[set[Any], set[Any]]]:
+    # Keyed by id, not by the object: a DoFn may define __eq__ and __hash__ by its parameters.
     known: dict[int, tuple[weakref.ref[Any], frozenset[Any], frozenset[Any]]] = {}
     lock = threading.Lock()  # the SDK harness builds bundle processors on several threads
 
@@ -106,8 +111,6 @@ def _inspected_once(
             known[key] = (ref, frozenset(states), frozenset(timers))
         return states, timers
 
-    get_dofn_specs.__wrapped__ = inspect_specs  # type: ignore[attr-defined]
-    get_dofn_specs.__doc__ = inspect_specs.__doc__
     return get_dofn_specs
 
 
@@ -173,8 +176,6 @@ def _parsed_once(view_as: Callable[[Any, type], Any]) -> Callable[[Any, type], A
         view._all_options = self._all_options
         return view
 
-    view_as_.__wrapped__ = view_as  # type: ignore[attr-defined]
-    view_as_.__doc__ = view_as.__doc__
     return view_as_
 
 
@@ -220,8 +221,6 @@ def _arguments_read_once(
             known[function] = (*made_of, tuple(args), tuple(defaults))
         return args, defaults
 
-    get_function_args_defaults.__wrapped__ = read_arguments  # type: ignore[attr-defined]
-    get_function_args_defaults.__doc__ = read_arguments.__doc__
     return get_function_args_defaults
 
 
