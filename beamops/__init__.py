@@ -26,7 +26,7 @@ from beamops.operator import (
     operator,
 )
 from beamops.ports import PortTypeError, register_port_type
-from beamops.results import ComMap, ComPartial, Image
+from beamops.results import ComMap, ComPartial, Image, decode_element
 from beamops.spec import OperatorSpec
 
 # Registers the coders of the batch and result types with Beam, before any pipeline is built; and
@@ -58,6 +58,7 @@ __all__ = [
     "SparseFrameBatch",
     "WorkerEnvironmentError",
     "decode_batch",
+    "decode_element",
     "encode_batch",
     "operator",
     "register_port_type",

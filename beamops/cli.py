@@ -10,6 +10,7 @@ beamops pipeline run FILE [--set ID.PARAM=VALUE]... [BEAM_OPTION]...
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -252,10 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
     except UnknownOperatorError as exc:
         print(f"beamops: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `beamops operators list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from beamops.results import decode_element
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -44,6 +46,18 @@ class DeadLetter:
             origin=getattr(element, "origin", None),
             traceback="".join(traceback.format_exception(exc)),
         )
+
+    def element(self) -> Any:
+        """The failed element again, to reprocess once the cause is fixed: a source's raw message
+        bytes, a beamops batch or result decoded from Arrow, or an unpickled object (unpickle only
+        dead letters you trust). ValueError for a payload kept only as its repr."""
+        if self.payload_format == "raw":
+            return self.payload
+        if self.payload_format == "arrow-ipc":
+            return decode_element(self.payload)
+        if self.payload_format == "pickle":
+            return pickle.loads(self.payload)
+        raise ValueError(f"a {self.payload_format!r} payload cannot be turned back into the element")
 
     @classmethod
     def from_raw(cls, operator: str, raw: bytes, exc: BaseException, origin: dict[str, Any] | None) -> DeadLetter:

@@ -51,10 +51,17 @@ DEFAULT_IMAGE = "beamops/worker-pool"
 register_port_type(DeadLetter, DEAD_LETTER)
 
 
-class OperatorParams(BaseModel):
-    """Base of every parameter model: unknown names are errors, values are frozen."""
+# Beam keeps event time as int64 microseconds and a timer or window ends at an element's time plus a
+# duration: a duration beyond this (about 31 years) could only be a mistake, and one beyond about
+# 290,000 years overflows while the job runs, failing it, instead of when the pipeline is built.
+LONGEST_DURATION_S = 1e9
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+class OperatorParams(BaseModel):
+    """Base of every parameter model: unknown names are errors, values are frozen, and no float
+    parameter is infinite or NaN."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class NoParams(OperatorParams):

@@ -68,7 +68,9 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> list[str]:
     from beamops.io.kafka import ReadFromKafkaParams
 
     fields = ReadFromKafkaParams.model_fields
-    group = parser.add_argument_group("Kafka (without --bootstrap_servers the job uses the simulated source)")
+    group = parser.add_argument_group(
+        "Kafka (without --bootstrap_servers the job uses the simulated source)" if live else "Kafka"
+    )
     group.add_argument("--bootstrap_servers", help="Kafka brokers, host:port[,host:port...]")
     group.add_argument("--input_topic", help=fields["topic"].description)
     group.add_argument("--output_topic", help="Topic for ComMaps (progressive and final), key = scan number.")

@@ -73,7 +73,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from beamops.deadletter import DeadLetter
-from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.kafka_config import KafkaClientConfig, is_secret
 from beamops.operator import DEAD_LETTER, Operator, OperatorOutputs, OperatorParameterError, OperatorParams
 from beamops.ports import PortTypeError, check_connection, port_type
 
@@ -261,6 +261,10 @@ def _construct(
             items.append(_construct(loader, item, (*path, i), lines, errors, source, active))
         active.discard(id(node))
         return items
+    if path[:2] == ("kafka", "settings") and len(path) == 3 and isinstance(node, yaml.ScalarNode):
+        # librdkafka takes every setting as text, and YAML 1.1 would change it first (0123 -> 83,
+        # 12:30:45 -> 45045, 0x1F -> 31, yes -> True, a date -> a date): keep the text as written.
+        return node.value
     return loader.construct_object(node, deep=True)
 
 
@@ -450,6 +454,8 @@ class _Checker:
             elif err["type"] == "missing":
                 where = _dotted(full[:-1]) if len(full) > 1 else "the top level"
                 self.error(full, f"missing key {loc[-1]!r} in {where}")
+            elif any(isinstance(part, str) and is_secret(part) for part in full):
+                self.error(full, f"{_dotted(full)}: {err['msg']}")  # never the secret's value
             else:
                 self.error(full, f"{_dotted(full)}: {err['msg']} (got {err['input']!r})")
 

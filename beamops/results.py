@@ -1,25 +1,48 @@
-"""Results of the center-of-mass chain: ComPartial and ComMap.
+"""Results: ComPartial and ComMap of the center-of-mass chain, and Image.
 
 Units are detector pixels; ``x`` is the detector column and ``y`` the row.
-Both types encode to one Arrow IPC stream like the frame batches, so they can
+All three encode to one Arrow IPC stream like the frame batches, so they can
 go to Kafka, to dead letters or to files in one documented format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from beamops.frames import FrameDecodeError, FrameHeader, _write_ipc
+from beamops.frames import FrameBatch, FrameDecodeError, FrameHeader, _write_ipc, decode_batch
 
 _HEADER_KEY = b"beamops.header"
 _KIND_KEY = b"beamops.kind"
 _STATE_KEY = b"beamops.com_map"
 _IMAGE_STATE_KEY = b"beamops.image"
+
+
+def _read_ipc(data: bytes, cls: type) -> tuple[dict[bytes, bytes], FrameHeader, pa.RecordBatch]:
+    """The schema metadata, header and record batch of a ``cls.to_bytes()`` stream; FrameDecodeError
+    if it is not one."""
+    reader = pa.ipc.open_stream(pa.py_buffer(data))
+    meta = reader.schema.metadata or {}
+    if meta.get(_KIND_KEY) != cls.KIND.encode():
+        raise FrameDecodeError(f"not a {cls.__name__} (kind={meta.get(_KIND_KEY)!r})")
+    return meta, FrameHeader.from_json(meta[_HEADER_KEY]), reader.read_next_batch()
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Any failure to read untrusted bytes as a FrameDecodeError."""
+    try:
+        yield
+    except FrameDecodeError:
+        raise
+    except Exception as exc:
+        raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +87,14 @@ class ComPartial:
         rb = pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
         rb = rb.replace_schema_metadata({_KIND_KEY: self.KIND.encode(), _HEADER_KEY: self.header.to_json()})
         return _write_ipc(rb)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ComPartial:
+        with _decode_errors():
+            _, header, rb = _read_ipc(data, cls)
+            numbers = rb.column("frame_number").to_numpy() if "frame_number" in rb.schema.names else None
+            columns = [rb.column(name).to_numpy() for name in ("scan_position", "sum_x", "sum_y", "count")]
+            return cls(header, *columns, frame_numbers=numbers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,14 +156,9 @@ class ComMap:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ComMap:
-        try:
-            reader = pa.ipc.open_stream(pa.py_buffer(data))
-            meta = reader.schema.metadata or {}
-            if meta.get(_KIND_KEY) != cls.KIND.encode():
-                raise FrameDecodeError(f"not a ComMap (kind={meta.get(_KIND_KEY)!r})")
-            header = FrameHeader.from_json(meta[_HEADER_KEY])
+        with _decode_errors():
+            meta, header, rb = _read_ipc(data, cls)
             state = json.loads(meta[_STATE_KEY])
-            rb = reader.read_next_batch()
             shape = header.scan_shape
             return cls(
                 header,
@@ -143,10 +169,6 @@ class ComMap:
                 bool(state["final"]),
                 bool(state["complete"]),
             )
-        except FrameDecodeError:
-            raise
-        except Exception as exc:
-            raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,3 +214,27 @@ class Image:
             }
         )
         return _write_ipc(rb)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Image:
+        with _decode_errors():
+            meta, header, rb = _read_ipc(data, cls)
+            state = json.loads(meta[_IMAGE_STATE_KEY])
+            return cls(
+                header,
+                str(state["name"]),
+                rb.column("data").to_numpy().reshape(state["shape"]),
+                str(state["units"]),
+                int(state["frames_seen"]),
+                bool(state["final"]),
+                bool(state["complete"]),
+            )
+
+
+def decode_element(data: bytes) -> FrameBatch | ComPartial | ComMap | Image:
+    """Any beamops element from its ``to_bytes()`` (a frame batch or a result), by the kind its Arrow
+    schema names; FrameDecodeError for anything else."""
+    with _decode_errors():
+        kind = (pa.ipc.open_stream(pa.py_buffer(data)).schema.metadata or {}).get(_KIND_KEY)
+    result = {cls.KIND.encode(): cls for cls in (ComPartial, ComMap, Image)}.get(kind)
+    return result.from_bytes(data) if result is not None else decode_batch(data)

@@ -16,7 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beamops.io.kafka_config import is_secret
+from beamops.io.kafka_config import KafkaUnavailableError, is_secret
 from beamops.operator import METRICS_NAMESPACE, OperatorParameterError
 
 # Beam's in-process batch engine (the DirectRunner's FnApiRunner), named so it never tries to download Prism.
@@ -94,8 +94,15 @@ def run(
     try:
         if _runner_key(runner) == "flink":
             beam_args = flink_defaults(beam_args, bounded)
+            unreachable = _flink_unreachable(_given(beam_args, "flink_master") or "")
+            if unreachable:  # else the job server retries for a minute, a stack trace a try
+                print(f"{prog}: error: {unreachable}", file=sys.stderr)
+                return 1
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         build_fn(pipeline, values)
+    except KafkaUnavailableError as exc:  # the brokers, not the arguments
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -103,6 +110,11 @@ def run(
     try:
         result = pipeline.run()
         result.wait_until_finish()
+    except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
+        log.debug("interrupted", exc_info=True)
+        took = time.monotonic() - started
+        print(f"{prog}: interrupted after {took:.1f} s", file=sys.stderr)
+        return 130
     except Exception as exc:  # the worker's traceback is in the runner's log; here its message is enough
         log.debug("pipeline failed", exc_info=True)
         took = time.monotonic() - started
@@ -117,8 +129,30 @@ def run(
     return 0
 
 
+def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:
+    """Why the Flink master's REST API at ``master`` (host:port) does not answer, or None if it does
+    (or is Beam's [auto] or [local], which the job server starts itself)."""
+    from beamops.services.flink_cluster import FlinkClusterError, rest_get
+
+    if not master or master.startswith("["):
+        return None
+    url = master if "://" in master else f"http://{master}"
+    try:
+        rest_get(f"{url}/overview", timeout)
+    except (OSError, FlinkClusterError) as exc:
+        return f"cannot reach Flink at {master} within {timeout:g} s ({exc}); is it running (`beamops flink up`)?"
+    return None
+
+
 def _runner_key(runner: str | None) -> str:
     return (runner or DEFAULT_RUNNER).lower().removesuffix("runner")
+
+
+def runs_here(pipeline: beam.Pipeline) -> bool:
+    """Whether ``pipeline``'s runner runs it in this process, so its workers reach what this process does."""
+    runner = pipeline.options.get_all_options()["runner"]
+    name = runner if runner is None or isinstance(runner, str) else type(runner).__name__
+    return _runner_key(name) in IN_PROCESS_RUNNERS
 
 
 def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str]:

@@ -15,9 +15,10 @@ milliseconds each). What it emits, per scan:
   the watermark reaches the end at end of input, so an incomplete scan is
   flushed then).
 
-Frames of a scan that arrive after its final outputs go to dead letters
-(:class:`LateFrameError`) for ``finished_retention_s`` of event time; after
-that the scan number may start a new scan. A batch the accumulator rejects
+Frames of a scan that arrive after its final outputs (complete or flushed by
+the timeout) go to dead letters (:class:`LateFrameError`) for
+``finished_retention_s`` of event time; after that the scan number may start a
+new scan. A batch the accumulator rejects
 goes to dead letters and the scan goes on. With ``total_frames`` the
 accumulator keeps one bit per frame, so a redelivered frame (Kafka is
 at-least-once) is counted once and in the ``duplicate_frames`` metric.
@@ -50,7 +51,7 @@ from numba import njit
 from pydantic import Field
 
 from beamops.frames import FrameHeader, SparseFrameBatch
-from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, OperatorMetrics, OperatorParams
+from beamops.operator import DEAD_LETTER, LONGEST_DURATION_S, METRICS_NAMESPACE, OperatorMetrics, OperatorParams
 
 
 class ScanReduceParams(OperatorParams):
@@ -69,10 +70,11 @@ class ScanReduceParams(OperatorParams):
     timeout_s: float = Field(
         300.0,
         gt=0,
+        le=LONGEST_DURATION_S,
         title="Timeout (s)",
         description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
     )
-    finished_retention_s: float = Field(3600.0, gt=0, title="Finished scan retention (s)")
+    finished_retention_s: float = Field(3600.0, gt=0, le=LONGEST_DURATION_S, title="Finished scan retention (s)")
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -390,16 +392,21 @@ class ScanReduceFn(beam.DoFn):
             timeout.set(due)
             state_cell.write(state)
             return
-        state_cell.clear()
-        if acc is not None:
-            self._timed_out.inc()
-            self._metrics.frames_out.inc(acc.frames_seen)
-            self._log.warning(
-                "scan %d flushed incomplete (no frames for %.0f s of event time, or the input ended): "
-                "%d frames, %d of %d positions",
-                key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
-            )  # fmt: skip
-            yield from self.outputs(acc, final=True)
+        if acc is None:  # a finished scan's retention is over: its number may start a new scan
+            state_cell.clear()
+            return
+        # Stragglers of a flushed scan are dead letters for the retention too: a new accumulator would
+        # emit a second "final" output of just them, replacing this one.
+        timeout.set(fired_at + Duration.of(self._params.finished_retention_s))
+        state_cell.write(ScanState(finished=True, latest=state.latest))
+        self._timed_out.inc()
+        self._metrics.frames_out.inc(acc.frames_seen)
+        self._log.warning(
+            "scan %d flushed incomplete (no frames for %.0f s of event time, or the input ended): "
+            "%d frames, %d of %d positions",
+            key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
+        )  # fmt: skip
+        yield from self.outputs(acc, final=True)
 
 
 def _weigh_state_without_module_scan() -> None:

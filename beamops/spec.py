@@ -4,8 +4,13 @@ An :class:`OperatorSpec` loads any interactEM spec: interactEM writes every
 default as a string ("255", "true", "-9"), and those are coerced to the
 parameter's declared type. beamops adds optional fields that interactEM
 ignores: ``minimum``/``maximum`` and ``exclusive_minimum``/``exclusive_maximum``
-bounds on numeric parameters, and ``null`` defaults for optional parameters
-that are unset by default.
+bounds on numeric parameters.
+
+In a beamops spec an optional parameter may be unset by default (``default``
+None). interactEM requires every parameter to carry a default of its type, so
+:meth:`OperatorSpec.to_json` writes such a parameter as a string parameter
+whose default ``""`` means unset (a number has no value for "unset"); see
+:meth:`OperatorSpec.exported`.
 
 beamops operators never write a spec by hand: :func:`parameters_from_model`
 derives the parameter list from the operator's pydantic parameter model.
@@ -141,12 +146,20 @@ class ParallelConfig(_Model):
     type: ParallelType = ParallelType.NONE
 
 
+class TriggerMode(enum.StrEnum):
+    """How interactEM invokes a trigger: once, or on each item until the operator drains."""
+
+    SINGLE = "single"
+    DRAIN = "drain"
+
+
 class TriggerSpec(_Model):
     """An action a user can fire on a running operator (for example 'reset')."""
 
     name: str
     label: str
-    description: str
+    description: str | None = None
+    mode: TriggerMode = TriggerMode.SINGLE
 
 
 class OperatorSpec(_Model):
@@ -172,12 +185,29 @@ class OperatorSpec(_Model):
             raise ValueError(f"duplicate parameter names: {dupes}")
         return params
 
+    def exported(self) -> OperatorSpec:
+        """This spec as interactEM loads it: every parameter has a default of its type. A parameter
+        unset by default (or required) gets the default "" for unset: a str-enum gains the option "",
+        and a number or bool becomes a string parameter, since it has no value for unset."""
+        parameters = [p if p.default is not None else _unset_for_interactem(p) for p in self.parameters or []]
+        return self.model_copy(update={"parameters": parameters}) if self.parameters else self
+
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        """The operator.json of :meth:`exported`."""
+        return json.dumps(self.exported().model_dump(mode="json", exclude_none=True), indent=2) + "\n"
 
     @classmethod
     def load(cls, path: str | Path) -> OperatorSpec:
         return cls.model_validate_json(Path(path).read_text())
+
+
+def _unset_for_interactem(param: ParameterSpec) -> ParameterSpec:
+    if param.type is ParameterType.STR_ENUM:  # interactEM's default must be one of the options
+        return param.model_copy(update={"default": "", "options": ["", *(param.options or [])]})
+    if param.type in (ParameterType.STR, ParameterType.MOUNT):
+        return param.model_copy(update={"default": ""})
+    bounds = dict.fromkeys(("minimum", "maximum", "exclusive_minimum", "exclusive_maximum"))
+    return param.model_copy(update={"type": ParameterType.STR, "default": "", **bounds})
 
 
 # --- deriving parameter specs from pydantic models -------------------------

@@ -28,10 +28,17 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops import OperatorParameterError
-from beamops.io.kafka import ensure_topic, read_kafka_frames, write_com_maps_kafka, write_dead_letters_kafka
-from beamops.io.kafka_config import KafkaClientConfig, never_stops
+from beamops.io.files import writable_dir
+from beamops.io.kafka import (
+    ensure_topic,
+    read_kafka_frames,
+    require_topics,
+    write_com_maps_kafka,
+    write_dead_letters_kafka,
+)
+from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError, never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
-from beamops.runner import DEFAULT_RUNNER, run, setup_logging
+from beamops.runner import DEFAULT_RUNNER, run, runs_here, setup_logging
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.simulated_scan import simulated_scan
@@ -39,6 +46,7 @@ from transforms.write_com_map import write_com_map
 from transforms.write_dead_letters import write_dead_letters
 
 OPERATORS = (simulated_scan, com_partial, com_reduce, write_com_map)
+SIMULATED_SCAN_OPTIONS = frozenset(simulated_scan.Params.model_fields)  # the source a Kafka read replaces
 DEFAULT_OUT_DIR = "out"
 PROG = "python -m jobs.com_pipeline"
 KAFKA_OPTIONS = add_kafka_arguments(argparse.ArgumentParser(), live=True)  # the ones that need a broker
@@ -55,7 +63,11 @@ class ComPipelineOptions(PipelineOptions):
 
 
 def kafka_client(values: dict[str, Any]) -> KafkaClientConfig:
-    return KafkaClientConfig.load(values["bootstrap_servers"], values.get("kafka_config_file"), values["kafka_config"])
+    client = KafkaClientConfig.load(
+        values["bootstrap_servers"], values.get("kafka_config_file"), values["kafka_config"]
+    )
+    client.check()
+    return client
 
 
 def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
@@ -68,6 +80,12 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         verb = "needs" if len(kafka_only) == 1 else "need"
         raise OperatorParameterError(f"{', '.join(kafka_only)} {verb} --bootstrap_servers (the Kafka brokers)")
     if from_kafka:
+        simulated = [f"--{name}" for name in operator_params(values, simulated_scan)]
+        if simulated:
+            # Else they would be dropped without a word, and the user believe the read used them.
+            raise OperatorParameterError(
+                f"{', '.join(simulated)} set the built-in simulated scan, which a Kafka read does not use"
+            )
         if not values.get("input_topic"):
             raise OperatorParameterError("--bootstrap_servers needs --input_topic")
         if not values.get("output_topic") and not values.get("out_dir"):
@@ -75,20 +93,34 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         if values["input_topic"] in (values.get("output_topic"), values.get("dead_letter_topic")):
             raise OperatorParameterError(f"--input_topic {values['input_topic']!r} cannot also be an output topic")
         client = kafka_client(values)
+        outputs = [t for t in (values.get("output_topic"), values.get("dead_letter_topic")) if t]
         if values.get("create_topics"):
-            for topic in (values.get("output_topic"), values.get("dead_letter_topic")):
-                if topic:
-                    ensure_topic(client, topic)
+            for topic in outputs:
+                ensure_topic(client, topic)
+        else:
+            try:
+                require_topics(client, outputs)
+            except ValueError as exc:
+                raise OperatorParameterError(f"{exc}; pass --create_topics to create the job's output topics") from None
+            except KafkaUnavailableError as exc:
+                if runs_here(pipeline):
+                    raise
+                # A cluster's workers may reach brokers this machine cannot.
+                log.warning("could not check the output topics from here: %s", exc)
         source = read_kafka_frames(
             {
                 "topic": values["input_topic"],
                 "group_id": values.get("group_id"),
-                **{k: values[k] for k in ("start", "stop") if values.get(k)},
+                **{k: values[k] for k in ("start", "stop", "wait_past_end") if values.get(k) is not None},
             },
             client=client,
         )
     else:
         source = simulated_scan(operator_params(values, simulated_scan))
+    to_files = not from_kafka or bool(values.get("out_dir")) or not values.get("dead_letter_topic")
+    if to_files and runs_here(pipeline):
+        # Its workers are this process: a directory they cannot write fails now, not after the input was read.
+        writable_dir(out_dir)
     frames = pipeline | source
     maps = frames | com_partial(operator_params(values, com_partial)) | com_reduce(operator_params(values, com_reduce))
     dead_letters = [maps.dead_letter]

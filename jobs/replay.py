@@ -43,7 +43,8 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         raise OperatorParameterError("a replay needs a bounded --stop (latest, offset:..., timestamp:...)")
     if values.get("output_topic") == values["input_topic"]:
         raise OperatorParameterError("--output_topic must differ from --input_topic")
-    com_pipeline.build(pipeline, {**values, "group_id": None})
+    # A replay reads what the topic holds: it never waits for offsets to be written.
+    com_pipeline.build(pipeline, {**values, "group_id": None, "wait_past_end": False})
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -58,6 +59,10 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     known, beam_args = parser.parse_known_args(argv)
     if known.group_id is not None:
         parser.error("a replay never uses a consumer group; --group_id is not accepted")
+    # Beam would take them for options of jobs.com_pipeline (imported here) and drop them.
+    simulated = [a for a in beam_args if a.split("=", 1)[0].removeprefix("--") in com_pipeline.SIMULATED_SCAN_OPTIONS]
+    if simulated:
+        parser.error(f"{', '.join(simulated)}: a replay reads Kafka; the simulated scan's options do not apply")
     return vars(known), beam_args
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -99,10 +100,18 @@ class Progress:
             self.stream.flush()
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Publish simulated or recorded 4D-STEM scans to Kafka as Arrow-encoded sparse frame batches.",
+        formatter_class=_DefaultsHelp,
     )
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument("--bootstrap_servers", default="127.0.0.1:9092", help="Kafka bootstrap servers.")
@@ -111,7 +120,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--partitioner",
         choices=PARTITIONERS,
         default="round-robin",
-        help="round-robin: spread every scan over all partitions (default); by-scan: one partition per scan.",
+        help="round-robin: spread every scan over all partitions; by-scan: one partition per scan.",
     )
     add_kafka_client_arguments(kafka)
     kafka.add_argument("--create_topic", action="store_true", help="Create the topic if it does not exist.")
@@ -121,21 +130,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
 
     scan = parser.add_argument_group("scan (simulated unless --hdf5)")
-    scan.add_argument("--scan_rows", type=int, default=64)
-    scan.add_argument("--scan_cols", type=int, default=64)
-    scan.add_argument("--frame_rows", type=int, default=576)
-    scan.add_argument("--frame_cols", type=int, default=576)
+    scan.add_argument("--scan_rows", type=int, default=64, help="Scan positions along y (rows).")
+    scan.add_argument("--scan_cols", type=int, default=64, help="Scan positions along x (columns).")
+    scan.add_argument("--frame_rows", type=int, default=576, help="Detector rows, px.")
+    scan.add_argument("--frame_cols", type=int, default=576, help="Detector columns, px.")
     scan.add_argument("--events_per_frame", type=float, default=50.0, help="Mean (Poisson) electrons per frame.")
-    scan.add_argument("--frames_per_position", type=int, default=1)
+    scan.add_argument("--frames_per_position", type=int, default=1, help="Frames recorded at each scan position.")
     scan.add_argument("--disc_radius", type=float, default=20.0, help="Bright-field disc radius, px.")
     scan.add_argument("--shift_amplitude", type=float, default=8.0, help="Largest COM shift, px.")
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=int, default=0, help="Random seed: the same seed publishes the same frames.")
     scan.add_argument("--hdf5", metavar="FILE", help="Publish this stempy electron-counted file instead.")
 
     run = parser.add_argument_group("publishing")
     run.add_argument("--batch_size", type=int, default=1000, help="Frames per message.")
     run.add_argument("--n_scans", type=int, default=1, help="Scans to publish, one after the other.")
-    run.add_argument("--first_scan_number", type=int, default=1)
+    run.add_argument(
+        "--first_scan_number", type=int, default=1, help="Scan number of the first scan; the next ones count up."
+    )
     run.add_argument("--rate", type=float, default=0.0, help="Target frames/s (0: as fast as possible).")
     run.add_argument(
         "--progress",
@@ -144,13 +155,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="auto: a bar when stderr is a terminal, else a log line every few seconds.",
     )
     args = parser.parse_args(argv)
-    for name in ("batch_size", "n_scans", "partitions"):
+    at_least_one = ("batch_size", "n_scans", "partitions", "scan_rows", "scan_cols", "frame_rows", "frame_cols")
+    for name in (*at_least_one, "frames_per_position"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.events_per_frame < math.inf:
+        parser.error(f"--events_per_frame must be a finite number >= 0, got {args.events_per_frame}")
     if args.first_scan_number < 0:
         parser.error("--first_scan_number must be >= 0")
-    if args.rate < 0:
-        parser.error("--rate must be >= 0 (0: as fast as possible)")
+    if not (args.rate == 0 or 1 <= args.rate < math.inf):  # NaN fails both
+        parser.error(f"--rate must be 0 (as fast as possible) or a number of frames/s from 1 up, got {args.rate}")
     return args
 
 
@@ -197,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         client = KafkaClientConfig.load(args.bootstrap_servers, args.kafka_config_file, args.kafka_config)
+        client.check()
         total, batches = _scans(args)
     except (OSError, ValueError) as exc:  # StempyFormatError is a ValueError
         return _error(str(exc), 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,15 @@ import numpy as np
 import pytest
 
 from beamops.cli import main as beamops_main
+from beamops.io.kafka_config import KafkaClientConfig
 from beamops.registry import discover
 from beamops.runner import flink_defaults, unknown_arguments
 from beamops.simulate import ScanSimulation
 from beamops.spec import OperatorSpec
+from beamops.testing import run_operator
 from jobs import com_pipeline
+from transforms.com_partial import com_partial
+from transforms.com_reduce import com_reduce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +46,7 @@ def test_operators_show_lists_parameters_with_types_and_defaults(capsys: pytest.
 def test_operators_show_json_is_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
     assert beamops_main(["operators", "show", "com_partial", "--json"]) == 0
     spec = OperatorSpec.model_validate_json(capsys.readouterr().out)
-    assert spec == discover()["com_partial"].spec()
+    assert spec == discover()["com_partial"].spec().exported()
 
 
 def test_unknown_operator_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +61,7 @@ def test_export_writes_one_valid_operator_json_each(tmp_path: Path) -> None:
     assert written == sorted(discover())
     for path in tmp_path.glob("*/operator.json"):
         spec = OperatorSpec.load(path)
-        assert spec == discover()[path.parent.name].spec()
+        assert spec == discover()[path.parent.name].spec().exported()
         assert json.loads(path.read_text())["id"] == str(spec.id)
 
 
@@ -185,6 +190,10 @@ def test_a_secret_among_unknown_arguments_is_not_echoed() -> None:
             ["--bootstrap_servers", "127.0.0.1:9", "--input_topic", "t", "--out_dir", "o", "--dead_letter_topic", "t"],
             "--input_topic 't' cannot also be an output topic",
         ),
+        (
+            ["--bootstrap_servers", "127.0.0.1:9", "--input_topic", "t", "--out_dir", "o", "--scan_rows", "16"],
+            "--scan_rows set the built-in simulated scan, which a Kafka read does not use",
+        ),
     ],
 )
 def test_kafka_options_that_cannot_work_are_refused_before_running(
@@ -194,15 +203,52 @@ def test_kafka_options_that_cannot_work_are_refused_before_running(
     assert says in capsys.readouterr().err
 
 
-def test_an_output_directory_that_cannot_be_made_fails_the_job(
+def test_a_replay_refuses_the_simulated_scans_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs import replay
+
+    with pytest.raises(SystemExit) as exited:
+        replay.parse_args(["--input_topic", "t", "--scan_rows", "16", "--seed=3", "--runner=FnApiRunner"])
+    assert exited.value.code == 2
+    assert "--scan_rows, --seed=3: a replay reads Kafka" in capsys.readouterr().err
+
+
+def test_an_output_directory_that_cannot_be_made_is_refused_before_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a directory")
-    assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(blocker / "maps")]) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error: the pipeline failed after" in last and f"cannot make the output directory '{blocker}" in last
+    assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(blocker / "maps")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"python -m jobs.com_pipeline: error: cannot make the output directory '{blocker}")
+    assert not any("running on" in line for line in err)
     assert blocker.read_text() == "a file, not a directory"
+
+
+def test_a_worker_that_cannot_make_the_output_directory_fails_the_job(tmp_path: Path) -> None:
+    """On a cluster the workers' disks are not this machine's: there it is the job that fails, with the reason."""
+    from transforms.write_com_map import write_com_map
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a directory")
+    sim = ScanSimulation(scan_shape=(4, 4), events_per_frame=20.0)
+    maps = run_operator(lambda f: f | com_partial() | com_reduce(emit_every=0), sim.batches(16)).outputs
+    with pytest.raises(Exception, match=f"cannot make the output directory '{blocker}"):
+        run_operator(write_com_map(out_dir=str(blocker / "maps")), maps)
+
+
+def test_ctrl_c_stops_a_job_with_one_line_and_exit_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import apache_beam as beam
+
+    def interrupted(self: beam.Pipeline) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(beam.Pipeline, "run", interrupted)
+    assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("python -m jobs.com_pipeline: interrupted after")
+    assert "Traceback" not in err
 
 
 def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_every_batch(
@@ -230,3 +276,70 @@ def test_the_simulate_job_refuses_a_disc_that_would_leave_the_frame(extra, says,
     # No broker listens on port 9: the scan is checked first.
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        *[(["--rate", r], "--rate must be 0 (as fast as possible) or a number of frames/s from 1 up") for r in
+          ("nan", "inf", "1e-9", "-1")],
+        (["--scan_rows", "0"], "--scan_rows must be >= 1, got 0"),
+        (["--frames_per_position", "0"], "--frames_per_position must be >= 1, got 0"),
+        (["--events_per_frame", "nan"], "--events_per_frame must be a finite number >= 0, got nan"),
+    ],
+)  # fmt: skip
+def test_the_simulate_job_names_the_option_it_refuses(extra: list[str], says: str, capsys) -> None:
+    from jobs import simulate
+
+    with pytest.raises(SystemExit) as exited:
+        simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_simulate_job_refuses_a_kafka_setting_librdkafka_does_not_know(capsys) -> None:
+    from jobs import simulate
+
+    assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--kafka_config", "foo.bar=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith('Kafka client settings: No such configuration property: "foo.bar"')
+
+
+def test_a_secret_in_a_refused_kafka_setting_is_not_shown() -> None:
+    client = KafkaClientConfig("127.0.0.1:9", {"sasl.password": "hunter2", "security.protocol": "hunter2"})
+    with pytest.raises(ValueError, match=r'Invalid value "\*\*\*" for configuration property "security.protocol"'):
+        client.check()
+
+
+def test_an_unreachable_flink_master_is_one_line_within_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as bound_not_listening:
+        bound_not_listening.bind(("127.0.0.1", 0))
+        master = f"127.0.0.1:{bound_not_listening.getsockname()[1]}"
+        started = time.monotonic()
+        status = com_pipeline.main(
+            [*SMALL_SCAN, "--out_dir", str(tmp_path), "--runner=FlinkRunner", f"--flink_master={master}",
+             "--flink_job_server_jar=/not/needed/before/flink/answers.jar"]
+        )  # fmt: skip
+    assert status == 1 and time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"python -m jobs.com_pipeline: error: cannot reach Flink at {master} within 5 s")
+    assert "beamops flink up" in err[-1]
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`beamops operators list | head -1`: the pipe closes before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run(
+        [sys.executable, "-m", "beamops.cli", "operators", "list"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    os.close(write_end)
+    assert done.returncode == 141
+    assert b"Traceback" not in done.stderr and b"BrokenPipeError" not in done.stderr

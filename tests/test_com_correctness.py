@@ -143,8 +143,11 @@ def test_shift_field_is_recovered_with_several_frames_per_position():
         {"crop_radius": 12.5},
         {"crop_to_x": 9.0, "crop_to_y": 14.0, "init_center_x": 284.0, "init_center_y": 291.0},
         {"crop_to_x": 11.0, "crop_to_y": 7.0},
+        # centres outside the frame, crops reaching into it (a binned frame with interactEM's defaults)
+        {"crop_to_x": 715.0, "crop_to_y": 510.0, "init_center_x": 1000.0, "init_center_y": 800.0},
+        {"crop_radius": 712.0, "init_center_x": 1000.0, "init_center_y": 288.0},
     ],
-    ids=["no_crop", "circle_given", "circle_own_com", "box_given", "box_own_com"],
+    ids=["no_crop", "circle_given", "circle_own_com", "box_given", "box_own_com", "box_off_frame", "circle_off_frame"],
 )
 def test_dense_kernel_equals_sparse_kernel(crop):
     sim = ScanSimulation(scan_shape=(8, 8), frame_shape=(576, 576), events_per_frame=50.0, seed=3)

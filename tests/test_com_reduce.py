@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -281,28 +282,48 @@ def test_timeout_in_event_time_flushes_before_later_elements():
         ("watermark", 1.0 + 10.0 + 0.5),  # timeout_s = 10 after the last scan-1 element
         (20.0, b2[0]),
         (21.0, b2[1]),
-        (22.0, b1[2]),  # the rest of scan 1 comes after its flush
+        (22.0, b1[2]),  # the rest of scan 1 comes after its flush: a dead letter, not a second final map
         (23.0, b2[2]),
     )
 
     def expect(stamped):
         got = sorted((summary(m), ts) for ts, m in stamped)
         assert [s for s, _ in got] == [
-            (1, 16, True, False),  # the third batch alone, flushed at the end
             (1, 32, True, False),  # flushed by the timeout, before the later elements
             (2, 48, True, True),
         ]
-        flushed_at = got[1][1]
+        flushed_at = got[0][1]
         assert 11.0 <= flushed_at < 20.0  # the timer's event time, before the next element
-        first_flush = next(m for _, m in stamped if m.scan_number == 1 and m.frames_seen == 32)
+        first_flush = next(m for _, m in stamped if m.scan_number == 1)
         assert first_flush.positions_seen == 32
         assert np.isnan(first_flush.x.ravel()[32:]).all() and np.isfinite(first_flush.x.ravel()[:32]).all()
+
+    def expect_dead(dead):
+        (d,) = dead
+        assert d.error_type == "LateFrameError" and "scan 1" in d.error and d.origin == b1[2].origin
 
     with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
         out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0)
         stamped = out.com_map | beam.Map(lambda m, ts=beam.DoFn.TimestampParam: (float(ts), m))
         assert_that(stamped, matcher(expect))
-        assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
+        assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
+
+
+def test_a_flushed_scan_number_is_free_again_after_the_retention():
+    sim = small_scan()
+    b = list(sim.batches(12))
+    stream = timestamped_stream(
+        (0.0, b[0]),
+        ("watermark", 15.0),  # the timeout (10 s) flushes 12 frames at t=10; retention until t=110
+        (50.0, b[1]),  # within the retention: a dead letter
+        ("watermark", 200.0),
+        (300.0, b[2]),  # after it: a new partial scan 1, flushed at the end
+    )
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | com_partial() | com_reduce(emit_every=0, timeout_s=10.0, finished_retention_s=100.0)
+        assert_that(out.com_map | beam.Map(summary), equal_to([(1, 12, True, False), (1, 12, True, False)]))
+        assert_that(out.dead_letter | beam.Map(lambda d: d.error_type), equal_to(["LateFrameError"]), label="Dead")
 
 
 def test_timeout_counts_from_the_latest_event_time_seen():
@@ -634,3 +655,14 @@ def test_a_batch_out_of_range_changes_nothing_and_redeliveries_are_told_apart(po
     assert acc.add(partial([3, 0, 1], [5, 0, 1])) == 1
     assert (acc.frames_seen, acc.positions_seen, acc.duplicates) == (3, 3, 1)
     np.testing.assert_array_equal(acc.counts, [1, 1, 0, 1])
+
+
+def test_a_crop_that_keeps_no_event_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    sim = small_scan()
+    off_frame = {"init_center_x": 1e5, "init_center_y": 1e5, "crop_radius": 5.0}
+    with caplog.at_level(logging.WARNING, logger="transforms.com_reduce"):
+        result = run_operator(lambda f: f | com_partial(off_frame) | com_reduce(emit_every=0), sim.batches(12))
+    final = result.final_maps()[sim.scan_number]
+    assert np.isnan(final.x).all() and final.complete
+    (warning,) = [r.getMessage() for r in caplog.records if "no event was kept" in r.getMessage()]
+    assert f"scan {sim.scan_number}: no event was kept at any of its" in warning

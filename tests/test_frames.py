@@ -12,7 +12,19 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from beamops import ComMap, DenseFrameBatch, FrameDecodeError, FrameHeader, SparseFrameBatch, decode_batch, encode_batch
+from beamops import (
+    ComMap,
+    ComPartial,
+    DeadLetter,
+    DenseFrameBatch,
+    FrameDecodeError,
+    FrameHeader,
+    Image,
+    SparseFrameBatch,
+    decode_batch,
+    decode_element,
+    encode_batch,
+)
 from beamops.frames import SCHEMA_VERSION
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -646,3 +658,65 @@ def test_com_map_is_not_a_frame_batch() -> None:
     com = ComMap(HEADER, np.zeros((4, 5), np.float32), np.zeros((4, 5), np.float32), 1, 1, False, False)
     with pytest.raises(FrameDecodeError, match="not a beamops frame batch"):
         decode_batch(com.to_bytes())
+
+
+# --- results and dead letters decode back into elements ----------------------------------------
+
+
+def _results(header: FrameHeader) -> list[Any]:
+    rng = np.random.default_rng(5)
+    n, shape = 6, header.scan_shape
+    partial = ComPartial(
+        header,
+        np.arange(n, dtype=np.uint32),
+        rng.random(n) * 100,
+        rng.random(n) * 100,
+        np.arange(n, dtype=np.int64) * 3,
+        np.arange(n, dtype=np.uint64) + 40,
+    )
+    com_map = ComMap(header, rng.random(shape, np.float32), rng.random(shape, np.float32), 12, 6, True, False)
+    image = Image(header, "adf", rng.random((3, 5), np.float32), "counts", 12, False, False)
+    return [partial, replace(partial, frame_numbers=None), com_map, image]
+
+
+def test_every_result_decodes_back_from_its_bytes() -> None:
+    header = FrameHeader(scan_number=9, scan_shape=(2, 3), frame_shape=(16, 16), total_frames=6)
+    for result in _results(header):
+        for decoded in (type(result).from_bytes(result.to_bytes()), decode_element(result.to_bytes())):
+            assert type(decoded) is type(result) and decoded.header == result.header
+            for name, want in vars(result).items():
+                got = getattr(decoded, name)
+                if isinstance(want, np.ndarray):
+                    np.testing.assert_array_equal(got, want)
+                    assert got.dtype == want.dtype, name
+                elif name != "origin":
+                    assert got == want, name
+    batch = SparseFrameBatch.from_frames(header, [np.array([1, 2], np.uint32)], [0])
+    assert encode_batch(decode_element(batch.to_bytes())) == batch.to_bytes()
+
+
+def test_bytes_of_another_kind_or_garbage_are_a_decode_error() -> None:
+    header = FrameHeader(scan_number=9, scan_shape=(2, 3), frame_shape=(16, 16))
+    partial, _, com_map, _ = _results(header)
+    with pytest.raises(FrameDecodeError, match="not a ComMap"):
+        ComMap.from_bytes(partial.to_bytes())
+    with pytest.raises(FrameDecodeError, match="not a ComPartial"):
+        ComPartial.from_bytes(com_map.to_bytes())
+    for garbage in (b"", b"\x00" * 64, partial.to_bytes()[:-20]):
+        with pytest.raises(FrameDecodeError):
+            decode_element(garbage)
+
+
+def test_a_dead_letter_gives_back_its_element() -> None:
+    header = FrameHeader(scan_number=9, scan_shape=(2, 3), frame_shape=(16, 16))
+    partial = _results(header)[0]
+    error = ValueError("bad")
+    again = DeadLetter.from_exception("com_reduce", partial, error).element()
+    assert isinstance(again, ComPartial)
+    np.testing.assert_array_equal(again.sum_x, partial.sum_x)
+    assert DeadLetter.from_raw("read_kafka", b"\x01\x02", error, None).element() == b"\x01\x02"
+    assert DeadLetter.from_exception("op", {"a": 1}, error).element() == {"a": 1}  # pickled
+    unpicklable = DeadLetter.from_exception("op", (lambda: 0), error)
+    assert unpicklable.payload_format.startswith("repr")
+    with pytest.raises(ValueError, match="cannot be turned back"):
+        unpicklable.element()

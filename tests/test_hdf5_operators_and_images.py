@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beamops import FrameHeader, Image
+from beamops import FrameHeader, Image, SparseFrameBatch
+from beamops.io.hdf5 import read_stempy_hdf5
 from beamops.testing import ScanSimulation, assert_com_close, run_operator
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
@@ -36,6 +37,33 @@ def test_saved_scans_reprocess_to_the_same_maps(tmp_path: Path) -> None:
         final = replayed[sim.scan_number]
         assert (final.frames_seen, final.complete) == (sim.n_frames, True)
         assert_com_close(final, live[sim.scan_number], atol=0)
+
+
+def test_a_saved_scan_holds_each_frame_once_in_frame_number_order(tmp_path: Path) -> None:
+    # Two partitions interleave a scan's batches, and Kafka redelivers one of them.
+    sim = SIMS[0]
+    halves = [sim.batch(0, 48), sim.batch(1, 48)]
+    odd_even = [
+        SparseFrameBatch.from_frames(
+            sim.header, [h.frame(i) for i in range(start, 48, 2)], h.scan_positions[start::2], h.frame_numbers[start::2]
+        )
+        for h in halves
+        for start in (1, 0)
+    ]
+    result = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), [*odd_even, odd_even[1]])
+    assert result.dead_letters == []
+    assert result.counter("duplicate_frames") == 24
+    (saved,) = read_stempy_hdf5(result.outputs[0], batch_size=1000)
+    whole = SparseFrameBatch.from_frames(
+        sim.header,
+        [h.frame(i) for h in halves for i in range(48)],
+        np.concatenate([h.scan_positions for h in halves]),
+        np.concatenate([h.frame_numbers for h in halves]),
+    )
+    np.testing.assert_array_equal(saved.frame_numbers, whole.frame_numbers)
+    np.testing.assert_array_equal(saved.scan_positions, whole.scan_positions)
+    np.testing.assert_array_equal(saved.offsets, whole.offsets)
+    np.testing.assert_array_equal(saved.events, whole.events)
 
 
 def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None:

@@ -56,6 +56,27 @@ def test_bad_position_is_rejected_when_the_pipeline_is_built() -> None:
     assert not ReadFromKafkaParams(topic="t").unbounded
 
 
+def test_a_read_with_a_group_starts_where_the_group_left_off_unless_told_otherwise() -> None:
+    assert ReadFromKafkaParams(topic="t", group_id="live").start == "committed"
+    assert ReadFromKafkaParams(topic="t").start == "earliest"
+    assert ReadFromKafkaParams(topic="t", group_id="live", start="latest").start == "latest"
+    reader = read_kafka_frames({"topic": "t", "group_id": "live"}, client=KafkaClientConfig("127.0.0.1:9"))
+    assert reader.params.start == "committed"
+
+
+def test_a_stop_time_in_the_future_is_refused_when_the_pipeline_is_built() -> None:
+    with pytest.raises(
+        OperatorParameterError, match=r"'stop'.*the stop time 2099-01-01T00:00:00.000Z is in the future"
+    ):
+        read_kafka_frames({"topic": "t", "stop": "timestamp:2099-01-01"}, client=KafkaClientConfig("127.0.0.1:9"))
+
+
+def test_a_group_given_as_a_kafka_setting_is_refused_naming_group_id() -> None:
+    client = KafkaClientConfig("127.0.0.1:9", {"group.id": "live"})
+    with pytest.raises(OperatorParameterError, match=r"give the consumer group as group_id \(--group_id\)"):
+        read_kafka_frames({"topic": "t"}, client=client)
+
+
 def test_settings_from_properties_json_and_overrides(tmp_path: Path) -> None:
     props = tmp_path / "client.properties"
     props.write_text("# SASL\nsecurity.protocol = SASL_SSL\nsasl.mechanism=PLAIN\nsasl.password=hunter2\n")
@@ -76,11 +97,20 @@ def test_settings_from_properties_json_and_overrides(tmp_path: Path) -> None:
 
 def test_properties_files_read_as_java_reads_them(tmp_path: Path) -> None:
     props = tmp_path / "client.properties"
-    props.write_text("sasl.password: hunter2\nssl.key.password s3cret\nsasl.oauthbearer.config = a=b c=d\n")
+    props.write_text(
+        "sasl.password: hunter2\nssl.key.password s3cret\nsasl.oauthbearer.config = a=b c=d\n"
+        # What java.util.Properties.load gives for these (checked with Java 17): escapes and a continued line.
+        "ssl.certificate.location=C:\\\\certs\\\\client.pem\n"
+        "ssl.keystore.password=ab\\\\cd\\=ef\n"
+        "sasl.kerberos.kinit.cmd=kinit -R \\\n    -k\n"
+    )
     assert KafkaClientConfig.load("b:1", props).settings == {
         "sasl.password": "hunter2",
         "ssl.key.password": "s3cret",
         "sasl.oauthbearer.config": "a=b c=d",
+        "ssl.certificate.location": "C:\\certs\\client.pem",
+        "ssl.keystore.password": "ab\\cd=ef",
+        "sasl.kerberos.kinit.cmd": "kinit -R -k",
     }
 
 
@@ -176,15 +206,25 @@ def test_a_client_without_a_broker_logs_one_line_not_one_per_attempt(
     assert "Connection refused" not in capfd.readouterr().err  # nothing straight to stderr
 
 
+@pytest.mark.parametrize("to_topic", [True, False], ids=["checking-the-output-topic", "reading"])
 def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
-    refusing_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    refusing_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    to_topic: bool,
 ) -> None:
     monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 2.0)
-    args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames", "--output_topic", "maps"]
-    assert com_pipeline.main(args) == 1
+    args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames"]
+    args += ["--output_topic", "maps"] if to_topic else ["--out_dir", str(tmp_path)]
+    assert com_pipeline.main(args) == 1  # the brokers are at fault, not the arguments (2)
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error: the pipeline failed after" in last
-    assert f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 2 s (reading topic 'frames')" in last
+    if to_topic:  # before the pipeline runs
+        assert last.startswith(f"python -m jobs.com_pipeline: error: cannot reach Kafka at 127.0.0.1:{refusing_port}")
+        assert "within 2 s" in last
+    else:
+        assert "error: the pipeline failed after" in last
+        assert f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 2 s (reading topic 'frames')" in last
 
 
 @pytest.mark.parametrize(
@@ -216,7 +256,7 @@ def test_creating_a_topic_without_an_answer_says_so_in_one_line(
     monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 1.0)
     servers = f"127.0.0.1:{refusing_port}"
     args = ["--bootstrap_servers", servers, "--input_topic", "frames", "--output_topic", "maps", "--create_topics"]
-    assert com_pipeline.main(args) == 2
+    assert com_pipeline.main(args) == 1
     assert capsys.readouterr().err.strip() == (
         f"python -m jobs.com_pipeline: error: cannot create topic 'maps': no answer from Kafka at {servers} within 1 s"
     )

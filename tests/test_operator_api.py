@@ -269,6 +269,13 @@ def test_parameters_are_validated_and_frozen() -> None:
         (lambda: com_partial(init_centre_x=3), "com_partial", "init_centre_x", "unknown parameter"),
         (lambda: com_reduce(emit_every="often"), "com_reduce", "emit_every", "valid integer"),
         (lambda: com_reduce(timeout_s=0), "com_reduce", "timeout_s", "greater than 0"),
+        # A duration that would overflow Beam's event time fails here, not while the job runs.
+        (lambda: com_reduce(timeout_s=float("inf")), "com_reduce", "timeout_s", "finite number"),
+        (lambda: com_reduce(timeout_s=1e300), "com_reduce", "timeout_s", "less than or equal to"),
+        (lambda: com_reduce(finished_retention_s=1e13), "com_reduce", "finished_retention_s", "less than or equal"),
+        # Every float parameter of every operator is finite, without each field saying so.
+        (lambda: com_reduce(timeout_s=float("nan")), "com_reduce", "timeout_s", "finite number"),
+        (lambda: com_partial(crop_radius=float("inf")), "com_partial", "crop_radius", "finite number"),
         (lambda: com_reduce(replace_nans="perhaps"), "com_reduce", "replace_nans", "valid boolean"),
     ],
 )

@@ -259,6 +259,35 @@ operators:
     assert list(definition.instances) == ["source", "partial", "reduce", "out"]
 
 
+_KAFKA_ONLY = """\
+name: live
+kafka:
+  bootstrap_servers: broker:9092
+  settings:
+    {setting}
+operators:
+  source: {{operator: read_kafka_frames, params: {{topic: frames}}}}
+  partial: {{operator: com_partial, input: source}}
+  reduce: {{operator: com_reduce, input: partial}}
+  out: {{operator: write_com_maps_kafka, input: reduce.com_map, params: {{topic: com}}}}
+"""
+
+
+@pytest.mark.parametrize("written", ["0123", "12:30:45", "1_000", "yes", "0x1F", "2024-01-31", "'quoted'", "5"])
+def test_kafka_settings_reach_librdkafka_as_written(written: str) -> None:
+    # YAML 1.1 reads these as other numbers, a bool or a date; librdkafka takes text.
+    definition = parse_pipeline(_KAFKA_ONLY.format(setting=f"sasl.password: {written}"), "live.yaml")
+    assert definition.kafka is not None
+    assert definition.kafka.settings["sasl.password"] == written.strip("'")
+
+
+def test_an_invalid_secret_setting_is_reported_without_its_value() -> None:
+    with pytest.raises(PipelineDefinitionError) as info:
+        parse_pipeline(_KAFKA_ONLY.format(setting="sasl.password: [hunter2, x]"), "live.yaml")
+    message = str(info.value)
+    assert "sasl.password" in message and "hunter2" not in message
+
+
 def test_the_documented_example_validates() -> None:
     doc = beamops.pipeline.__doc__ or ""
     example = textwrap.dedent(doc.split("::\n\n", 1)[1].split("\n\n", 1)[0])

@@ -411,8 +411,18 @@ def test_example_model_spec_round_trips_through_json() -> None:
     params = parameters_from_model(_ExampleParams)
     doc = _spec_dict(parameters=[p.model_dump(mode="json", exclude_none=True) for p in params])
     spec = OperatorSpec.model_validate(doc)
-    assert OperatorSpec.model_validate_json(spec.to_json()) == spec
     assert spec.parameters == params
+    exported = OperatorSpec.model_validate_json(spec.to_json())
+    assert exported == spec.exported() and exported.exported() == exported
+    by_name = {p.name: p for p in exported.parameters or []}
+    # interactEM needs a default of the parameter's own type: "" stands for unset
+    assert (by_name["maybe_mode"].default, by_name["maybe_mode"].options) == ("", ["", "a", "b"])
+    assert (by_name["needed"].type, by_name["needed"].default, by_name["needed"].required) == (
+        ParameterType.STR,
+        "",
+        True,
+    )
+    assert by_name["colour"] == next(p for p in params if p.name == "colour")  # a default is kept as it is
 
 
 def test_optional_mount_parameter_is_a_mount() -> None:
@@ -460,10 +470,37 @@ def test_exported_json_of_every_operator_validates(op: type[Operator]) -> None:
     spec = op.spec()
     exported = spec.to_json()
     loaded = OperatorSpec.model_validate_json(exported)
-    assert loaded == spec
+    assert loaded == spec.exported()
     assert loaded.to_json() == exported
     assert loaded.label and loaded.description
-    _check_against_model(loaded.parameters or [], op.Params)
+    _check_against_model(spec.parameters or [], op.Params)
+    _check_interactem_accepts(json.loads(exported))
     for p in loaded.parameters or []:
         if isinstance(p.default, float):
             assert math.isfinite(p.default)
+
+
+def _check_interactem_accepts(doc: dict[str, Any]) -> None:
+    """The rules interactEM's own models (core/models/spec.py) put on an operator.json beyond ours:
+    every parameter has a default, of its type (a str-enum's among its options); a trigger has at
+    least a name and a label."""
+    types_of = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "mount": (str,)}
+    for p in doc.get("parameters") or []:
+        assert "default" in p, p["name"]
+        if p["type"] == "str-enum":
+            assert p["default"] in p["options"], p["name"]
+        else:
+            assert isinstance(p["default"], types_of[p["type"]]), p["name"]
+            assert p["type"] == "bool" or not isinstance(p["default"], bool), p["name"]
+    for t in doc.get("triggers") or []:
+        assert {"name", "label"} <= set(t), t
+
+
+def test_a_trigger_in_interactems_current_form_loads() -> None:
+    # interactEM's triggers have an optional description and a mode (single: once; drain: until drained).
+    doc = _spec_dict(triggers=[{"name": "read_now", "label": "Read now", "mode": "drain"}])
+    (trigger,) = OperatorSpec.model_validate(doc).triggers or []
+    assert (trigger.mode, trigger.description) == ("drain", None)
+    assert json.loads(OperatorSpec.model_validate(doc).to_json())["triggers"] == doc["triggers"]
+    with pytest.raises(ValidationError, match="mode"):
+        OperatorSpec.model_validate(_spec_dict(triggers=[{"name": "r", "label": "R", "mode": "sometimes"}]))

@@ -47,7 +47,7 @@ from numba import config as _numba_config
 from numba import cuda
 
 from beamops.operator import WorkerEnvironmentError
-from transforms._crop_modes import BOX, CIRCLE, NO_CROP
+from transforms._crop_modes import BOX, CIRCLE, NO_CROP, crop_window
 
 __all__ = [
     "BOX",
@@ -208,33 +208,8 @@ def _block_sum3(a, b, c, sh_a, sh_b, sh_c):
     return ra, rb, rc
 
 
-@cuda.jit(device=True)
-def _window(centre, half, size):
-    """The CPU dense kernel's visiting range on one axis: floor(centre - half) - 1 ..
-    ceil(centre + half) + 1, clipped to 0 .. size - 1 (empty when first > last).
-
-    The float bounds are first clamped to [-2, size + 1], which changes no clipped
-    bound but keeps the float->int conversion in range for absurd centres.
-    (math.floor/ceil return float64 on the GPU, hence int(); min/max are avoided
-    because numba's CUDA target mis-resolves max(float64, float64) in a device function.)
-    """
-    lo = centre - half
-    hi = centre + half
-    if lo < -2.0:
-        lo = -2.0
-    elif lo > size + 1.0:
-        lo = size + 1.0
-    if hi < -2.0:
-        hi = -2.0
-    elif hi > size + 1.0:
-        hi = size + 1.0
-    first = int(math.floor(lo)) - 1  # noqa: RUF046 (a float64 on the GPU)
-    if first < 0:
-        first = 0
-    last = int(math.ceil(hi)) + 1  # noqa: RUF046
-    if last > size - 1:
-        last = size - 1
-    return first, last
+# The CPU dense kernel compiles the same window function.
+_window = cuda.jit(device=True)(crop_window)
 
 
 # --- kernels -----------------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from numba import njit
 
 from beamops import DenseFrameBatch, operator
 from beamops.results import ComPartial
-from transforms._crop_modes import CIRCLE, NO_CROP
+from transforms._crop_modes import CIRCLE, NO_CROP, crop_window
 from transforms._cuda_kernels import com_dense_cuda
 from transforms.com_partial import ComCropParams
+
+_crop_window = njit(cache=True, nogil=True, inline="always")(crop_window)
 
 
 @njit(cache=True, nogil=True)
@@ -59,12 +61,8 @@ def com_dense_kernel(
         # Visit only the crop's bounding box (one pixel wider, so rounding of the
         # bounds cannot drop a pixel); the exact test decides inside it.
         half_x, half_y = (reach, reach) if mode == CIRCLE else (wx, wy)
-        # A crop wider than the frame is the whole frame; clamping keeps the bounds in int range.
-        half_x, half_y = min(half_x, cols), min(half_y, rows)
-        r_lo = max(int(np.floor(ccy - half_y)) - 1, 0)
-        r_hi = min(int(np.ceil(ccy + half_y)) + 1, rows - 1)
-        c_lo = max(int(np.floor(ccx - half_x)) - 1, 0)
-        c_hi = min(int(np.ceil(ccx + half_x)) + 1, cols - 1)
+        r_lo, r_hi = _crop_window(ccy, half_y, rows)
+        c_lo, c_hi = _crop_window(ccx, half_x, cols)
         kx = 0
         ky = 0
         kn = 0

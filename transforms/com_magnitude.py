@@ -19,8 +19,8 @@ class ComMagnitudeParams(OperatorParams):
     quantity: Literal["magnitude", "angle"] = Field(
         "magnitude", description="magnitude: shift length in px; angle: its direction in degrees (atan2 of y, x)."
     )
-    center_x: float | None = Field(None, allow_inf_nan=False, description="Reference column (px); unset: map mean.")
-    center_y: float | None = Field(None, allow_inf_nan=False, description="Reference row (px); unset: map mean.")
+    center_x: float | None = Field(None, description="Reference column (px); unset: map mean.")
+    center_y: float | None = Field(None, description="Reference row (px); unset: map mean.")
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ComMagnitudeParams:

@@ -37,7 +37,6 @@ class ComCropParams(OperatorParams):
 
     init_center_x: float | None = Field(
         None,
-        allow_inf_nan=False,
         title="Initial center X (column)",
         description=(
             "Crop centre, detector column in px (beamops x = column; interactEM passes its "
@@ -46,27 +45,23 @@ class ComCropParams(OperatorParams):
     )
     init_center_y: float | None = Field(
         None,
-        allow_inf_nan=False,
         title="Initial center Y (row)",
         description="Crop centre, detector row in px (beamops y = row). Set together with init_center_x.",
     )
     crop_to_x: float | None = Field(
         None,
-        allow_inf_nan=False,
         ge=0,
         title="Crop to X (column half-width)",
         description="Box crop half-width along columns in px: keep cx - w < x <= cx + w (stempy 3.4.1). Unset: no box.",
     )
     crop_to_y: float | None = Field(
         None,
-        allow_inf_nan=False,
         ge=0,
         title="Crop to Y (row half-width)",
         description="Box crop half-width along rows in px: keep cy - w < y <= cy + w. Set together with crop_to_x.",
     )
     crop_radius: float | None = Field(
         None,
-        allow_inf_nan=False,
         ge=0,
         title="Crop radius",
         description="Circular crop radius in px: keep events at distance <= radius from the centre (stempy >= 3.4.2).",

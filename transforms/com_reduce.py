@@ -163,6 +163,13 @@ class _ComReduceFn(ScanReduceFn):
         return ScanAccumulator.empty(partial.header, self._params.emit_every)
 
     def outputs(self, acc: ScanAccumulator, final: bool) -> list[ComMap]:
+        if final and acc.frames_seen and not acc.counts.any():
+            # A map of NaNs is a valid result, but almost always a crop that misses the beam.
+            self._log.warning(
+                "scan %d: no event was kept at any of its %d positions (%d frames): every value of its map is "
+                "NaN; check the crop's centre and size against the %s frame",
+                acc.header.scan_number, acc.header.n_positions, acc.frames_seen, acc.header.frame_shape,
+            )  # fmt: skip
         return [acc.com_map(final=final, replace_nans=self._params.replace_nans)]
 
 

@@ -76,7 +76,6 @@ class DpcPhaseParams(OperatorParams):
     reg: float = Field(
         0.1,
         ge=0.0,
-        allow_inf_nan=False,
         title="Regularization",
         description="Added to the denominator 2*pi*i*k^2 of the Fourier integration, as in stempy; 0 = exact.",
     )

@@ -96,13 +96,11 @@ class ElectronCountParams(OperatorParams):
     )
     background_threshold: float = Field(
         4.0,
-        allow_inf_nan=False,
         title="Background threshold",
         description="Pixels must exceed it: n sigmas of the noise (sigma mode) or a value (absolute mode).",
     )
     xray_threshold: float = Field(
         10.0,
-        allow_inf_nan=False,
         title="X-ray threshold",
         description=(
             "Pixels must stay below it: n standard deviations above the mean of all pixels (sigma mode, "

@@ -147,7 +147,6 @@ class _AnnulusParams(OperatorParams):
     )
     center_x: float | None = Field(
         None,
-        allow_inf_nan=False,
         title="Center X (column)",
         description=(
             "Annulus centre, detector column in px (beamops x = column; stempy create_stem_images center[0]). "
@@ -156,7 +155,6 @@ class _AnnulusParams(OperatorParams):
     )
     center_y: float | None = Field(
         None,
-        allow_inf_nan=False,
         title="Center Y (row)",
         description="Annulus centre, detector row in px (beamops y = row). Set together with center_x.",
     )

@@ -2,7 +2,8 @@
 
 Files go to ``<out_dir>/dead_letters/``. The ``.bin`` holds the original bytes
 (``payload_format`` says how to read them: ``arrow-ipc`` decodes with
-``beamops.decode_batch``); the ``.json`` says which operator failed, why, and
+``beamops.decode_element``, a frame batch or a result; ``raw`` is a source's
+message as it came); the ``.json`` says which operator failed, why, and
 where the element came from. Nothing is dropped: a job can be rerun on the
 payloads once the cause is fixed.
 """

@@ -3,29 +3,45 @@
 So a live scan can be saved and reprocessed later (read_hdf5_frames, stempy).
 Batches are grouped per scan in event-time sessions: a scan's file is written
 once no frame of it has arrived for ``gap_s`` seconds of event time (in a
-bounded run, at end of input). Frames are written in frame-number order.
+bounded run, at end of input). Frames are written in frame-number order, each
+once: a frame redelivered (Kafka is at-least-once) is counted in the
+``duplicate_frames`` metric and skipped. A scan whose frames pause for longer
+than ``gap_s`` is two sessions, and its second write finds the first's file
+(a dead letter, or with ``overwrite`` a file of the second part alone), so
+``gap_s`` should exceed the longest pause within a scan.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import pvalue
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows, Sessions
 from pydantic import Field
 
 from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.io.files import fails_every_file, output_dir, unwritable
-from beamops.io.hdf5 import write_stempy_hdf5
-from beamops.operator import OperatorMetrics
+from beamops.io.hdf5 import check_same_scan, write_stempy_hdf5
+from beamops.operator import LONGEST_DURATION_S, METRICS_NAMESPACE, OperatorMetrics
 from beamops.spec import Mount
 
 
 class WriteHdf5Params(OperatorParams):
     out_dir: Mount = Field("out", description="Directory for scan_<N>.h5 files.")
-    gap_s: float = Field(60.0, gt=0, description="A scan's file is written after this many seconds without frames.")
+    gap_s: float = Field(
+        60.0,
+        gt=0,
+        le=LONGEST_DURATION_S,
+        description=(
+            "A scan's file is written after this many seconds of event time without frames; "
+            "longer than any pause within a scan."
+        ),
+    )
     overwrite: bool = Field(False, description="Replace an existing file of the same scan.")
 
 
@@ -35,24 +51,63 @@ class _WriteScanFn(beam.DoFn):
 
     def setup(self) -> None:
         self._metrics = OperatorMetrics("write_hdf5_frames")
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
+        self._log = logging.getLogger(__name__)
 
     def process(self, element: tuple[int, Iterable[SparseFrameBatch]]) -> Iterator[object]:
         scan, batches = element
-        ordered = sorted(batches, key=lambda b: int(b.frame_numbers[0]) if b.n_frames else -1)
+        batches = list(batches)
         path = Path(self._params.out_dir) / f"scan_{scan:06d}.h5"
         try:
             output_dir(path.parent)
-            write_stempy_hdf5(path, ordered, overwrite=self._params.overwrite)
+            frames, duplicates = _each_frame_once_in_order(path, batches)
+            write_stempy_hdf5(path, frames, overwrite=self._params.overwrite)
         except (OSError, ValueError) as exc:
             if isinstance(exc, OSError) and fails_every_file(exc):
                 raise unwritable(path, exc) from exc
             # This scan's problem (saved before and overwrite=False, a directory in the file's place,
             # batches of one scan number that disagree on its shape): its batches go to dead letters.
-            for batch in ordered:
+            for batch in batches:
                 yield self._metrics.to_dead_letters(batch, exc)
             return
-        self._metrics.frames_in.inc(sum(b.n_frames for b in ordered))
+        if duplicates:
+            self._duplicates.inc(duplicates)
+            self._log.warning("scan %d: skipped %d frames written already (redelivered)", scan, duplicates)
+        self._metrics.frames_in.inc(sum(b.n_frames for b in batches))
         yield str(path)
+
+
+def _each_frame_once_in_order(
+    path: Path, batches: list[SparseFrameBatch], frames_per_batch: int = 4096
+) -> tuple[Iterator[SparseFrameBatch], int]:
+    """The frames of ``batches`` in frame-number order, the first copy of each number only, as batches
+    of up to ``frames_per_batch``; and how many copies were left out. ValueError if the batches are
+    not all of one scan (number and shapes)."""
+    if not batches:
+        return iter(()), 0
+    header = batches[0].header
+    for b in batches:
+        check_same_scan(str(path), header, b.header)
+    numbers = np.concatenate([b.frame_numbers for b in batches])
+    positions = np.concatenate([b.scan_positions for b in batches])
+    batch_of = np.repeat(np.arange(len(batches)), [b.n_frames for b in batches])
+    index_in = np.concatenate([np.arange(b.n_frames) for b in batches])
+    order = np.argsort(numbers, kind="stable")  # stable: the first copy of a number comes first
+    first = np.ones(len(order), bool)
+    first[1:] = numbers[order[1:]] != numbers[order[:-1]]
+    keep = order[first]
+
+    def chunks() -> Iterator[SparseFrameBatch]:
+        for start in range(0, len(keep), frames_per_batch):
+            chosen = keep[start : start + frames_per_batch]
+            yield SparseFrameBatch.from_frames(
+                header,
+                [batches[batch_of[k]].frame(index_in[k]) for k in chosen],
+                positions[chosen],
+                numbers[chosen],
+            )
+
+    return chunks(), len(order) - len(keep)
 
 
 class write_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators

@@ -43,6 +43,14 @@ def output_dir(path: str | Path) -> Path:
     return folder
 
 
+def writable_dir(path: str | Path) -> Path:
+    """:func:`output_dir`, and a WorkerEnvironmentError if this process cannot write files in it."""
+    folder = output_dir(path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WorkerEnvironmentError(f"cannot write files in the output directory {str(folder)!r}: permission denied")
+    return folder
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -351,7 +351,7 @@ def write_stempy_hdf5(
             for batch in _chain(first, iterator):
                 if not isinstance(batch, SparseFrameBatch):
                     raise TypeError(f"{path}: stempy files hold sparse frames, not a {type(batch).__name__}")
-                _check_same_scan(path, header, batch.header)
+                check_same_scan(path, header, batch.header)
                 n = batch.n_frames
                 rows = np.empty(n, dtype=object)
                 offsets = np.asarray(batch.offsets, dtype=np.int64)
@@ -403,7 +403,8 @@ def _chain(first: SparseFrameBatch, rest: Iterator[SparseFrameBatch]) -> Iterato
     yield from rest
 
 
-def _check_same_scan(path: str, want: FrameHeader, got: FrameHeader) -> None:
+def check_same_scan(path: str, want: FrameHeader, got: FrameHeader) -> None:
+    """ValueError unless ``got`` is of the scan ``want`` describes (number and shapes): one file holds one scan."""
     for name in ("scan_number", "scan_shape", "frame_shape"):
         if getattr(got, name) != getattr(want, name):
             raise ValueError(

@@ -54,8 +54,23 @@ from pydantic import Field, field_validator, model_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameDecodeError, SparseFrameBatch, decode_sparse_batch
-from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, ReadPosition, never_stops
-from beamops.operator import DEAD_LETTER, METRICS_NAMESPACE, Operator, OperatorMetrics, OperatorParams, Port
+from beamops.io.kafka_config import (
+    MAX_MESSAGE_BYTES,
+    KafkaClientConfig,
+    KafkaUnavailableError,
+    ReadPosition,
+    never_stops,
+)
+from beamops.operator import (
+    DEAD_LETTER,
+    LONGEST_DURATION_S,
+    METRICS_NAMESPACE,
+    Operator,
+    OperatorMetrics,
+    OperatorParameterError,
+    OperatorParams,
+    Port,
+)
 from beamops.results import ComMap
 
 log = logging.getLogger(__name__)
@@ -118,12 +133,13 @@ class ReadFromKafkaParams(OperatorParams):
         None,
         description="Consumer group: where start=committed reads from, and where processed offsets are committed.",
     )
-    start: str = Field(
-        "earliest",
+    start: str | None = Field(
+        None,
         description=(
             "earliest | latest | committed | offset:N | offset:P=N,... | timestamp:T (ms, or ISO-8601: UTC if no "
-            "zone). An offset no longer in the log starts at the log's start, with a warning; one past its end is an "
-            "error."
+            "zone). Unset: committed with a group_id (a partition without a commit from the log's start), else "
+            "earliest. An offset no longer in the log starts at the log's start, with a warning; one past its end "
+            "is an error, unless the stop leaves nothing to read there (stop=latest): then that partition is empty."
         ),
     )
     stop: str = Field(
@@ -131,6 +147,13 @@ class ReadFromKafkaParams(OperatorParams):
         description=(
             "Exclusive end: latest (the end when the read starts) | never (unbounded) | offset:N | "
             "offset:P=N,... | timestamp:T (a time that has passed)."
+        ),
+    )
+    wait_past_end: bool = Field(
+        True,
+        description=(
+            "A stop offset past the end of a partition's log: wait until the offsets up to it are written "
+            "(true), or refuse the read (false; a replay refuses)."
         ),
     )
     commit_offsets: bool = Field(
@@ -147,12 +170,22 @@ class ReadFromKafkaParams(OperatorParams):
     idle_watermark_lag_s: float = Field(
         30.0,
         ge=0,
+        le=LONGEST_DURATION_S,
         description=(
             "An unbounded read that has read all of a partition moves that partition's watermark to this long "
             "before now (s), so an idle or empty partition does not hold back the event time of the others "
             "(and scans can time out); a message stamped earlier than that which arrives later is late."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_where_the_group_left_off(cls, data: Any) -> Any:
+        # As any Kafka consumer with a group.id does: a rerun with the same group goes on from its
+        # commits instead of reading (and emitting) everything again.
+        if isinstance(data, dict) and data.get("start") is None:
+            data = {**data, "start": "committed" if data.get("group_id") else "earliest"}
+        return data
 
     @field_validator("start")
     @classmethod
@@ -163,7 +196,14 @@ class ReadFromKafkaParams(OperatorParams):
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: str) -> str:
-        ReadPosition.parse(value, stop=True)
+        stop = ReadPosition.parse(value, stop=True)
+        now_ms = int(time.time() * 1000)
+        if stop.kind == "timestamp" and stop.timestamp_ms > now_ms:
+            # Kafka finds offsets only for messages already written: the read would stop at today's end.
+            raise ValueError(
+                f"the stop time {_utc(stop.timestamp_ms)} is in the future (now {_utc(now_ms)}): a read can stop "
+                "only at a time that has passed; use stop=never, or run the read after that time"
+            )
         return value
 
     @model_validator(mode="after")
@@ -227,7 +267,17 @@ def _offsets_at(consumer: Any, topic: str, ends: dict[int, tuple[int, int]], ms:
     from confluent_kafka import TopicPartition
 
     found = consumer.offsets_for_times([TopicPartition(topic, q, ms) for q in ends], timeout=METADATA_TIMEOUT_S)
+    _raise_partition_errors(found, topic, f"finding the offset at {_utc(ms)}")
     return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition][1] for tp in found}
+
+
+def _raise_partition_errors(found: list[Any], topic: str, doing: str) -> None:
+    """RuntimeError for a partition the broker answered with an error: read as "none", it would make
+    the read skip that partition or start it over."""
+    failed = [tp for tp in found if tp.error is not None]
+    if failed:
+        errors = "; ".join(f"partition {tp.partition}: {tp.error.str()}" for tp in failed)
+        raise RuntimeError(f"Kafka topic {topic!r}: {doing} failed: {errors}")
 
 
 class _ResolvePartitionsFn(beam.DoFn):
@@ -242,14 +292,7 @@ class _ResolvePartitionsFn(beam.DoFn):
 
         p = self._params
         start = ReadPosition.parse(p.start, stop=False)
-        stop = ReadPosition.parse(p.stop, stop=True)
-        now_ms = int(time.time() * 1000)
-        if stop.kind == "timestamp" and stop.timestamp_ms > now_ms:
-            # Kafka finds offsets only for messages already written: the read would stop at today's end.
-            raise ValueError(
-                f"the stop time {_utc(stop.timestamp_ms)} is in the future (now {_utc(now_ms)}): a read can stop "
-                "only at a time that has passed; use stop=never, or run the read after that time"
-            )
+        stop = ReadPosition.parse(p.stop, stop=True)  # a stop time in the future was refused by the params
         consumer = _consumer(self._client, p.group_id)
         try:
             try:
@@ -272,6 +315,7 @@ class _ResolvePartitionsFn(beam.DoFn):
                 if not p.group_id:
                     raise ValueError("start=committed needs a group_id")
                 found = consumer.committed([TopicPartition(topic, q) for q in partitions], timeout=METADATA_TIMEOUT_S)
+                _raise_partition_errors(found, topic, f"reading group {p.group_id!r}'s committed offsets")
                 committed = {tp.partition: tp.offset for tp in found}
 
             start_times = _offsets_at(consumer, topic, ends, start.timestamp_ms) if start.kind == "timestamp" else {}
@@ -305,9 +349,17 @@ class _ResolvePartitionsFn(beam.DoFn):
                 continue  # offset:P=N lists only some partitions
             if stop.kind == "offset" and end is None:
                 end = begin  # the stop map does not name this partition: read nothing from it
+            if start.kind == stop.kind == "offset" and end < begin:  # whatever the log holds
+                raise ValueError(f"Kafka topic {topic!r} partition {q}: the stop ({end}) is before the start ({begin})")
             begin = _start_in_log(topic, q, begin, end, low, high)
             log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, end, low, high)
             if end is not None and end > max(begin, high):
+                if not p.wait_past_end:
+                    raise ValueError(
+                        f"Kafka topic {topic!r} partition {q}: the stop offset {end} is past the end of its log "
+                        f"(next offset {high}), and this read does not wait for offsets to be written: stop at "
+                        f"{high} or before (offset:P=N,... gives each partition its own), or stop=latest"
+                    )
                 log.warning(
                     "kafka read %s[%d]: the stop offset %d is past the end of the log (next offset %d): "
                     "the read waits for offsets up to it to be written",
@@ -760,6 +812,12 @@ class read_kafka_frames(Operator):  # noqa: N801 - catalog names are lowercase l
         self, params: OperatorParams | Mapping[str, Any] | None = None, /, *, client: KafkaClientConfig, **kwargs: Any
     ) -> None:
         super().__init__(params, **kwargs)
+        if "group.id" in client.settings:
+            # Else the reader would quietly use a group of its own and commit nothing to this one.
+            raise OperatorParameterError(
+                f"operator {self.name!r}: give the consumer group as group_id (--group_id), not as group.id in "
+                "the Kafka settings"
+            )
         self.client = client
 
     def build(self, root: pvalue.PBegin) -> Mapping[str, pvalue.PCollection]:
@@ -808,7 +866,7 @@ def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, rep
     try:
         future.result(timeout=METADATA_TIMEOUT_S)
     except TimeoutError as exc:
-        raise RuntimeError(
+        raise KafkaUnavailableError(
             f"cannot create topic {topic!r}: no answer from Kafka at {client.bootstrap_servers} "
             f"within {METADATA_TIMEOUT_S:g} s"
         ) from exc
@@ -818,6 +876,28 @@ def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, rep
         return False
     log.info("created topic %r with %d partitions", topic, partitions)
     return True
+
+
+def require_topics(client: KafkaClientConfig, topics: Iterable[str]) -> None:
+    """ValueError naming the ``topics`` Kafka does not have (a sink would find out only when it first
+    writes, after the input was read); KafkaUnavailableError if Kafka does not answer."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    topics = list(topics)
+    if not topics:
+        return
+    try:
+        meta = AdminClient(client.client()).list_topics(timeout=METADATA_TIMEOUT_S)
+    except KafkaException as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
+        ) from exc
+    missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+    if missing:
+        names = ", ".join(repr(t) for t in missing)
+        verb = "do not exist" if len(missing) > 1 else "does not exist"
+        raise ValueError(f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}")
 
 
 # --- sinks -------------------------------------------------------------------

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import javaproperties
+
 # The largest message beamops writes and its broker accepts. Kafka's default is 1 MB, and a batch of
 # dense frames (663 KB per 576x576 frame), a batch of 1000 counted frames at 500 events each (2 MB) or
 # the COM map of a 512x512 scan (2 MB) is larger. A broker not started by beamops needs its
@@ -96,21 +98,23 @@ def rdkafka_logger() -> logging.Logger:
     return logger
 
 
-# A properties line as Java reads one: the key ends at the first '=', ':' or space.
-_PROPERTY = re.compile(r"(?P<key>[^=:\s]+)\s*[=:\s]\s*(?P<value>.*)")
-
-
 def _parse_properties(text: str, source: str) -> dict[str, str]:
+    """Settings from a properties file, read as Java reads one (escapes, continued lines), as Kafka's
+    own clients read their client.properties. A line without a value is an error naming its line
+    number but not its text: it may be a password pasted on a line of its own."""
     settings = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith(("#", "!")):
-            continue
-        match = _PROPERTY.fullmatch(line)
-        if match is None:  # the line is not shown: it may be a secret
-            raise ValueError(f"{source}:{number}: expected key=value (or key: value), got a line without one")
-        settings[match["key"]] = match["value"]
+    line = 1
+    for item in javaproperties.parse(text):
+        if isinstance(item, javaproperties.KeyValue):
+            if item.value == "":
+                raise ValueError(f"{source}:{line}: expected key=value (or key: value), got a line without a value")
+            settings[item.key] = item.value
+        line += item.source.count("\n")
     return settings
+
+
+class KafkaUnavailableError(RuntimeError):
+    """Kafka did not answer in time: the brokers are down or unreachable, not the job's arguments."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,20 @@ class KafkaClientConfig:
                 settings.update(_parse_properties(text, str(path)))
         settings.update(_parse_properties("\n".join(overrides), "--kafka_config"))
         return cls(bootstrap_servers, settings)
+
+    def check(self) -> None:
+        """ValueError naming a setting librdkafka refuses (an unknown name, a bad value), before anything
+        runs; it contacts no broker. A secret's value is never in the message."""
+        from confluent_kafka import KafkaException, Producer
+
+        try:
+            Producer(self.client())
+        except KafkaException as exc:
+            message = exc.args[0].str()
+            for key, value in self.settings.items():
+                if is_secret(key) and value:
+                    message = message.replace(value, "***")
+            raise ValueError(f"Kafka client settings: {message}") from None
 
     def client(self, **extra: str | int | bool) -> dict[str, Any]:
         """The settings of a confluent-kafka client: these, then ``extra``, and the logger librdkafka logs to."""

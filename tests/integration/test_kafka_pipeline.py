@@ -750,6 +750,8 @@ def test_a_start_past_the_end_of_the_log_is_refused(kafka_broker, numbered_topic
     ("start", "stop", "refused"),
     [
         ("offset:2", "offset:1", r"partition 0: the stop \(1\) is before the start \(2\)"),
+        # refused whatever the log holds: partition 0 holds 6 messages, so its start 7 is past its end too
+        ("offset:7", "offset:1", r"partition 0: the stop \(1\) is before the start \(7\)"),
         (f"timestamp:{T0 + 8000}", f"timestamp:{T0 + 3000}", r"partition 0: the stop \(1\) is before the start \(3\)"),
         (
             "offset:7=0",
@@ -780,6 +782,23 @@ def test_a_stop_past_the_end_of_the_log_says_the_read_waits_for_it(kafka_broker,
         f"kafka read {numbered_topic}[0]: the stop offset 9 is past the end of the log (next offset 6): "
         "the read waits for offsets up to it to be written"
     ]
+
+
+def test_a_read_that_does_not_wait_refuses_a_stop_past_the_end(kafka_broker, numbered_topic):
+    from beamops.io.kafka import ReadFromKafkaParams, _ResolvePartitionsFn
+
+    params = ReadFromKafkaParams(topic=numbered_topic, stop="offset:6", wait_past_end=False)
+    refused = r"partition 1: the stop offset 6 is past the end of its log \(next offset 5\), and this read does not"
+    with pytest.raises(ValueError, match=refused):
+        list(_ResolvePartitionsFn(client_of(kafka_broker), params).process(numbered_topic))
+
+
+def test_a_replay_past_the_end_of_a_partition_fails_at_once_saying_so(kafka_broker, numbered_topic, capsys):
+    # One offset:N for partitions of 6, 5 and 5 messages: a live read would wait for offset 5 of two of them.
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, *job_topics(kafka_broker, numbered_topic)]
+    status = call_bounded(lambda: replay.main([*argv, "--start", "earliest", "--stop", "offset:6"]), what="replay")
+    assert status != 0
+    assert "the stop offset 6 is past the end of its log (next offset 5)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("partition_has_messages", [True, False])
@@ -882,6 +901,8 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     group = f"live-{uuid.uuid4().hex[:8]}"
     first, second = scan(11), scan(12)
     live = ["--group_id", group, "--start", "committed", "--stop", "latest"]
+    # With a group, resuming from its commits is also the default start.
+    resume = ["--group_id", group, "--stop", "latest"]
 
     publish(kafka_broker, topic, list(first.batches(BATCH)))
     ends_1 = end_offsets(kafka_broker, topic)
@@ -916,7 +937,7 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
 
     # Live run 2 resumes at the committed offsets: the second scan only.
     live_2 = job_topics(kafka_broker, topic)
-    run_job(com_pipeline.main, kafka_broker, *live_2, *live)
+    run_job(com_pipeline.main, kafka_broker, *live_2, *resume)
     maps_2 = final_maps(kafka_broker, topic_arg(live_2, "--output_topic"))
     assert sorted(maps_2) == [12]
     assert_same_map(maps_2[12][0], reference_maps((second,))[12])
@@ -924,7 +945,7 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
 
     # Live run 3 has nothing new to read.
     live_3 = job_topics(kafka_broker, topic)
-    run_job(com_pipeline.main, kafka_broker, *live_3, *live)
+    run_job(com_pipeline.main, kafka_broker, *live_3, *resume)
     assert read_topic(kafka_broker, topic_arg(live_3, "--output_topic")) == []
     assert read_topic(kafka_broker, topic_arg(live_3, "--dead_letter_topic")) == []
     assert committed_offsets(kafka_broker, group, topic) == ends_2
@@ -1051,6 +1072,21 @@ def test_bad_read_positions_are_refused_before_the_pipeline_runs(kafka_broker, c
     status = call_bounded(lambda: job.main(argv), what=job.__name__)
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", [com_pipeline, replay])
+def test_a_missing_output_topic_is_refused_before_the_input_is_read(kafka_broker, capsys, job):
+    """Else the sink would find out only at its first write, after the whole input was reduced."""
+    topic = kafka_broker.new_topic()
+    publish(kafka_broker, topic, list(SIM.batches(BATCH)))
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", topic, "--start", "earliest"]
+    argv += ["--stop", "latest", "--output_topic", missing]
+    with log_records("beamops.io.kafka") as records:
+        status = call_bounded(lambda: job.main(argv), what=job.__name__)
+    assert status == 2
+    assert f"Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}" in capsys.readouterr().err
+    assert not any("kafka read" in r.getMessage() for r in records)  # nothing was read
 
 
 @pytest.mark.parametrize(
