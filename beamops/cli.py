@@ -19,7 +19,7 @@ from typing import Any
 
 from beamops import __version__
 from beamops.operator import Operator
-from beamops.registry import UnknownOperatorError, discover, get
+from beamops.registry import CatalogError, UnknownOperatorError, discover, get
 from beamops.spec import OperatorSpec, PortSpec
 
 
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return status
-    except UnknownOperatorError as exc:
+    except (UnknownOperatorError, CatalogError) as exc:
         print(f"beamops: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `beamops operators list | head`: the reader has what it wanted

@@ -2,10 +2,11 @@
 
 Importing this module applies it; ``beamops`` imports it, so it holds in the process that
 runs a pipeline on FnApiRunner or with LOOPBACK workers, and in ``beamops.services.worker_pool``'s
-workers. An SDK worker started as a process of its own (Beam's ``worker_pool_main`` in the
-docker images) imports it at start-up through ``--beam_plugins=beamops.harness``, which
-``beamops.runner.flink_defaults`` adds: there, beamops itself is imported only when the first
-bundle's DoFns are unpickled, after that bundle's state sampler exists.
+workers. An SDK worker started as a process of its own (``beamops-sdk-worker``, which Beam's
+``worker_pool_main`` runs in the docker images) imports it at start-up through
+``--beam_plugins=beamops.harness``, which ``beamops.runner.flink_defaults`` adds: there, beamops
+itself is imported only when the first bundle's DoFns are unpickled, after that bundle's state
+sampler exists.
 """
 
 from __future__ import annotations

@@ -610,7 +610,9 @@ class _Checker:
             self.error(("kafka", "config_file"), f"kafka.config_file: {exc}")
             return None
         try:
-            return kafka.client()
+            client = kafka.client()
+            client.check()  # what librdkafka refuses (a name it does not know, a bad value), before any run
+            return client
         except ValueError as exc:
             self.error(("kafka", "settings"), f"kafka.settings: {exc}")
         return None

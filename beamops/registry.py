@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from types import ModuleType
+from typing import Any
 
 from beamops.operator import Operator
 
@@ -26,6 +28,17 @@ BUILTIN_IO_MODULES = ("beamops.io.kafka",)
 class UnknownOperatorError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class CatalogError(ValueError):
+    """The catalog cannot be built: a module or entry point that fails to load, or a name used twice."""
+
+
+def _load(what: str, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except Exception as exc:  # any failure of someone's module: say whose, in one line
+        raise CatalogError(f"{what} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def _operators_in(module: ModuleType) -> list[type[Operator]]:
@@ -42,7 +55,8 @@ def _operators_in(module: ModuleType) -> list[type[Operator]]:
 def _builtin_modules() -> list[ModuleType]:
     package = importlib.import_module(BUILTIN_PACKAGE)
     names = [f"{BUILTIN_PACKAGE}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
-    return [importlib.import_module(name) for name in [*BUILTIN_IO_MODULES, *names] if "._" not in name]
+    wanted = [name for name in [*BUILTIN_IO_MODULES, *names] if "._" not in name]
+    return [_load(f"operator module {name}", lambda name=name: importlib.import_module(name)) for name in wanted]
 
 
 def discover() -> dict[str, type[Operator]]:
@@ -51,18 +65,18 @@ def discover() -> dict[str, type[Operator]]:
 
     def add(op: type[Operator], where: str) -> None:
         if op.name in found and found[op.name] is not op:
-            raise ValueError(f"operator name {op.name!r} from {where} is already used by {found[op.name].__module__}")
+            raise CatalogError(f"operator name {op.name!r} from {where} is already used by {found[op.name].__module__}")
         found[op.name] = op
 
     for module in _builtin_modules():
         for op in _operators_in(module):
             add(op, module.__name__)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = ep.load()
+        loaded = _load(f"entry point {ep.name!r} ({ep.value}) of {ENTRY_POINT_GROUP}", ep.load)
         ops = _operators_in(loaded) if isinstance(loaded, ModuleType) else [loaded]
         for op in ops:
             if not (inspect.isclass(op) and issubclass(op, Operator)):
-                raise TypeError(f"entry point {ep.name!r} ({ep.value}) is not an Operator class or a module")
+                raise CatalogError(f"entry point {ep.name!r} ({ep.value}) is not an Operator class or a module")
             add(op, f"entry point {ep.value}")
     return dict(sorted(found.items()))
 

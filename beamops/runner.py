@@ -51,10 +51,14 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     ``--beam_plugins=beamops.harness``, so an SDK worker started as a process of its own (the
     docker images' worker pool) applies :mod:`beamops.harness` before its first bundle.
     """
-    from beamops.services.flink_cluster import flink_runner_args
+    from beamops.services.flink_cluster import FLINK_MINOR, flink_runner_args
 
     master = _given(beam_args, "flink_master") or "localhost:8081"
-    extra = [] if _given(beam_args, "flink_job_server_jar") else flink_runner_args(master)
+    if _given(beam_args, "flink_job_server_jar"):
+        # Only the jar is the user's: without a master, Beam's job server would start a Flink of its own.
+        extra = [f"--flink_version={FLINK_MINOR}", f"--flink_master={master}"]
+    else:
+        extra = flink_runner_args(master)
     defaults = {
         "environment_type": "LOOPBACK",
         "checkpointing_interval": "10000",

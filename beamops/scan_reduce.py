@@ -360,7 +360,7 @@ class ScanReduceFn(beam.DoFn):
         if state.timer_at is None:
             # Set once; flush moves it on when frames came after it was set. Setting it
             # for every batch would cost a timer write per batch.
-            state.timer_at = state.latest + Duration.of(params.timeout_s)
+            state.timer_at = _timer_time(state.latest + Duration.of(params.timeout_s))
             timeout.set(state.timer_at)
         every = params.emit_every
         if every and acc.frames_seen >= acc.next_emit and acc.progressive_ready:
@@ -386,7 +386,7 @@ class ScanReduceFn(beam.DoFn):
         """
         state = state_cell.read()
         acc = state.acc if state else None
-        due = state.latest + Duration.of(self._params.timeout_s) if acc is not None else None
+        due = _timer_time(state.latest + Duration.of(self._params.timeout_s)) if acc is not None else None
         if due is not None and due > fired_at:
             state.timer_at = due
             timeout.set(due)
@@ -407,6 +407,13 @@ class ScanReduceFn(beam.DoFn):
             key, self._params.timeout_s, acc.frames_seen, acc.positions_seen, acc.header.n_positions,
         )  # fmt: skip
         yield from self.outputs(acc, final=True)
+
+
+def _timer_time(moment: Timestamp) -> Timestamp:
+    """``moment`` rounded up to a whole millisecond: a timer fires at its time cut to milliseconds, so
+    one set between two would fire before it, be found early and be set again, for ever (frames at
+    87 kHz are stamped 11.5 µs apart)."""
+    return Timestamp(micros=-(-moment.micros // 1000) * 1000)
 
 
 def _weigh_state_without_module_scan() -> None:

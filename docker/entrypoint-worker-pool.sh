@@ -19,8 +19,8 @@
 #                             operators with device=auto run on the CPU, device=cuda fails.
 #   BEAMOPS_WORKER_POOL_PORT  port of the pool's gRPC service (default 50000)
 #   PYTHON                    interpreter with apache-beam and beamops (default python3). The pool
-#                             starts each SDK worker as plain `python` from PATH, so this script
-#                             puts $PYTHON first on PATH under that name.
+#                             starts each SDK worker as beamops-sdk-worker from the same
+#                             environment (beamops.services.sdk_worker), with the job's options.
 #   BEAMOPS_BEAM_VERSION      the Beam version the job server runs (default 2.73.0); a different
 #                             SDK version in $PYTHON is reported as a warning.
 #   BEAMOPS_NETNS_WATCH_SECONDS  (image default 5; unset or 0 = off) check this often whether the
@@ -96,20 +96,12 @@ fi
 # --- interpreter -------------------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"
 PYTHON_PATH="$(command -v "$PYTHON" 2>/dev/null)" || die "PYTHON='$PYTHON' is not an executable"
-# worker_pool_main starts every SDK worker as ['python', '-c', ...] (use_process mode), resolved
-# from PATH. Make that `python` the same interpreter (and virtualenv) as $PYTHON.
-PY_DIR="$(cd "$(dirname "$PYTHON_PATH")" && pwd)"
-same_python='import sys; print(sys.prefix, sys.version)'
-if [[ -x "$PY_DIR/python" ]] \
-   && [[ "$("$PY_DIR/python" -c "$same_python" 2>/dev/null)" == "$("$PYTHON_PATH" -c "$same_python")" ]]; then
-  export PATH="$PY_DIR:$PATH"
-else
-  SHIM_DIR="$(mktemp -d "${TMPDIR:-/tmp}/beamops-python-shim.XXXXXX")"
-  printf '#!/bin/sh\nexec %q "$@"\n' "$PYTHON_PATH" >"$SHIM_DIR/python"
-  chmod +x "$SHIM_DIR/python"
-  export PATH="$SHIM_DIR:$PATH"
-  [[ $CHECK -eq 0 ]] || trap 'rm -rf "$SHIM_DIR"' EXIT
-fi
+# Left alone, worker_pool_main starts every SDK worker as a bare SdkHarness (`python -c ...`), which
+# never reads the job's pipeline options: no --beam_plugins (beamops.harness), no state cache size.
+# beamops-sdk-worker, installed beside $PYTHON, is the worker it runs instead: it asks the job for its
+# options and starts Beam's sdk_worker_main with them, as Beam's own (Go) boot loader would.
+SDK_WORKER="$(dirname "$PYTHON_PATH")/beamops-sdk-worker"
+[[ -x "$SDK_WORKER" ]] || die "$SDK_WORKER not found: install beamops in the environment of PYTHON='$PYTHON'"
 
 # What the SDK workers will import, checked with the `python` they will run.
 probe='import sys, apache_beam
@@ -134,7 +126,7 @@ except Exception as exc:
     print("numba", "UNAVAILABLE", type(exc).__name__, exc)
 '
 fi
-versions="$(python -c "$probe" 2>&1)" \
+versions="$("$PYTHON_PATH" -c "$probe" 2>&1)" \
   || die "the SDK workers' interpreter cannot import apache_beam: $(tail -n 1 <<<"$versions")"
 beam_version="$(awk '$1 == "apache-beam" {print $2}' <<<"$versions")"
 want="${BEAMOPS_BEAM_VERSION:-2.73.0}"
@@ -146,7 +138,8 @@ if grep -q '^beamops MISSING' <<<"$versions"; then
 fi
 
 # --- plan --------------------------------------------------------------------------------------
-CMD=("$PYTHON_PATH" -m apache_beam.runners.worker.worker_pool_main "--service_port=$PORT" "$@")
+CMD=("$PYTHON_PATH" -m apache_beam.runners.worker.worker_pool_main "--service_port=$PORT"
+     "--container_executable=$SDK_WORKER" "$@")
 log "GPU:    $GPU_PLAN"
 log "port:   $PORT (jobs: --environment_type=EXTERNAL --environment_config=localhost:$PORT)"
 while IFS= read -r l; do log "$l"; done <<<"$versions"

@@ -37,7 +37,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 
-# The venv first on PATH: the worker pool starts its SDK workers as plain `python`.
+# The venv first on PATH (the pool starts its SDK workers as the venv's beamops-sdk-worker).
 # CUDA's default device order is fastest-first; nvidia-smi and Docker number GPUs by PCI bus.
 # numba and matplotlib write their caches under /tmp: the unprivileged user's home is read-only.
 # The netns watchdog restarts a sidecar left behind when its TaskManager's container restarted

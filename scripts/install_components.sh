@@ -94,6 +94,7 @@ mvn_q() {
 check_tools() {
   command -v java >/dev/null || die "java not found (Java 17+ is needed)"
   command -v mvn >/dev/null || die "mvn not found (apt-get install maven)"
+  command -v unzip >/dev/null || die "unzip not found (apt-get install unzip): it checks the job-server jar"
   local major
   major="$(java -XshowSettings:properties -version 2>&1 \
     | awk -F'= ' '/java.specification.version/ { print $2 }')"
@@ -109,7 +110,8 @@ KAFKA_TOOLS_LOG4J="$KAFKA_DIR/config/tools-log4j2.properties"
 
 install_kafka() {
   local pom="$SCRIPT_DIR/maven/kafka/pom.xml"
-  local key="kafka=$KAFKA_VERSION pom=$(file_key "$pom")"
+  local key
+  key="kafka=$KAFKA_VERSION pom=$(file_key "$pom")"
   local t0; t0="$(now)"
   if marker_ok "$KAFKA_DIR" "$key"; then
     log "kafka $KAFKA_VERSION: already installed ($KAFKA_DIR)"
@@ -214,7 +216,13 @@ JOB_SERVER_STATUS="missing"
 install_job_server() {
   local pom="$SCRIPT_DIR/maven/beam-jobserver/pom.xml"
   local given="${BEAMOPS_FLINK_JOB_SERVER_JAR:-}"
-  local key="beam=$BEAM_VERSION flink=$FLINK_MINOR pom=$(file_key "$pom")"
+  # components.env exports this script's own jar: an install from a shell that sourced it must
+  # not copy the assembled jar over the official one's name.
+  if [[ -n "$given" ]] && { [[ "$given" -ef "$JOB_SERVER_JAR" ]] || [[ "$given" -ef "$ASSEMBLED_JAR" ]]; }; then
+    given=""
+  fi
+  local key
+  key="beam=$BEAM_VERSION flink=$FLINK_MINOR pom=$(file_key "$pom")"
   [[ -n "$given" ]] && key="$key given=$(file_key "$given")"
   local t0; t0="$(now)"
   if marker_ok "$BEAM_DIR" "$key" && [[ -f "$JOB_SERVER_JAR" ]]; then
@@ -269,7 +277,8 @@ ASSEMBLED_JAR="$ASSEMBLED_DIR/beam-flink-$FLINK_MINOR-job-server-assembled-$ASSE
 
 install_assembled_job_server() {
   local pom="$SCRIPT_DIR/maven/beam-jobserver-assembled/pom.xml"
-  local key="pom=$(file_key "$pom")"
+  local key
+  key="pom=$(file_key "$pom")"
   local t0; t0="$(now)"
   if marker_ok "$ASSEMBLED_DIR" "$key" && [[ -f "$ASSEMBLED_JAR" ]]; then
     log "beam job server (assembled, runner $ASSEMBLED_BEAM_VERSION): already built ($ASSEMBLED_JAR)"
@@ -345,8 +354,7 @@ EOF
     kafka.Kafka "$tmp/server.properties" >"$tmp/server.log" 2>&1 &
   CHECK_PID=$!
   local pid=$CHECK_PID
-  local i
-  for i in $(seq 1 120); do
+  for _ in $(seq 1 120); do
     grep -qs 'Kafka Server started' "$tmp/server.log" && break
     kill -0 "$pid" 2>/dev/null || { tail -n 30 "$tmp/server.log" >&2; die "broker exited"; }
     sleep 0.5
@@ -386,7 +394,7 @@ EOF
   fi
 
   kill "$pid"
-  for i in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
   wait "$pid" 2>/dev/null || true
   CHECK_PID=""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's second command: install everything (Python packages and the external
-# components in ~/.cache/beamops), start what the tests need, run the whole suite,
-# and stop what it started. Extra arguments go to pytest.
+# components in ~/.cache/beamops), then run ruff and the whole suite, whose fixtures start
+# the Kafka broker and the Flink cluster the tests need and stop them. Extra arguments go
+# to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(scripts/bootstrap.sh)"

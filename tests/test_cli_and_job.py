@@ -133,6 +133,12 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     assert "--shutdown_sources_after_idle_ms=1000" in flink_defaults(["--runner=FlinkRunner"], bounded=True)
     given = ["--runner=FlinkRunner", "--shutdown_sources_after_idle_ms=5000"]
     assert [a for a in flink_defaults(given, bounded=True) if "shutdown" in a] == [given[1]]
+    # A jar of the user's own still goes to the cluster, not to a Flink the job server would start itself.
+    own = flink_defaults(["--runner=FlinkRunner", "--flink_job_server_jar=/opt/my.jar"])
+    assert "--flink_master=localhost:8081" in own and "--flink_version=1.20" in own
+    assert [a for a in own if a.startswith("--flink_job_server_jar")] == ["--flink_job_server_jar=/opt/my.jar"]
+    there = flink_defaults(["--runner=FlinkRunner", "--flink_job_server_jar=/opt/my.jar", "--flink_master=jm:8081"])
+    assert [a for a in there if a.startswith("--flink_master")] == ["--flink_master=jm:8081"]
 
 
 def test_flink_runner_without_a_job_server_jar_is_a_clear_error(

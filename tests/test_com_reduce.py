@@ -15,6 +15,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -666,3 +668,28 @@ def test_a_crop_that_keeps_no_event_says_so(caplog: pytest.LogCaptureFixture) ->
     assert np.isnan(final.x).all() and final.complete
     (warning,) = [r.getMessage() for r in caplog.records if "no event was kept" in r.getMessage()]
     assert f"scan {sim.scan_number}: no event was kept at any of its" in warning
+
+
+def test_an_incomplete_scan_stamped_finer_than_a_millisecond_is_flushed_at_the_end() -> None:
+    """At 87 kHz frames are 11.5 µs apart; Beam's timers keep milliseconds. A timeout due between two
+    milliseconds fired before it was due and was set again, for ever: the run never ended."""
+    from transforms.simulated_scan import simulated_scan
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            drop_first = beam.Filter(lambda batch: int(batch.frame_numbers[0]) != 0)  # an incomplete scan
+            chain = simulated_scan(scan_rows=4, scan_cols=4, batch_size=5, frame_rate_hz=87_000.0)
+            result = run_operator(
+                lambda root: (root.pipeline | chain).frames | drop_first | com_partial() | com_reduce(emit_every=0), []
+            )
+            outcome["maps"] = [summary(m) for m in result.outputs]
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the run did not end within 120 s"
+    assert outcome.get("maps") == [(1, 11, True, False)], outcome

