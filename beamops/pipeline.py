@@ -566,7 +566,8 @@ class _Checker:
                     f"(its port {in_port!r} takes {in_spec.type})",
                 )
                 continue
-            resolved = self.check_input(inst_id, spec.input, specs, ops)
+            declared = raw_operators if isinstance(raw_operators, dict) else {}
+            resolved = self.check_input(inst_id, spec.input, specs, ops, declared)
             if resolved is None:
                 continue
             upstream, port = resolved
@@ -681,10 +682,13 @@ class _Checker:
         text: str,
         specs: dict[str, InstanceSpec],
         ops: dict[str, type[Operator] | None],
+        declared: Mapping[Any, Any],
     ) -> tuple[str, str] | None:
         path = ("operators", inst_id, "input")
         upstream, dot, port = text.strip().partition(".")
         if upstream not in specs:
+            if upstream in declared:
+                return None  # an instance with errors of its own, which say why
             self.error(
                 path,
                 f"{inst_id}: input {text!r}: no instance {upstream!r}{_suggest(upstream, specs)}; "

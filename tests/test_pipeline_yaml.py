@@ -398,3 +398,19 @@ def test_cli_run_of_an_invalid_pipeline_exits_2_before_running(
 def test_cli_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert beamops_main(["pipeline", "validate", str(tmp_path / "nope.yaml")]) == 2
     assert f"{tmp_path / 'nope.yaml'}: cannot read" in capsys.readouterr().err
+
+
+def test_an_instance_with_errors_of_its_own_is_not_also_missing_for_its_users() -> None:
+    text = """\
+name: typo
+operators:
+  source: {operator: simulated_scan, param: {scan_rows: 8}}
+  partial: {operator: com_partial, input: source.frames}
+  reduce: {operator: com_reduce, input: partial}
+  maps: {operator: write_com_map, input: reduce.com_map}
+"""
+    with pytest.raises(PipelineDefinitionError) as info:
+        parse_pipeline(text, "typo.yaml")
+    assert [str(e) for e in info.value.errors] == [
+        "typo.yaml:3: unknown key 'param' in operators.source; allowed: operator, params, input"
+    ]
