@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import pkgutil
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -23,6 +24,9 @@ ENTRY_POINT_GROUP = "beamops.operators"
 BUILTIN_PACKAGE = "transforms"
 # Sources and sinks live in the SDK; their operators are built in too.
 BUILTIN_IO_MODULES = ("beamops.io.kafka",)
+
+
+log = logging.getLogger("beamops.registry")
 
 
 class UnknownOperatorError(KeyError):
@@ -41,13 +45,16 @@ def _load(what: str, load: Callable[[], Any]) -> Any:
         raise CatalogError(f"{what} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
-def _operators_in(module: ModuleType) -> list[type[Operator]]:
+def _operators_in(module: ModuleType, *, with_submodules: bool = False) -> list[type[Operator]]:
+    """The operators ``module`` defines (and, ``with_submodules``, those a package re-exports from its
+    own modules); not the ones it imports from elsewhere."""
+    own = (module.__name__, f"{module.__name__}.")
     return [
         obj
         for obj in vars(module).values()
         if inspect.isclass(obj)
         and issubclass(obj, Operator)
-        and obj.__module__ == module.__name__
+        and (obj.__module__ == own[0] or (with_submodules and obj.__module__.startswith(own[1])))
         and "name" in obj.__dict__
     ]
 
@@ -73,7 +80,9 @@ def discover() -> dict[str, type[Operator]]:
             add(op, module.__name__)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         loaded = _load(f"entry point {ep.name!r} ({ep.value}) of {ENTRY_POINT_GROUP}", ep.load)
-        ops = _operators_in(loaded) if isinstance(loaded, ModuleType) else [loaded]
+        ops = _operators_in(loaded, with_submodules=True) if isinstance(loaded, ModuleType) else [loaded]
+        if not ops:
+            log.warning("entry point %r (%s) of %s defines no operator", ep.name, ep.value, ENTRY_POINT_GROUP)
         for op in ops:
             if not (inspect.isclass(op) and issubclass(op, Operator)):
                 raise CatalogError(f"entry point {ep.name!r} ({ep.value}) is not an Operator class or a module")

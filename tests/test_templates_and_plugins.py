@@ -125,3 +125,29 @@ def test_a_plugin_that_cannot_join_the_catalog_is_one_line(tmp_path: Path, code:
     result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == says
+
+
+def test_a_package_entry_point_lists_the_operators_its_modules_define(tmp_path: Path) -> None:
+    package = tmp_path / "pkg_ops"
+    package.mkdir()
+    (package / "__init__.py").write_text("from pkg_ops.spread import spread_again\n")
+    (package / "spread.py").write_text(
+        textwrap.dedent(
+            '''
+            from beamops import ComMap, operator
+
+
+            @operator(output_name="com_map")
+            def spread_again(com: ComMap) -> ComMap:
+                """The map unchanged."""
+                return com
+            '''
+        )
+    )
+    dist = tmp_path / "pkg_ops-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg-ops\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[beamops.operators]\npkg = pkg_ops\n")
+    result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "spread_again" in {line.split()[0] for line in result.stdout.splitlines()[2:]}
