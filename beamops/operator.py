@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from beamops.deadletter import DeadLetter
 from beamops.ports import check_connection, port_type_name, register_port_type
@@ -62,6 +62,19 @@ class OperatorParams(BaseModel):
     parameter is infinite or NaN."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1 for an int or float: a YAML `true` or a flag given to the wrong
+        # parameter would pass as a number.
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = typing.get_args(cls.model_fields[info.field_name].annotation) or (
+                cls.model_fields[info.field_name].annotation,
+            )
+            if bool not in kinds and any(kind in (int, float) for kind in kinds):
+                raise ValueError(f"{value} is a bool, not a number")
+        return value
 
 
 class NoParams(OperatorParams):

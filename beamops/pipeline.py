@@ -54,12 +54,18 @@ named output and labelled with its instance id.
 
 ``overrides`` (``beamops pipeline run FILE --set ID.PARAM=VALUE``) replace
 parameters of an instance (or of ``dead_letters``); VALUE is read as YAML.
+
+Plain scalars are read as YAML 1.2 reads them (null, true/false, numbers,
+else text), not as PyYAML's YAML 1.1: ``10:50`` stays text (not 650), ``0123``
+is 123, ``no`` is the text "no" (a bool parameter still takes it as false), a
+date stays text. ``kafka.settings`` values keep the text as written.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -225,6 +231,16 @@ def _compose(text: str, source: str) -> tuple[Any, dict[YamlPath, int], list[Pip
     return value, lines, errors
 
 
+def _yaml_value(text: str) -> Any:
+    """One ``--set`` value, read as the file's values are (YAML 1.2 scalars)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _construct(loader, node, (), {}, [], "--set", set())
+    finally:
+        loader.dispose()
+
+
 def _construct(
     loader: yaml.SafeLoader,
     node: yaml.Node,
@@ -265,7 +281,37 @@ def _construct(
         # librdkafka takes every setting as text, and YAML 1.1 would change it first (0123 -> 83,
         # 12:30:45 -> 45045, 0x1F -> 31, yes -> True, a date -> a date): keep the text as written.
         return node.value
+    if isinstance(node, yaml.ScalarNode) and node.style is None:
+        return _core_scalar(node.value)
     return loader.construct_object(node, deep=True)
+
+
+# YAML 1.2's core schema for plain scalars. PyYAML resolves YAML 1.1's, where 10:50 is 650 (base 60),
+# 0123 is 83, yes/no/on/off are booleans and 2024-01-31 is a date: an operator parameter written so
+# would reach the operator changed, or fail with a value the user never wrote.
+_CORE_NULL = frozenset({"", "~", "null", "Null", "NULL"})
+_CORE_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_CORE_INT = re.compile(r"[-+]?[0-9]+")
+_CORE_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_CORE_SPECIAL_FLOAT = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+def _core_scalar(text: str) -> Any:
+    """A plain scalar as YAML 1.2's core schema reads it: null, bool, int (decimal, 0o, 0x), float or text."""
+    if text in _CORE_NULL:
+        return None
+    if text in _CORE_BOOL:
+        return _CORE_BOOL[text]
+    if _CORE_INT.fullmatch(text):
+        return int(text)
+    if re.fullmatch(r"0o[0-7]+", text):
+        return int(text[2:], 8)
+    if re.fullmatch(r"0x[0-9a-fA-F]+", text):
+        return int(text[2:], 16)
+    if _CORE_FLOAT.fullmatch(text):
+        return float(text)
+    special = _CORE_SPECIAL_FLOAT.get(text.lower())
+    return special if special is not None else text
 
 
 # --- the checked pipeline -------------------------------------------------------------------------
@@ -492,7 +538,7 @@ class _Checker:
             if not isinstance(section["params"], dict):
                 continue
             try:
-                section["params"][param] = yaml.safe_load(raw)
+                section["params"][param] = _yaml_value(raw)
             except yaml.YAMLError as exc:
                 self.error(where, f"VALUE is not valid YAML: {exc}")
                 continue

@@ -276,6 +276,9 @@ def test_parameters_are_validated_and_frozen() -> None:
         # Every float parameter of every operator is finite, without each field saying so.
         (lambda: com_reduce(timeout_s=float("nan")), "com_reduce", "timeout_s", "finite number"),
         (lambda: com_partial(crop_radius=float("inf")), "com_partial", "crop_radius", "finite number"),
+        # pydantic alone reads True as 1
+        (lambda: com_reduce(emit_every=True), "com_reduce", "emit_every", "True is a bool, not a number"),
+        (lambda: com_partial(crop_radius=False), "com_partial", "crop_radius", "False is a bool, not a number"),
         (lambda: com_reduce(replace_nans="perhaps"), "com_reduce", "replace_nans", "valid boolean"),
     ],
 )

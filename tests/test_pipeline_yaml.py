@@ -414,3 +414,35 @@ operators:
     assert [str(e) for e in info.value.errors] == [
         "typo.yaml:3: unknown key 'param' in operators.source; allowed: operator, params, input"
     ]
+
+
+_IMAGES = """\
+name: images
+operators:
+  source: {{operator: simulated_scan, params: {{scan_rows: 8, scan_cols: 8}}}}
+  images:
+    operator: virtual_images
+    input: source.frames
+    params:
+      annuli: {annuli}
+      names: {names}
+"""
+
+
+@pytest.mark.parametrize(
+    ("annuli", "names", "overrides"),
+    [
+        ("10:50", "no", ()),  # YAML 1.1: 650 (base 60) and False
+        ("0:30,40:250", "bf,adf", ("images.annuli=10:50", "images.names=no")),
+    ],
+)
+def test_operator_parameters_are_read_as_yaml_1_2_scalars(annuli: str, names: str, overrides: tuple[str, ...]) -> None:
+    definition = parse_pipeline(_IMAGES.format(annuli=annuli, names=names), "images.yaml", list(overrides))
+    params = definition.instances["images"].params
+    assert (params.annuli, params.names) == ("10:50", "no")
+
+
+def test_a_bool_given_for_a_number_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, _IMAGES.format(annuli="10:50", names="a"))
+    (error,) = _errors(path, ("source.scan_rows=true",))
+    assert "parameter 'scan_rows'" in error and "True is a bool, not a number" in error
