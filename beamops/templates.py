@@ -8,6 +8,7 @@ the derived spec, and the generated test fails if the two drift apart.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def test_{name}_operator_json_is_its_spec() -> None:
 '''
 
 
+# The names the generated module and test use (imports, helpers, builtins), which an operator named
+# alike would shadow.
+_TEMPLATE_NAMES = frozenset(
+    {"annotations", "np", "njit", "operator", "frames_to_keep", "pytest", "run_operator", *dir(builtins)}
+)
+
+
 @dataclass(frozen=True)
 class Generated:
     module: Path
@@ -114,8 +122,13 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
     """
     from beamops.registry import discover
 
-    if not _NAME.match(name) or keyword.iskeyword(name):
+    if not _NAME.match(name):
         raise ValueError(f"operator name {name!r} must be lowercase letters, digits and '_', starting with a letter")
+    if keyword.iskeyword(name):
+        raise ValueError(f"operator name {name!r} is a Python keyword")
+    if name in _TEMPLATE_NAMES:
+        # The generated module and test would shadow one of their own names and fail.
+        raise ValueError(f"operator name {name!r} is a name the generated code uses; choose another")
     if name in discover():
         raise ValueError(f"an operator named {name!r} already exists in the catalog")
     package_dir, tests_dir = Path(package_dir), Path(tests_dir)
@@ -127,6 +140,8 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
         except ValueError:
             raise ValueError(f"{package_dir} is outside the current directory: give its import path") from None
         import_path = ".".join(relative.parts).removeprefix("src.")
+        if not import_path:
+            raise ValueError(f"{package_dir} is the current directory: give the package's import path")
     out = Generated(package_dir / f"{name}.py", package_dir / f"{name}.operator.json", tests_dir / f"test_{name}.py")
     existing = [str(p) for p in (out.module, out.spec, out.test) if p.exists()]
     if existing:

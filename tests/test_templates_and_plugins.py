@@ -46,6 +46,13 @@ def test_new_operator_refuses_bad_names_existing_operators_and_files(
         new_operator("com_partial", Path("ops"), Path("tests"))
     with pytest.raises(ValueError, match="not a directory"):
         new_operator("fine_name", Path("missing"), Path("tests"))
+    for shadowing in ("np", "pytest", "frames_to_keep", "sorted"):
+        with pytest.raises(ValueError, match="a name the generated code uses"):
+            new_operator(shadowing, Path("ops"), Path("tests"))
+    with pytest.raises(ValueError, match="is a Python keyword"):
+        new_operator("lambda", Path("ops"), Path("tests"))
+    with pytest.raises(ValueError, match="the current directory: give the package's import path"):
+        new_operator("fine_name", Path("."), Path("tests"))
     (tmp_path / "ops" / "fine_name.py").write_text("# mine\n")
     with pytest.raises(FileExistsError, match=r"fine_name\.py"):
         new_operator("fine_name", Path("ops"), Path("tests"))
