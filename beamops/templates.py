@@ -20,8 +20,9 @@ _MODULE = '''"""{name}: drop frames with fewer than ``min_events`` events.
 
 SparseFrameBatch -> SparseFrameBatch. A starting point: replace the kernel and the
 parameters with yours. The spec and operator.json come from the parameter model,
-the annotations and the docstring; regenerate the JSON with
-``beamops operators show {name} --json > {json_name}``.
+the annotations and the docstring. Once the operator is in the catalog (transforms/
+or a ``beamops.operators`` entry point), ``beamops operators show {name} --json``
+prints the JSON: write it to a new file, then move that over {json_name}.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_{name}_rejects_a_bad_parameter() -> None:
 
 
 def test_{name}_operator_json_is_its_spec() -> None:
-    assert OperatorSpec.load(SPEC) == {name}.spec()
+    assert OperatorSpec.load(SPEC) == {name}.spec().exported()  # as interactEM loads it
 '''
 
 
