@@ -16,6 +16,7 @@ each one forwards the dead letters of the operators before it.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import re
@@ -261,11 +262,15 @@ class Operator(beam.PTransform):
                 f"operator {cls.name!r}: parameters must be a {cls.Params.__name__} or a mapping, got {type(params)}"
             )
         values.update(overrides or {})
-        unknown = sorted(set(values) - set(cls.Params.model_fields))
+        known = sorted(cls.Params.model_fields)
+        unknown = sorted(set(values) - set(known))
         if unknown:
+            named = ", ".join(
+                repr(name) + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, known, n=1))
+                for name in unknown
+            )
             raise OperatorParameterError(
-                f"operator {cls.name!r}: unknown parameter(s) {unknown}; "
-                f"known parameters: {sorted(cls.Params.model_fields) or 'none'}"
+                f"operator {cls.name!r}: unknown parameter(s) {named}; known parameters: {known or 'none'}"
             )
         try:
             return cls.Params.model_validate(values)

@@ -68,7 +68,10 @@ ERROR_CASES = {
     "unknown parameter": (
         _SOURCE + "  partial:\n    operator: com_partial\n    input: source.frames\n    params:\n"
         "      crop_radius: 3\n      cropradius: 4  # <- error\n",
-        ["operator 'com_partial': unknown parameter(s) ['cropradius']", "known parameters:"],
+        [
+            "operator 'com_partial': unknown parameter(s) 'cropradius' (did you mean 'crop_radius'?)",
+            "known parameters:",
+        ],
     ),
     "invalid parameter value": (
         "name: t\noperators:\n  source:\n    operator: simulated_scan\n    params:\n      scan_cols: 4\n"
@@ -212,7 +215,7 @@ def test_all_errors_are_reported_in_file_order(tmp_path: Path) -> None:
     errors = _errors(path)
     assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (5, 5, 7, 11, 12, 15)], errors
     assert "parameter 'scan_rows'" in errors[0] or "parameter 'scan_rows'" in errors[1]
-    assert any("unknown parameter(s) ['bogus']" in e for e in errors[:2])
+    assert any("unknown parameter(s) 'bogus'" in e for e in errors[:2])
 
 
 def test_overrides_replace_parameters_and_their_errors_name_the_option(tmp_path: Path) -> None:
