@@ -145,6 +145,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         extra.add_argument("--set", action="append", default=[])
         more, beam_args = extra.parse_known_args(args.beam_args)
         overrides += more.set
+        if {"-h", "--help"} & set(beam_args):  # after FILE it would be Beam's, which knows nothing of this command
+            build_parser().parse_args(["pipeline", "run", "--help"])  # prints the help and exits 0
     try:
         definition = load_pipeline(args.file, overrides)
     except PipelineDefinitionError as exc:

@@ -349,3 +349,10 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     os.close(write_end)
     assert done.returncode == 141
     assert b"Traceback" not in done.stderr and b"BrokenPipeError" not in done.stderr
+
+
+def test_help_after_the_pipeline_file_is_the_commands_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        beamops_main(["pipeline", "run", str(ROOT / "pipelines" / "com_dpc.yaml"), "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: beamops pipeline run")
