@@ -70,9 +70,8 @@ class OperatorParams(BaseModel):
         # pydantic reads True as 1 for an int or float: a YAML `true` or a flag given to the wrong
         # parameter would pass as a number.
         if isinstance(value, bool) and info.field_name is not None:
-            kinds = typing.get_args(cls.model_fields[info.field_name].annotation) or (
-                cls.model_fields[info.field_name].annotation,
-            )
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = typing.get_args(annotation) or (annotation,)
             if bool not in kinds and any(kind in (int, float) for kind in kinds):
                 raise ValueError(f"{value} is a bool, not a number")
         return value

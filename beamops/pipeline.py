@@ -292,6 +292,8 @@ def _construct(
 _CORE_NULL = frozenset({"", "~", "null", "Null", "NULL"})
 _CORE_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 _CORE_INT = re.compile(r"[-+]?[0-9]+")
+_CORE_OCTAL = re.compile(r"0o[0-7]+")
+_CORE_HEX = re.compile(r"0x[0-9a-fA-F]+")
 _CORE_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 _CORE_SPECIAL_FLOAT = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
 
@@ -304,10 +306,8 @@ def _core_scalar(text: str) -> Any:
         return _CORE_BOOL[text]
     if _CORE_INT.fullmatch(text):
         return int(text)
-    if re.fullmatch(r"0o[0-7]+", text):
-        return int(text[2:], 8)
-    if re.fullmatch(r"0x[0-9a-fA-F]+", text):
-        return int(text[2:], 16)
+    if _CORE_OCTAL.fullmatch(text) or _CORE_HEX.fullmatch(text):
+        return int(text, 0)
     if _CORE_FLOAT.fullmatch(text):
         return float(text)
     special = _CORE_SPECIAL_FLOAT.get(text.lower())

@@ -348,10 +348,7 @@ class ScanReduceFn(beam.DoFn):
         state.latest = max(timestamp, state.latest or timestamp)
 
         if acc.complete:
-            # Keep the scan marked finished for a while, so stragglers become dead letters
-            # instead of a second, incomplete "final" output that would replace this one.
-            timeout.set(state.latest + Duration.of(params.finished_retention_s))
-            state_cell.write(ScanState(finished=True, latest=state.latest))
+            self._retain_finished(state_cell, timeout, state.latest, final_at=state.latest)
             self._completed.inc()
             self._metrics.frames_out.inc(acc.frames_seen)
             self._log.info("scan %d complete: %d frames", scan_number, acc.frames_seen)
@@ -370,6 +367,13 @@ class ScanReduceFn(beam.DoFn):
             yield from self.outputs(acc, final=False)
         state.acc = acc
         state_cell.write(state)
+
+    def _retain_finished(self, state_cell: Any, timeout: Any, latest: Timestamp, final_at: Timestamp) -> None:
+        """Keep the scan marked finished for ``finished_retention_s`` of event time after its final
+        output (at ``final_at``), complete or flushed: its stragglers become dead letters instead of a
+        second, incomplete "final" output that would replace the first."""
+        timeout.set(final_at + Duration.of(self._params.finished_retention_s))
+        state_cell.write(ScanState(finished=True, latest=latest))
 
     @on_timer(TIMEOUT)
     def flush(
@@ -395,10 +399,7 @@ class ScanReduceFn(beam.DoFn):
         if acc is None:  # a finished scan's retention is over: its number may start a new scan
             state_cell.clear()
             return
-        # Stragglers of a flushed scan are dead letters for the retention too: a new accumulator would
-        # emit a second "final" output of just them, replacing this one.
-        timeout.set(fired_at + Duration.of(self._params.finished_retention_s))
-        state_cell.write(ScanState(finished=True, latest=state.latest))
+        self._retain_finished(state_cell, timeout, state.latest, final_at=fired_at)
         self._timed_out.inc()
         self._metrics.frames_out.inc(acc.frames_seen)
         self._log.warning(

@@ -27,15 +27,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from beamops.runner import HARNESS_PLUGIN
+from beamops.services._local import free_port
 
 EXECUTABLE = Path(sys.executable).with_name("beamops-sdk-worker")
 JOB_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -71,7 +66,7 @@ def test_the_console_script_is_installed() -> None:
 
 
 def test_a_pool_worker_starts_with_the_jobs_options_and_plugins() -> None:
-    pool_port = _free_port()
+    pool_port = free_port()
     pool = ["beamops.services.worker_pool", f"--port={pool_port}", f"--sdk_worker={EXECUTABLE}"]
     with _service(pool, pool_port):
         options = PipelineOptions(

@@ -85,10 +85,7 @@ def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
             '''
         )
     )
-    dist = tmp_path / "beamops_plugin_demo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: beamops-plugin-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[beamops.operators]\ndemo = beamops_plugin_demo\n")
+    _install(tmp_path, "beamops-plugin-demo", "demo = beamops_plugin_demo")
     result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
@@ -96,13 +93,19 @@ def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
     assert "com_partial" in rows  # the built-in ones are still there
 
 
+def _install(root: Path, distribution: str, entry_point: str) -> None:
+    """Make ``root`` (on the path of the processes _run starts) hold an installed ``distribution`` whose
+    ``beamops.operators`` entry point is ``entry_point`` (``name = module``)."""
+    dist = root / f"{distribution.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[beamops.operators]\n{entry_point}\n")
+
+
 def _plugin(root: Path, name: str, code: str) -> None:
     """An installed distribution ``name`` whose module ``name`` is a beamops.operators entry point."""
     (root / f"{name}.py").write_text(textwrap.dedent(code))
-    dist = root / f"{name}-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[beamops.operators]\n{name} = {name}\n")
+    _install(root, name, f"{name} = {name}")
 
 
 @pytest.mark.parametrize(
@@ -151,10 +154,7 @@ def test_a_package_entry_point_lists_the_operators_its_modules_define(tmp_path: 
             '''
         )
     )
-    dist = tmp_path / "pkg_ops-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg-ops\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[beamops.operators]\npkg = pkg_ops\n")
+    _install(tmp_path, "pkg-ops", "pkg = pkg_ops")
     result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "spread_again" in {line.split()[0] for line in result.stdout.splitlines()[2:]}

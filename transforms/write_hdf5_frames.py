@@ -90,22 +90,24 @@ def _each_frame_once_in_order(
         check_same_scan(str(path), header, b.header)
     numbers = np.concatenate([b.frame_numbers for b in batches])
     positions = np.concatenate([b.scan_positions for b in batches])
-    batch_of = np.repeat(np.arange(len(batches)), [b.n_frames for b in batches])
-    index_in = np.concatenate([np.arange(b.n_frames) for b in batches])
+    events = np.concatenate([b.events for b in batches])
+    lengths = np.concatenate([np.diff(b.offsets) for b in batches])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # of each frame in ``events``
     order = np.argsort(numbers, kind="stable")  # stable: the first copy of a number comes first
     first = np.ones(len(order), bool)
     first[1:] = numbers[order[1:]] != numbers[order[:-1]]
     keep = order[first]
 
     def chunks() -> Iterator[SparseFrameBatch]:
-        for start in range(0, len(keep), frames_per_batch):
-            chosen = keep[start : start + frames_per_batch]
-            yield SparseFrameBatch.from_frames(
-                header,
-                [batches[batch_of[k]].frame(index_in[k]) for k in chosen],
-                positions[chosen],
-                numbers[chosen],
-            )
+        for begin in range(0, len(keep), frames_per_batch):
+            chosen = keep[begin : begin + frames_per_batch]
+            n = lengths[chosen]
+            offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+            # each chosen frame's events, back to back: its start in ``events`` plus 0 .. its length - 1
+            gather = np.repeat(starts[chosen] - offsets[:-1], n) + np.arange(offsets[-1])
+            batch = SparseFrameBatch(header, events[gather], offsets, positions[chosen], numbers[chosen])
+            batch.validate()
+            yield batch
 
     return chunks(), len(order) - len(keep)
 
