@@ -123,6 +123,8 @@ class FrameHeader:
                 raise FrameDecodeError(f"{name} must be two positive ints, got {shape}")
         if self.n_pixels > 2**32:
             raise FrameDecodeError(f"frame_shape {self.frame_shape} does not fit uint32 indices")
+        if self.n_positions > 2**32:
+            raise FrameDecodeError(f"scan_shape {self.scan_shape} does not fit uint32 scan positions")
         if self.total_frames is not None and self.total_frames < 1:
             raise FrameDecodeError(f"total_frames must be >= 1, got {self.total_frames}")
 

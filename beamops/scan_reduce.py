@@ -18,15 +18,17 @@ milliseconds each). What it emits, per scan:
 Frames of a scan that arrive after its final outputs (complete or flushed by
 the timeout) go to dead letters (:class:`LateFrameError`) for
 ``finished_retention_s`` of event time; after that the scan number may start a
-new scan. A batch the accumulator rejects
-goes to dead letters and the scan goes on. With ``total_frames`` the
-accumulator keeps one bit per frame, so a redelivered frame (Kafka is
-at-least-once) is counted once and in the ``duplicate_frames`` metric.
+new scan. A batch the accumulator rejects goes to dead letters and the scan
+goes on; so do the batches of a scan whose header declares shapes that need
+more state than ``max_state_mb``. With ``total_frames`` the accumulator keeps
+one bit per frame, so a redelivered frame (Kafka is at-least-once) is counted
+once and in the ``duplicate_frames`` metric.
 
 An operator provides its parameter model (a :class:`ScanReduceParams`), its
 accumulator (a :class:`ScanProgress` that adds one batch and produces its
-outputs) and a :class:`ScanReduceFn` subclass that creates the accumulator
-and turns it into outputs; :func:`reduce_per_scan` builds the keyed ParDo.
+outputs) and a :class:`ScanReduceFn` subclass that creates the accumulator,
+says how many bytes it takes and turns it into outputs; :func:`reduce_per_scan`
+builds the keyed ParDo.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ class ScanReduceParams(OperatorParams):
         description="Flush a scan as final, marked incomplete, after this many seconds of event time without frames.",
     )
     finished_retention_s: float = Field(3600.0, gt=0, le=LONGEST_DURATION_S, title="Finished scan retention (s)")
+    max_state_mb: float = Field(
+        4096.0,
+        gt=0,
+        title="Largest scan state (MB)",
+        description=(
+            "The most memory (MB, 10^6 bytes) one scan's running state may take, as its header's shapes "
+            "declare it; the batches of a larger scan go to dead letters (ScanTooLargeError) instead of "
+            "exhausting the worker's memory."
+        ),
+    )
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -100,6 +112,10 @@ ScanReduceParams._word_descriptions()
 
 class LateFrameError(ValueError):
     """Frames of a scan whose final output was already emitted."""
+
+
+class ScanTooLargeError(ValueError):
+    """A scan whose declared shapes need more state than ``max_state_mb``."""
 
 
 def zeroed(shape: int | tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
@@ -281,7 +297,7 @@ class ScanReduceFn(beam.DoFn):
     """The keyed DoFn of a per-scan reduction: state, timeout, emissions, dead letters, metrics, logs.
 
     Input: ``(scan number, batch)``. A subclass implements
-    :meth:`new_accumulator` and :meth:`outputs`, and may rename the progressive
+    :meth:`new_accumulator`, :meth:`state_bytes` and :meth:`outputs`, and may rename the progressive
     output counter (``progressive_metric``). It must not override ``process``
     or ``flush``: Beam finds the state cell and the timer in their parameter
     defaults, and checks that the timer's callback is this ``flush``.
@@ -299,6 +315,11 @@ class ScanReduceFn(beam.DoFn):
 
     def new_accumulator(self, batch: Any) -> ScanProgress:
         """An empty accumulator for the scan that ``batch`` (its first batch) belongs to."""
+        raise NotImplementedError
+
+    def state_bytes(self, header: FrameHeader) -> int:
+        """The bytes of the arrays :meth:`new_accumulator` allocates for a scan with ``header``,
+        beside the one bit per expected frame that every accumulator keeps."""
         raise NotImplementedError
 
     def outputs(self, acc: Any, final: bool) -> Iterable[Any]:
@@ -332,7 +353,7 @@ class ScanReduceFn(beam.DoFn):
                 raise LateFrameError(
                     f"scan {scan_number} already emitted its final {params.final_output}; {batch.n_frames} frames late"
                 )
-            acc = state.acc or self.new_accumulator(batch)
+            acc = state.acc or self._start_scan(batch)
             duplicates = acc.add(batch)
         except Exception as exc:  # the batch goes to dead letters; the scan goes on
             yield self._metrics.to_dead_letters(batch, exc)
@@ -367,6 +388,20 @@ class ScanReduceFn(beam.DoFn):
             yield from self.outputs(acc, final=False)
         state.acc = acc
         state_cell.write(state)
+
+    def _start_scan(self, batch: Any) -> ScanProgress:
+        """:meth:`new_accumulator`, once the scan's declared shapes are known to fit ``max_state_mb``: a
+        corrupt or mistaken header must not take the worker's memory (its batches go to dead letters)."""
+        h = batch.header
+        needed = self.state_bytes(h) + -(-(h.total_frames or 0) // 8)
+        if needed > self._params.max_state_mb * 1e6:
+            frames = f" and {h.total_frames} frames" if h.total_frames is not None else ""
+            raise ScanTooLargeError(
+                f"scan {h.scan_number}: scan_shape {h.scan_shape}, frame_shape {h.frame_shape}{frames} need "
+                f"{needed / 1e6:,.0f} MB of state, more than max_state_mb={self._params.max_state_mb:g}; "
+                "raise max_state_mb if the workers have the memory"
+            )
+        return self.new_accumulator(batch)
 
     def _retain_finished(self, state_cell: Any, timeout: Any, latest: Timestamp, final_at: Timestamp) -> None:
         """Keep the scan marked finished for ``finished_retention_s`` of event time after its final

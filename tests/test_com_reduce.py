@@ -470,6 +470,38 @@ def test_batch_with_other_scan_shape_goes_to_dead_letters():
         assert_that(out.dead_letter, matcher(expect_dead), label="DeadLetters")
 
 
+def test_a_scan_whose_shapes_need_more_than_max_state_mb_goes_to_dead_letters():
+    sim = small_scan()
+    huge = small_scan(scan_number=9, scan_shape=(512, 512)).batch(0, 4)  # 512*512 positions * 28 B = 7.3 MB
+    partials = [com_partial().process(b) for b in [huge, *sim.batches(12), huge]]
+    result = run_operator(com_reduce(emit_every=0, max_state_mb=1), partials)
+    assert [d.error_type for d in result.dead_letters] == ["ScanTooLargeError"] * 2
+    assert "scan 9: scan_shape (512, 512), frame_shape" in result.dead_letters[0].error
+    assert "need 7 MB of state, more than max_state_mb=1" in result.dead_letters[0].error
+    assert list(result.final_maps()) == [sim.scan_number]
+    assert_com_close(result.final_maps()[sim.scan_number], reference_com(list(sim.batches(12))), atol=1e-4)
+
+
+def test_state_bytes_is_what_each_accumulator_allocates():
+    """max_state_mb is checked against ``state_bytes``, before anything is allocated: it must count
+    every array of every operator's accumulator (plus the bit per expected frame)."""
+    from transforms.com_reduce import ComReduceParams, _ComReduceFn
+    from transforms.diffraction_sum import DiffractionSumParams, _DiffractionSumFn
+    from transforms.virtual_images import VirtualImagesParams, _VirtualImagesFn
+
+    header = FrameHeader(scan_number=1, scan_shape=(30, 40), frame_shape=(50, 70), total_frames=2401)
+    empty = np.zeros(0, np.uint32)
+    batch = SparseFrameBatch(header, empty, np.zeros(1, np.int64), empty, np.zeros(0, np.uint64))
+    for fn in (
+        _ComReduceFn("com_reduce", ComReduceParams()),
+        _DiffractionSumFn("diffraction_sum", DiffractionSumParams()),
+        _VirtualImagesFn("virtual_images", VirtualImagesParams(annuli="0:10,10:20,20:30")),
+    ):
+        acc = fn.new_accumulator(batch)
+        allocated = sum(v.nbytes for v in vars(acc).values() if isinstance(v, np.ndarray))
+        assert allocated == fn.state_bytes(header) + 301, type(fn).__name__  # 301 = ceil(2401 / 8)
+
+
 def test_two_interleaved_scans_are_reduced_independently():
     # Same scan shape, different events and frame counts; batches alternate.
     sim_a = small_scan(scan_number=3, seed=11, frames_per_position=2)

@@ -556,6 +556,7 @@ def test_null_events_inside_a_list_are_rejected() -> None:
         ({"scan_shape": [4]}, r"scan_shape must be \[rows, cols\]"),
         ({"scan_shape": [4.0, 5]}, "scan_shape must be an integer"),
         ({"frame_shape": [2**20, 2**20]}, "does not fit uint32"),
+        ({"scan_shape": [2**16, 2**16 + 1]}, "does not fit uint32 scan positions"),
         ({"total_frames": 0}, "total_frames must be >= 1"),
         ({"schema_version": None}, "schema_version must be an integer"),
     ],

@@ -162,6 +162,9 @@ class _ComReduceFn(ScanReduceFn):
     def new_accumulator(self, partial: ComPartial) -> ScanAccumulator:
         return ScanAccumulator.empty(partial.header, self._params.emit_every)
 
+    def state_bytes(self, header: FrameHeader) -> int:
+        return header.n_positions * (8 + 8 + 8 + 4)  # sum_x, sum_y, counts, frames
+
     def outputs(self, acc: ScanAccumulator, final: bool) -> list[ComMap]:
         if final and acc.frames_seen and not acc.counts.any():
             # A map of NaNs is a valid result, but almost always a crop that misses the beam.

@@ -120,6 +120,9 @@ class _DiffractionSumFn(ScanReduceFn):
     def new_accumulator(self, batch: SparseFrameBatch) -> PatternAccumulator:
         return PatternAccumulator.empty(batch.header, self._params.emit_every)
 
+    def state_bytes(self, header: FrameHeader) -> int:
+        return header.n_pixels * 8 + header.n_positions  # pattern, seen_positions
+
     def outputs(self, acc: PatternAccumulator, final: bool) -> list[Image]:
         return [acc.image(final=final)]
 

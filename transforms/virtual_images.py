@@ -438,6 +438,10 @@ class _VirtualImagesFn(ScanReduceFn):
     def new_accumulator(self, batch: SparseFrameBatch) -> VirtualImageAccumulator:
         return VirtualImageAccumulator.empty(batch.header, self._params)
 
+    def state_bytes(self, header: FrameHeader) -> int:
+        annuli = len(self._params.radii)
+        return header.n_positions * (8 * annuli + 4) + 16 * annuli  # counts, frames_per_position; radii squared
+
     def outputs(self, acc: VirtualImageAccumulator, final: bool) -> list[Image]:
         return acc.images(final=final)
 
