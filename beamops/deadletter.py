@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,12 @@ class DeadLetter:
     ``payload`` holds the element's original bytes: the raw message for a
     source, the Arrow encoding for a beamops batch, a pickle otherwise
     (``payload_format`` says which). ``origin`` says where the element came from
-    (for Kafka: topic, partition, offset).
+    (for Kafka: topic, partition, offset). ``operator`` is the catalog name,
+    ``instance`` the label of the operator instance in the pipeline (set when
+    the letter leaves it; None for a letter made elsewhere). ``key`` and
+    ``headers`` are a Kafka source message's own (None otherwise), to publish a
+    fixed message again as it was; headers are user data that may hold secrets,
+    so they stay out of ``origin`` (which is logged) and out of the repr.
     """
 
     operator: str
@@ -33,6 +39,10 @@ class DeadLetter:
     origin: dict[str, Any] | None = None
     traceback: str = ""
     timestamp: float = field(default_factory=time.time)
+    # Defaults are class attributes too: letters pickled before these fields existed still load.
+    instance: str | None = None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] | None = field(default=None, repr=False)
 
     @classmethod
     def from_exception(cls, operator: str, element: Any, exc: BaseException) -> DeadLetter:
@@ -60,7 +70,17 @@ class DeadLetter:
         raise ValueError(f"a {self.payload_format!r} payload cannot be turned back into the element")
 
     @classmethod
-    def from_raw(cls, operator: str, raw: bytes, exc: BaseException, origin: dict[str, Any] | None) -> DeadLetter:
+    def from_raw(
+        cls,
+        operator: str,
+        raw: bytes,
+        exc: BaseException,
+        origin: dict[str, Any] | None,
+        *,
+        key: bytes | None = None,
+        headers: Iterable[tuple[str, bytes | None]] | None = None,
+    ) -> DeadLetter:
+        """A source's message that did not decode: its bytes, and its key and headers if it had them."""
         return cls(
             operator=operator,
             error_type=type(exc).__name__,
@@ -68,6 +88,8 @@ class DeadLetter:
             payload=bytes(raw),
             payload_format="raw",
             origin=origin,
+            key=key,
+            headers=None if headers is None else tuple(headers),
         )
 
 

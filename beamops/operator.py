@@ -11,7 +11,10 @@ Either way the parameters are one pydantic model (a subclass of
 :class:`OperatorParams`); the spec and ``operator.json`` are derived from it.
 Applying an operator returns :class:`OperatorOutputs`: one PCollection per
 output port plus ``dead_letter``. Operators chain (``frames | A() | B()``);
-each one forwards the dead letters of the operators before it.
+each one forwards the dead letters of the operators before it. A dead letter
+names the operator (``operator``) and the instance (``instance``: the label it
+was applied with, ``"label" >> A()``, else the class name), so two instances of
+one operator can be told apart.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import re
 import time
 import typing
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import apache_beam as beam
@@ -56,6 +59,15 @@ register_port_type(DeadLetter, DEAD_LETTER)
 # duration: a duration beyond this (about 31 years) could only be a mistake, and one beyond about
 # 290,000 years overflows while the job runs, failing it, instead of when the pipeline is built.
 LONGEST_DURATION_S = 1e9
+
+
+def closest_name(name: str, known: Iterable[str]) -> str | None:
+    """The known name that ``name`` is most likely a typo of, if any."""
+    # A typo scores above 0.7 against the name meant (crop-radius: crop_radius 0.92, sauce:
+    # source 0.73); difflib's default cutoff, 0.6, also pairs names that only share a word
+    # (state_backend: max_state_mb 0.62), and a wrong suggestion misleads more than none.
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 class OperatorParams(BaseModel):
@@ -265,7 +277,7 @@ class Operator(beam.PTransform):
         unknown = sorted(set(values) - set(known))
         if unknown:
             named = ", ".join(
-                repr(name) + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, known, n=1))
+                repr(name) + (f" (did you mean {match!r}?)" if (match := closest_name(name, known)) else "")
                 for name in unknown
             )
             raise OperatorParameterError(
@@ -324,6 +336,9 @@ class Operator(beam.PTransform):
         for port_name, port in self.outputs.items():
             built[port_name].element_type = port.type
             built[port_name].beamops_port = f"{self.label}.{port_name}"
+        # Here, not in each DoFn, so every operator's letters say which instance made them: the DoFns
+        # know only the catalog name, shared by every instance of the operator.
+        built[DEAD_LETTER] = built[DEAD_LETTER] | "NameInstance" >> beam.Map(_with_instance, self.label)
         if upstream_dead is not None:
             built[DEAD_LETTER] = (upstream_dead, built[DEAD_LETTER]) | "WithUpstreamDeadLetters" >> beam.Flatten()
         built[DEAD_LETTER].element_type = DeadLetter
@@ -352,6 +367,11 @@ class Operator(beam.PTransform):
         upstream = getattr(main, "beamops_port", None) or (main.producer.full_label if main.producer else "input")
         check_connection(upstream, main.element_type, f"{self.label}.{port_name}", port.type)
         return main, upstream_dead
+
+
+def _with_instance(letter: DeadLetter, instance: str) -> DeadLetter:
+    """``letter`` naming ``instance``, unless an operator applied inside this one named itself."""
+    return letter if letter.instance is not None else replace(letter, instance=instance)
 
 
 class BatchOperator(Operator):

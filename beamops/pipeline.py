@@ -63,7 +63,6 @@ date stays text. ``kafka.settings`` values keep the text as written.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import re
@@ -80,7 +79,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from beamops.deadletter import DeadLetter
 from beamops.io.kafka_config import KafkaClientConfig, is_secret
-from beamops.operator import DEAD_LETTER, Operator, OperatorOutputs, OperatorParameterError, OperatorParams
+from beamops.operator import (
+    DEAD_LETTER,
+    Operator,
+    OperatorOutputs,
+    OperatorParameterError,
+    OperatorParams,
+    closest_name,
+)
 from beamops.ports import PortTypeError, check_connection, port_type
 
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
@@ -467,8 +473,8 @@ def _dotted(loc: YamlPath) -> str:
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    match = closest_name(name, known)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 class _Checker:

@@ -6,7 +6,6 @@ Shared by the jobs (``python -m jobs.<name>``) and ``beamops pipeline run``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 import time
@@ -17,7 +16,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops.io.kafka_config import KafkaUnavailableError, is_secret
-from beamops.operator import METRICS_NAMESPACE, OperatorParameterError
+from beamops.operator import METRICS_NAMESPACE, OperatorParameterError, closest_name
 
 # Beam's in-process batch engine (the DirectRunner's FnApiRunner), named so it never tries to download Prism.
 DEFAULT_RUNNER = "FnApiRunner"
@@ -190,9 +189,9 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
         if forwarded and name.startswith("--") and "-" not in name[2:]:
             value_of_forwarded = "=" not in arg
             continue
-        match = difflib.get_close_matches(name, known, n=1) if arg.startswith("-") else []
+        match = closest_name(name, known) if arg.startswith("-") else None
         shown = _masked(arg, after_secret)
-        named.append(f"{shown} (did you mean {match[0]}?)" if match else shown)
+        named.append(f"{shown} (did you mean {match}?)" if match else shown)
         after_secret = is_secret(name) and "=" not in arg  # "--sasl_password hunter2": the next word is the secret
     return named
 

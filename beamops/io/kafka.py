@@ -19,8 +19,8 @@ Each message becomes a SparseFrameBatch stamped with the message timestamp
 (event time); the watermark of a partition is the largest timestamp read, and
 for an unbounded read that has read all of it, now less ``idle_watermark_lag_s``
 (so an idle partition does not hold back the others). A
-message that does not decode goes to ``dead_letter`` with its raw bytes,
-topic, partition, offset and the error, and the read goes on.
+message that does not decode goes to ``dead_letter`` with its raw bytes, key
+and headers, its topic, partition, offset and the error, and the read goes on.
 
 The sinks write ComMaps and dead letters with an idempotent producer; a
 delivery failure fails the bundle (nothing is dropped silently), and every
@@ -613,13 +613,16 @@ class _ReadPartitionFn(beam.DoFn):
         state.raise_watermark(watermark, event_time)
         origin = {"topic": read.topic, "partition": read.partition, "offset": msg.offset(), "timestamp_ms": ts_ms}
         raw = msg.value() or b""
+        headers = msg.headers()
         self._messages.inc()
         self._bytes.inc(len(raw))
         try:
-            _check_headers(msg.headers())
+            _check_headers(headers)
             batch = decode_sparse_batch(raw, origin)
         except FrameDecodeError as exc:
-            letter = self._metrics.dead_letter(DeadLetter.from_raw(self._name, raw, exc, origin))
+            # The key and headers too, so that a fixed message can be published again as it was.
+            letter = DeadLetter.from_raw(self._name, raw, exc, origin, key=msg.key(), headers=headers)
+            letter = self._metrics.dead_letter(letter)
             yield pvalue.TaggedOutput(DEAD_LETTER, TimestampedValue(letter, event_time))
             return
         self._metrics.observe(batch, started)
@@ -907,7 +910,7 @@ def require_topics(client: KafkaClientConfig, topics: Iterable[str]) -> None:
 
 # --- sinks -------------------------------------------------------------------
 
-Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+Record = tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]
 
 
 def com_map_record(com: ComMap) -> Record:
@@ -923,15 +926,25 @@ def com_map_record(com: ComMap) -> Record:
 
 
 def dead_letter_record(letter: DeadLetter) -> Record:
-    """Key = operator; value = the original bytes; headers = what failed, why, and where it came from."""
-    headers = [
+    """A dead letter as a Kafka message, from which a fixed message can be published again as it was.
+
+    Key = the original message's key when the letter has one (a Kafka source's message with a key),
+    else the operator's name. Value = the original bytes. Headers = the original message's headers
+    (if any), then ``beamops-operator``, ``beamops-instance`` (when known), ``beamops-error-type``,
+    ``beamops-error``, ``beamops-payload-format``, ``beamops-origin`` (JSON): the original headers
+    are those before the last ``beamops-operator`` header.
+    """
+    instance = [("beamops-instance", letter.instance.encode())] if letter.instance is not None else []
+    ours: list[tuple[str, bytes | None]] = [
         ("beamops-operator", letter.operator.encode()),
+        *instance,
         ("beamops-error-type", letter.error_type.encode()),
         ("beamops-error", letter.error[:4000].encode(errors="replace")),
         ("beamops-payload-format", letter.payload_format.encode()),
         ("beamops-origin", json.dumps(letter.origin, default=str).encode()),
     ]
-    return letter.operator.encode(), letter.payload, headers
+    key = letter.key if letter.key is not None else letter.operator.encode()
+    return key, letter.payload, [*(letter.headers or ()), *ours]
 
 
 def _drop_queued(producer: Any) -> None:
@@ -1050,7 +1063,8 @@ class write_com_maps_kafka(_KafkaSink):  # noqa: N801
 
 
 class write_dead_letters_kafka(_KafkaSink):  # noqa: N801
-    """Dead letters to a Kafka topic: the original bytes, with the error and origin in headers."""
+    """Dead letters to a Kafka topic: the original bytes, key and headers, then the error and origin in
+    beamops-* headers (see :func:`dead_letter_record`)."""
 
     name = "write_dead_letters_kafka"
     title = "Write dead letters to Kafka"

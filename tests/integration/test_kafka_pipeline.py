@@ -292,6 +292,17 @@ def final_maps(kafka_broker, topic: str) -> dict[int, tuple[ComMap, bytes]]:
 class Letter:
     headers: dict[str, bytes]
     value: bytes
+    key: bytes | None = None
+    all_headers: tuple[tuple[str, bytes | None], ...] = ()  # in order, repeats kept
+
+    @property
+    def instance(self) -> str:
+        return self.headers["beamops-instance"].decode()
+
+    def original_headers(self) -> list[tuple[str, bytes | None]]:
+        """The failed message's own headers: those before the last beamops-operator header."""
+        names = [name for name, _ in self.all_headers]
+        return list(self.all_headers[: len(names) - 1 - names[::-1].index("beamops-operator")])
 
     @property
     def error_type(self) -> str:
@@ -324,7 +335,10 @@ class Letter:
 
 
 def dead_letters(kafka_broker, topic: str) -> list[Letter]:
-    return [Letter(dict(m.headers() or []), m.value() or b"") for m in read_topic(kafka_broker, topic)]
+    return [
+        Letter(dict(m.headers() or []), m.value() or b"", m.key(), tuple(m.headers() or ()))
+        for m in read_topic(kafka_broker, topic)
+    ]
 
 
 def job_topics(kafka_broker, input_topic: str) -> list[str]:
@@ -397,7 +411,13 @@ def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka
     arrow = source.to_bytes()
     cases = [
         # label, value, frames carried, headers, (error type, error text)
-        ("random bytes", rng.bytes(400), 0, None, ("FrameDecodeError", "")),
+        (
+            "random bytes",
+            rng.bytes(400),
+            0,
+            [("trace-id", b"t-1"), ("blob", b"\xff\x00"), ("no value", None)],  # kept in its dead letter
+            ("FrameDecodeError", ""),
+        ),
         ("null value", None, 0, None, ("FrameDecodeError", "")),  # a tombstone
         ("truncated arrow", arrow[: len(arrow) * 2 // 3], source.n_frames, None, ("FrameDecodeError", "")),
         (
@@ -456,7 +476,7 @@ def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka
         [
             {
                 "value": value,
-                "key": b"1",
+                "key": f"bad-{i}".encode(),
                 "headers": headers,
                 "partition": i % partitions,
                 "frames": frames,
@@ -466,6 +486,9 @@ def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka
         ],
     )
     expected_error = {s.label: case[4] for s, case in zip(sent, cases, strict=True)}
+    key_and_headers = {
+        s.label: (f"bad-{i}".encode(), case[3] or []) for i, (s, case) in enumerate(zip(sent, cases, strict=True))
+    }
     published_frames = (
         complete_scan.n_frames + broken_scan.n_frames - good_2[lost].n_frames + sum(s.frames for s in sent)
     )
@@ -473,7 +496,8 @@ def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka
     args = job_topics(kafka_broker, topic)
     run_job(com_pipeline.main, kafka_broker, *args)
 
-    # Each bad message is one dead letter, with the reason and where it was published.
+    # Each bad message is one dead letter, with the reason and where it was published; one the
+    # source refused also with its key and headers, to publish it again once fixed.
     letters = dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic"))
     by_place = {(s.partition, s.offset): s for s in sent}
     assert sorted((lt.origin["partition"], lt.origin["offset"]) for lt in letters) == sorted(by_place)
@@ -487,9 +511,12 @@ def test_bad_messages_become_dead_letters_and_every_frame_is_accounted_for(kafka
         assert letter.error_type == error_type, (message.label, letter.error)
         assert text in letter.error and letter.error, (message.label, letter.error)
         frames = letter.decoded_frames()
+        assert letter.instance == letter.operator  # the job applies each operator once, with its default label
         if letter.operator == "read_kafka_frames":  # the original bytes
             assert letter.payload_format == "raw" and letter.value == (message.value or b""), message.label
+            assert (letter.key, letter.original_headers()) == key_and_headers[message.label], message.label
         else:  # rejected by the reduce: the payload is the batch's ComPartial
+            assert (letter.key, letter.original_headers()) == (b"com_reduce", [])
             assert (letter.operator, letter.payload_format, message.label) == (
                 "com_reduce",
                 "arrow-ipc",
