@@ -239,6 +239,17 @@ def test_writer_refuses_mixed_scans_and_existing_files(tmp_path):
         write_stempy_hdf5(tmp_path / "empty.h5", [])
 
 
+def test_the_writers_run_id_is_stored_and_stempy_ignores_it(tmp_path):
+    path = tmp_path / "scan.h5"
+    assert write_stempy_hdf5(path, SIM.batches(10)).run_id is None
+    assert inspect_stempy_hdf5(path).run_id is None
+    assert write_stempy_hdf5(path, SIM.batches(10), overwrite=True, run_id="run-1").run_id == "run-1"
+    assert inspect_stempy_hdf5(path).run_id == "run-1"
+    array = load_electron_counts(str(path))
+    assert array.metadata["beamops"]["run_id"] == "run-1"
+    assert array.data.shape == (SIM.n_positions, SIM.frames_per_position)
+
+
 def test_empty_frames_and_an_undeclared_total(tmp_path):
     header = FrameHeader(scan_number=0, scan_shape=(1, 2), frame_shape=(2, 3), detector="d", total_frames=None)
     batch = SparseFrameBatch.from_frames(header, [np.array([], np.uint32), np.array([5], np.uint32)], [0, 1])

@@ -5,12 +5,19 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.metrics import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
+from apache_beam.testing.test_stream import TestStream as BeamTestStream  # alias: not a pytest class
+from apache_beam.testing.util import assert_that, equal_to
+from stempy.io import load_electron_counts
 
 from beamops import FrameHeader, Image, SparseFrameBatch
-from beamops.io.hdf5 import read_stempy_hdf5
-from beamops.testing import ScanSimulation, assert_com_close, run_operator
+from beamops.io.hdf5 import read_stempy_hdf5, write_stempy_hdf5
+from beamops.testing import ScanSimulation, assert_com_close, run_operator, timestamped_stream
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.read_hdf5_frames import read_hdf5_frames
@@ -72,6 +79,122 @@ def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None
     assert result.outputs == []
     assert {d.error_type for d in result.dead_letters} == {"FileExistsError"}
     assert sum(1 for _ in SIMS[0].batches(16)) == len(result.dead_letters)
+
+
+def _paused_scan_stream(sim: ScanSimulation, gap_s: float) -> BeamTestStream:
+    """A scan in 16-frame batches: half, a pause longer than ``gap_s``, then the rest in reverse order with one
+    frame of the first half redelivered among them."""
+    batches = list(sim.batches(16))
+    first, rest = batches[: len(batches) // 2], batches[len(batches) // 2 :]
+    again = first[1]
+    redelivered = SparseFrameBatch.from_frames(
+        sim.header, [again.frame(3)], again.scan_positions[3:4], again.frame_numbers[3:4]
+    )
+    resumed = 3 * gap_s
+    return timestamped_stream(
+        *[(float(i), b) for i, b in enumerate(first)],
+        ("watermark", len(first) + gap_s + 1),  # the first session closes: its file is written
+        *[(resumed + i, b) for i, b in enumerate([*reversed(rest[1:]), redelivered, rest[0]])],
+    )
+
+
+def _run_paused_scan(sim: ScanSimulation, out_dir: Path, **params: object) -> int:
+    """Write a paused scan (two sessions); the number of frames counted as duplicates."""
+    pipeline = BeamTestPipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"]))
+    out = (
+        pipeline | _paused_scan_stream(sim, gap_s=10.0) | write_hdf5_frames(out_dir=str(out_dir), gap_s=10.0, **params)
+    )
+    name = f"scan_{sim.scan_number:06d}.h5"
+    assert_that(out.path | beam.Map(lambda p: Path(p).name), equal_to([name, name]))  # one write per session
+    assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
+    result = pipeline.run()
+    result.wait_until_finish()
+    found = result.metrics().query(MetricsFilter().with_namespace("beamops").with_name("duplicate_frames"))
+    return sum(c.committed for c in found["counters"])
+
+
+def _assert_holds_the_whole_scan_once_in_order(sim: ScanSimulation, path: Path) -> None:
+    (saved,) = read_stempy_hdf5(path, batch_size=sim.n_frames + 1)
+    sent = list(sim.batches(16))  # what _paused_scan_stream sends (the simulator draws each batch by its index)
+    whole = SparseFrameBatch.from_frames(
+        sim.header,
+        [b.frame(i) for b in sent for i in range(b.n_frames)],
+        np.concatenate([b.scan_positions for b in sent]),
+        np.concatenate([b.frame_numbers for b in sent]),
+    )
+    assert saved.header == whole.header
+    np.testing.assert_array_equal(saved.frame_numbers, np.arange(sim.n_frames))
+    np.testing.assert_array_equal(saved.scan_positions, whole.scan_positions)
+    np.testing.assert_array_equal(saved.offsets, whole.offsets)
+    np.testing.assert_array_equal(saved.events, whole.events)
+    array = load_electron_counts(str(path))  # stempy reads it too: every position has all its frames
+    assert array.data.shape == (sim.n_positions, sim.frames_per_position)
+    for i in range(whole.n_frames):
+        j = int(whole.frame_numbers[i]) // sim.n_positions  # the simulator's j-th frame of a position
+        np.testing.assert_array_equal(array.data[int(whole.scan_positions[i]), j], whole.frame(i))
+
+
+def test_a_scan_that_pauses_longer_than_gap_s_is_one_file(tmp_path: Path) -> None:
+    sim = SIMS[0]
+    assert _run_paused_scan(sim, tmp_path) == 1  # the redelivered frame, already in the first session's file
+    _assert_holds_the_whole_scan_once_in_order(sim, tmp_path / "scan_000003.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan_000003.h5"]  # no temp file left
+
+
+def test_with_overwrite_only_an_earlier_runs_file_is_replaced_not_this_runs(tmp_path: Path) -> None:
+    """The first session replaces the earlier run's file; the second adds to it instead of replacing it."""
+    sim = SIMS[0]
+    earlier = ScanSimulation(scan_shape=(8, 6), frame_shape=(64, 80), frames_per_position=3, scan_number=3, seed=9)
+    write_stempy_hdf5(tmp_path / "scan_000003.h5", earlier.batches(50))
+    assert _run_paused_scan(sim, tmp_path, overwrite=True) == 1
+    _assert_holds_the_whole_scan_once_in_order(sim, tmp_path / "scan_000003.h5")
+
+
+def test_frames_merge_into_earlier_ones_in_order_each_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Earlier frames (even numbers 10..78, read back in batches of 5) and new ones (the rest, reversed,
+    with redeliveries) interleave; of a number in both the earlier frame stays."""
+    from transforms import write_hdf5_frames as module
+
+    whole = SIMS[0].batch(0, 96)
+
+    def frames(numbers: list[int], *, empty: bool = False) -> SparseFrameBatch:
+        picked = [np.zeros(0, np.uint32) if empty else whole.frame(i) for i in numbers]
+        return SparseFrameBatch.from_frames(whole.header, picked, whole.scan_positions[numbers], numbers)
+
+    evens = list(range(10, 80, 2))
+    earlier = [frames(evens[i : i + 5]) for i in range(0, len(evens), 5)]
+    rest = [n for n in range(95, -1, -1) if n not in evens]
+    new = [frames(rest[:30]), frames([14, 30], empty=True), frames(rest[25:]), frames([7])]
+    monkeypatch.setattr(module, "_FRAMES_PER_BATCH", 4)  # new frames before and after the earlier ones: batches
+    merged = list(module._each_frame_once_in_order(Path("scan.h5"), new, earlier))
+    assert [b.n_frames for b in merged[:3]] == [4, 4, 2]  # 0..9
+    assert max(b.n_frames for b in merged[-5:]) == 4  # 79..95
+    back = SparseFrameBatch.from_frames(
+        whole.header,
+        [b.frame(i) for b in merged for i in range(b.n_frames)],
+        np.concatenate([b.scan_positions for b in merged]),
+        np.concatenate([b.frame_numbers for b in merged]),
+    )
+    for name in ("frame_numbers", "scan_positions", "offsets", "events"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(whole, name), err_msg=name)
+
+
+def test_an_earlier_runs_file_is_refused_without_overwrite_and_replaced_with_it(tmp_path: Path) -> None:
+    sim = SIMS[0]
+    path = tmp_path / "scan_000003.h5"
+    assert run_operator(write_hdf5_frames(out_dir=str(tmp_path)), sim.batches(16)).dead_letters == []
+    saved = path.read_bytes()
+    part = list(sim.batches(16))[:2]  # a second run of the same scan number, with fewer frames
+
+    refused = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), part)
+    assert refused.outputs == []
+    assert [d.error_type for d in refused.dead_letters] == ["FileExistsError"] * len(part)
+    assert path.read_bytes() == saved
+
+    replaced = run_operator(write_hdf5_frames(out_dir=str(tmp_path), overwrite=True), part)
+    assert (replaced.outputs, replaced.dead_letters) == ([str(path)], [])
+    (back,) = read_stempy_hdf5(path, batch_size=sim.n_frames)
+    np.testing.assert_array_equal(back.frame_numbers, np.arange(32))  # the new run's frames only, not merged
 
 
 def test_a_full_disk_fails_the_job_saying_which_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,9 +28,10 @@ twice; beamops keeps repeated indices as separate events in every version, like
 
 :func:`write_stempy_hdf5` writes version 2 because it can be streamed (no need to know each
 position's frame count up front), keeps frames in acquisition order and never pads. The
-beamops header (scan number, detector, total frame count) goes to the ``metadata/beamops``
-group's attributes and the frame numbers to ``electron_events/frame_numbers``; stempy ignores
-the dataset and shows the group as ``SparseArray.metadata["beamops"]``.
+beamops header (scan number, detector, total frame count) and the writer's ``run_id`` go to
+the ``metadata/beamops`` group's attributes and the frame numbers to
+``electron_events/frame_numbers``; stempy ignores the dataset and shows the group as
+``SparseArray.metadata["beamops"]``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class StempyFileInfo:
     detector: str | None = None
     total_frames: int | None = None
     has_frame_numbers: bool = False
+    #: Who wrote the file: what write_stempy_hdf5 was given as ``run_id``, if anything.
+    run_id: str | None = None
 
     @property
     def n_positions(self) -> int:
@@ -183,6 +186,7 @@ def _inspect(path: str, f: Any) -> StempyFileInfo:
     scan_number = _optional_attr(meta, "scan_number")
     total_frames = _optional_attr(meta, "total_frames")
     detector = _optional_attr(meta, "detector")
+    run_id = _optional_attr(meta, "run_id")
     return StempyFileInfo(
         path=path,
         version=version,
@@ -194,6 +198,7 @@ def _inspect(path: str, f: Any) -> StempyFileInfo:
         detector=None if detector is None else str(detector),
         total_frames=None if total_frames is None or int(total_frames) < 1 else int(total_frames),
         has_frame_numbers=has_frame_numbers,
+        run_id=None if run_id is None else str(run_id),
     )
 
 
@@ -302,7 +307,11 @@ def _batches(info: StempyFileInfo, header: FrameHeader, batch_size: int) -> Iter
 
 
 def write_stempy_hdf5(
-    path: str | os.PathLike[str], batches: Iterable[SparseFrameBatch], *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    batches: Iterable[SparseFrameBatch],
+    *,
+    overwrite: bool = False,
+    run_id: str | None = None,
 ) -> StempyFileInfo:
     """Write the frames of one scan to a new stempy file (version 2 layout), streaming.
 
@@ -311,7 +320,8 @@ def write_stempy_hdf5(
     gives back the same frames, scan positions, frame numbers and header. Refuses to replace
     an existing file unless ``overwrite``. The file is written under a temporary name beside
     ``path`` and renamed when complete, so a reader never opens half a file, and a failed
-    write removes only its own temporary file.
+    write removes only its own temporary file. ``run_id``, if given, is stored so a later
+    writer can tell a file it wrote itself from another's (:attr:`StempyFileInfo.run_id`).
     """
     h5py = _h5py()
     path = os.fspath(path)
@@ -347,6 +357,8 @@ def write_stempy_hdf5(
             meta.attrs["schema_version"] = header.schema_version
             if header.total_frames is not None:
                 meta.attrs["total_frames"] = header.total_frames
+            if run_id is not None:
+                meta.attrs["run_id"] = run_id
 
             for batch in _chain(first, iterator):
                 if not isinstance(batch, SparseFrameBatch):
@@ -381,6 +393,7 @@ def write_stempy_hdf5(
         detector=header.detector,
         total_frames=header.total_frames,
         has_frame_numbers=True,
+        run_id=run_id,
     )
 
 
