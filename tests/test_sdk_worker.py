@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,12 +45,16 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
 
 
 @contextmanager
-def _service(args: list[str], port: int) -> Iterator[None]:
-    """``python -m <args>`` listening on ``port``, stopped (by PID) at the end as Ctrl-C would."""
-    process = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _pool(log: Path) -> Iterator[int]:
+    """The worker pool with ``--sdk_worker`` on a free port, its output in ``log``; yields the port. Stopped
+    (by PID) at the end as Ctrl-C would."""
+    port = free_port()
+    args = [sys.executable, "-m", "beamops.services.worker_pool", f"--port={port}", f"--sdk_worker={EXECUTABLE}"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, process)
-        yield
+        yield port
     finally:
         process.send_signal(signal.SIGINT)  # the pool then stops the workers it started
         try:
@@ -60,43 +64,69 @@ def _service(args: list[str], port: int) -> Iterator[None]:
             process.wait(timeout=10)
 
 
+def _run_on_pool(pool_port: int, build: Callable[[beam.Pipeline], None], *flags: str) -> None:
+    """Run the pipeline ``build`` makes on PortableRunner, its SDK worker from the pool on ``pool_port``."""
+    options = PipelineOptions(
+        [
+            "--runner=PortableRunner",
+            "--job_endpoint=embed",  # Beam's job service in this process, which honours the environment
+            "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{pool_port}",
+            *flags,
+        ]
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def job() -> None:
+        try:
+            with beam.Pipeline(options=options) as p:
+                build(p)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    # A worker that cannot start, or is stuck, leaves the job waiting for it: bounded here.
+    running = threading.Thread(target=job, daemon=True)
+    running.start()
+    running.join(JOB_TIMEOUT_S)
+    assert not running.is_alive(), (
+        f"the job did not finish within {JOB_TIMEOUT_S} s (its SDK worker never came, or is stuck)"
+    )
+    assert "error" not in outcome, outcome
+
+
 def test_the_console_script_is_installed() -> None:
     assert EXECUTABLE.is_file() and os.access(EXECUTABLE, os.X_OK), EXECUTABLE
     assert shutil.which("beamops-sdk-worker", path=str(EXECUTABLE.parent)) == str(EXECUTABLE)
 
 
-def test_a_pool_worker_starts_with_the_jobs_options_and_plugins() -> None:
-    pool_port = free_port()
-    pool = ["beamops.services.worker_pool", f"--port={pool_port}", f"--sdk_worker={EXECUTABLE}"]
-    with _service(pool, pool_port):
-        options = PipelineOptions(
-            [
-                "--runner=PortableRunner",
-                "--job_endpoint=embed",  # Beam's job service in this process, which honours the environment
-                "--environment_type=EXTERNAL",
-                f"--environment_config=localhost:{pool_port}",
-                f"--beam_plugins={HARNESS_PLUGIN}",
-            ]
-        )
-        outcome: dict[str, BaseException] = {}
+def test_a_pool_worker_starts_with_the_jobs_options_and_plugins(tmp_path: Path) -> None:
+    def build(p: beam.Pipeline) -> None:
+        seen = p | beam.Create([0]) | beam.Map(lambda _: (HARNESS_PLUGIN in sys.modules, Path(sys.argv[0]).name))
+        # Beam's sdk_worker_main in a process of its own (not a thread of the pool, not a
+        # bare `python -c` harness), which imported the harness from the job's --beam_plugins.
+        assert_that(seen, equal_to([(True, "sdk_worker_main.py")]))
 
-        def job() -> None:
-            try:
-                with beam.Pipeline(options=options) as p:
-                    seen = (
-                        p
-                        | beam.Create([0])
-                        | beam.Map(lambda _: (HARNESS_PLUGIN in sys.modules, Path(sys.argv[0]).name))
-                    )
-                    # Beam's sdk_worker_main in a process of its own (not a thread of the pool, not a
-                    # bare `python -c` harness), which imported the harness from the job's --beam_plugins.
-                    assert_that(seen, equal_to([(True, "sdk_worker_main.py")]))
-            except BaseException as exc:
-                outcome["error"] = exc
+    with _pool(tmp_path / "pool.log") as pool_port:
+        _run_on_pool(pool_port, build, f"--beam_plugins={HARNESS_PLUGIN}")
 
-        # A worker that cannot start leaves the job waiting for it: bounded here.
-        running = threading.Thread(target=job, daemon=True)
-        running.start()
-        running.join(JOB_TIMEOUT_S)
-        assert not running.is_alive(), f"the job did not finish within {JOB_TIMEOUT_S} s (its SDK worker never came?)"
-        assert "error" not in outcome, outcome
+
+PRINTED_LINES = 256  # of 1 KB: four times a pipe's 64 KB buffer
+
+
+def test_a_pool_worker_that_prints_a_lot_goes_on_and_its_output_is_in_the_pools(tmp_path: Path) -> None:
+    """Beam's pool gives the worker a stdout pipe that nothing reads; a worker that wrote to it stopped at
+    the 64th KB, for good."""
+
+    # Defined here, not at module level, so that it is pickled by value: the worker cannot import this module.
+    def print_lines(n: int) -> int:
+        for i in range(PRINTED_LINES):
+            print(f"printed by a DoFn {i:4d} " + "x" * 1000)
+        return n
+
+    def build(p: beam.Pipeline) -> None:
+        assert_that(p | beam.Create([0]) | beam.Map(print_lines), equal_to([0]))
+
+    log = tmp_path / "pool.log"
+    with _pool(log) as pool_port:
+        _run_on_pool(pool_port, build)
+    assert log.read_text().count("printed by a DoFn") == PRINTED_LINES

@@ -71,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     scratch = args.semi_persist_dir or tempfile.mkdtemp(prefix=f"beam-worker-{args.id}-")
     env = {**os.environ, **harness_environment(args, info, scratch)}
+    # Beam's pool starts the worker with stdout a pipe that nothing reads: once a DoFn or a library has
+    # printed 64 KB (the pipe's buffer) the next write blocks, and the worker with it, for good. Its
+    # stdout goes where its stderr goes instead, the pool's own output (the container's log).
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # exec: the pool stops a worker by its PID, which is then the harness's own.
     os.execve(sys.executable, [sys.executable, "-m", "apache_beam.runners.worker.sdk_worker_main"], env)
     return 1  # not reached

@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=50000, help="gRPC port (default 50000; 0: any free port)")
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--state_cache_mb", type=int, default=100, help="each SDK worker's state cache (MB)")
+    parser.add_argument(
+        "--state_cache_mb",
+        type=int,
+        default=100,
+        help="each SDK worker's state cache (MB); with --sdk_worker, the job's --max_cache_memory_usage_mb instead",
+    )
     parser.add_argument("--sdk_worker", help="run each SDK worker as this executable, a process of its own")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,12 +8,15 @@ through Flink's REST API once every final map is on the output topic, then compa
 byte for byte, with the DirectRunner's over the same messages.
 
 Two SDK environments: LOOPBACK (the job's own process runs the Python workers: development) and
-EXTERNAL (a worker pool beside the TaskManager, ``python -m beamops.services.worker_pool``, as in
-production). About a minute each here.
+EXTERNAL, the production path: a worker pool beside the TaskManager that starts each SDK worker as
+``beamops-sdk-worker``, a process of its own with the job's pipeline options (``python -m
+beamops.services.worker_pool --sdk_worker ...``: docker/entrypoint-worker-pool.sh's pool, bound to
+127.0.0.1). About a minute each here.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -29,7 +32,8 @@ from confluent_kafka import Consumer, TopicPartition
 from beamops import ComMap
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
-from beamops.services._local import stop_process_group
+from beamops.runner import HARNESS_PLUGIN
+from beamops.services._local import cmdline, environ, stop_process_group
 from beamops.services.flink_cluster import FlinkCluster
 from beamops.simulate import ScanSimulation
 from jobs import com_pipeline
@@ -47,6 +51,7 @@ BATCH = 64  # 16 messages per scan
 EMIT_EVERY = 256  # 3 progressive maps per scan before its final one
 JOB_START_S = 120.0  # job server start + submission + first SDK worker, on a loaded 2-core machine
 MAPS_S = 180.0
+SDK_WORKER = Path(sys.executable).with_name("beamops-sdk-worker")  # the console script, as docker/ runs it
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +80,47 @@ def child(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextmanager
-def worker_pool(log: Path) -> Iterator[str]:
-    """``python -m beamops.services.worker_pool`` on a free 127.0.0.1 port; yields ``host:port``."""
-    with child([sys.executable, "-m", "beamops.services.worker_pool", "--port", "0"], log) as proc:
+def worker_pool(log: Path) -> Iterator[tuple[str, int]]:
+    """The production worker pool on a free 127.0.0.1 port, its workers ``beamops-sdk-worker`` processes;
+    yields its ``host:port`` and PID."""
+    args = [sys.executable, "-m", "beamops.services.worker_pool", "--port", "0", "--sdk_worker", str(SDK_WORKER)]
+    with child(args, log) as proc:
         deadline = time.monotonic() + 60
         while "listening on" not in log.read_text():
             assert proc.poll() is None, f"worker pool exited: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "worker pool did not start within 60 s"
             time.sleep(0.2)
-        yield log.read_text().split("listening on ")[1].split()[0]
+        yield log.read_text().split("listening on ")[1].split()[0], proc.pid
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s child processes (/proc/PID/task/*/children needs a kernel option this one lacks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == pid:  # field 4, the parent's PID, after the parenthesised command name
+            found.append(int(stat.parent.name))
+    return found
+
+
+def sdk_workers(pool_pid: int) -> dict[int, tuple[list[str], dict[str, object]]]:
+    """The pool's SDK worker processes: PID -> (command line, the pipeline options in its environment).
+
+    The options are what beamops-sdk-worker got from the job's provision service (Flink's) and handed
+    to Beam's ``sdk_worker_main``, by name; a worker that is a thread of the pool is not here at all.
+    """
+    workers = {}
+    for pid in children(pool_pid):
+        options = json.loads(environ(pid).get("PIPELINE_OPTIONS", "{}"))
+        # The runner sends them by their portable names, beam:option:NAME:v1.
+        workers[pid] = (
+            cmdline(pid),
+            {k.removeprefix("beam:option:").removesuffix(":v1"): v for k, v in options.items()},
+        )
+    return workers
 
 
 def running_job(flink: FlinkCluster, job: subprocess.Popen[bytes], log: Path) -> str:
@@ -171,8 +208,10 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
     finals: dict[int, bytes] = {}
     with ExitStack() as stack:
         maps = stack.enter_context(map_reader(bootstrap, maps_out))
+        pool_log = tmp_path / "worker-pool.log"
+        pool_pid = None
         if environment == "EXTERNAL":
-            pool = stack.enter_context(worker_pool(tmp_path / "worker-pool.log"))
+            pool, pool_pid = stack.enter_context(worker_pool(pool_log))
             job_args += ["--environment_type=EXTERNAL", f"--environment_config={pool}"]
         else:
             job_args += ["--environment_type=LOOPBACK"]
@@ -180,6 +219,15 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
         job = stack.enter_context(child(job_args, job_log))
         job_id = running_job(flink, job, job_log)
         collect_maps(maps, {9}, MAPS_S, arrived, finals)
+        if pool_pid is not None:
+            # The maps came from Beam's sdk_worker_main in processes of the pool's own, started with the
+            # job's options (so with beamops.harness imported): neither threads of the pool nor bare harnesses.
+            workers = sdk_workers(pool_pid)
+            assert workers, f"no SDK worker process under the pool:\n{pool_log.read_text()[-2000:]}"
+            for argv, options in workers.values():
+                assert argv[1:] == ["-m", "apache_beam.runners.worker.sdk_worker_main"], argv
+                assert HARNESS_PLUGIN in options.get("beam_plugins", []), options
+                assert options.get("environment_config") == pool, options
 
         # The detector: one message every 0.3 s, so a scan takes about 5 s to publish.
         published: list[float] = []
@@ -193,6 +241,11 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
         collect_maps(maps, {1, 2, 9}, MAPS_S, arrived, finals)
         flink.cancel_job(job_id)
         assert job.wait(60) is not None
+        if pool_pid is not None:  # Flink stopped the job's workers through the pool: none outlives it
+            deadline = time.monotonic() + 30
+            while left := sdk_workers(pool_pid):
+                assert time.monotonic() < deadline, f"SDK workers left 30 s after the job: {sorted(left)}"
+                time.sleep(0.5)
 
     # Streaming: the job wrote maps of scan 1 to the output topic while the simulator was still publishing.
     timeline = [(round(t - published[0], 1), com.scan_number, com.frames_seen) for t, com in arrived]
