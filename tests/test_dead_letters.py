@@ -21,7 +21,6 @@ from beamops.io import kafka
 from beamops.io.kafka import ReadFromKafkaParams, dead_letter_record
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.operator import OperatorMetrics
-from beamops.pipeline import parse_pipeline
 from beamops.testing import ScanSimulation, run_operator
 from transforms.write_dead_letters import write_dead_letters
 
@@ -216,29 +215,3 @@ def test_each_instance_of_an_operator_names_itself_in_its_dead_letters() -> None
         (1, "refuse_batch", "second"),
         (2, "refuse_batch", "refuse_batch"),
     ]
-
-
-def test_a_pipeline_definition_names_the_failing_instance_in_the_dead_letter_files(tmp_path: Path) -> None:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    definition = parse_pipeline(
-        f"""\
-name: failing
-dead_letters: {{operator: write_dead_letters, params: {{out_dir: {tmp_path}}}}}
-operators:
-  source:
-    operator: simulated_scan
-    params: {{scan_rows: 4, scan_cols: 4, frame_rows: 64, frame_cols: 64, batch_size: 4, events_per_frame: 5}}
-  by5: {{operator: bin_frames, input: source.frames, params: {{factor: 5}}}}
-  by7: {{operator: bin_frames, input: source.frames, params: {{factor: 7}}}}
-  ok: {{operator: bin_frames, input: source.frames, params: {{factor: 2}}}}
-"""
-    )
-    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
-        definition.build(pipeline)
-    files = sorted((tmp_path / "dead_letters").glob("*.json"))
-    letters = [json.loads(p.read_text()) for p in files]
-    assert sorted(p.name.split("-")[0] for p in files) == ["by5"] * 4 + ["by7"] * 4
-    assert sorted(letter["instance"] for letter in letters) == ["by5"] * 4 + ["by7"] * 4
-    assert {letter["operator"] for letter in letters} == {"bin_frames"}

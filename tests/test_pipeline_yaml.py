@@ -335,9 +335,13 @@ operators:
         assert set(outputs) == {"source", "by5", "by7", "ok", "dead_letters"}
         labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
         assert {"source", "by5", "by7", "ok", "dead_letters.all", "dead_letters"} <= labels
-    letters = [json.loads(p.read_text()) for p in (tmp_path / "dead_letters").glob("*.json")]
+    files = sorted((tmp_path / "dead_letters").glob("*.json"))
+    letters = [json.loads(p.read_text()) for p in files]
     assert len(letters) == 8  # 4 batches failed in each of by5 and by7, none in ok
     assert {letter["operator"] for letter in letters} == {"bin_frames"}
+    # each names the instance that failed, in its file name too
+    assert sorted(p.name.split("-")[0] for p in files) == ["by5"] * 4 + ["by7"] * 4
+    assert sorted(letter["instance"] for letter in letters) == ["by5"] * 4 + ["by7"] * 4
     assert all("not divisible by bin factor" in letter["error"] for letter in letters)
 
 
