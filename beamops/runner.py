@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import apache_beam as beam
@@ -46,11 +51,14 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     no output (7 of about 30 jobs here; none of 17 with it, none of 7 without checkpoints).
     ``bounded`` (the job's input ends): ``--shutdown_sources_after_idle_ms=1000``, without which
     the streaming job never finishes (Beam keeps its Impulse sources running for checkpoints,
-    BEAM-3727; Flink 1.20 checkpoints after tasks finish). Options the user gave win. And always
+    BEAM-3727; Flink 1.20 checkpoints after tasks finish). When the master is a cluster of
+    ``beamops flink up``, ``--flink_conf_dir`` of its rendered profile, without which the job gets
+    Flink's checkpoint defaults (deleted on cancel, 10 min timeout, no tolerated failure) rather
+    than the profile's. Options the user gave win. And always
     ``--beam_plugins=beamops.harness``, so an SDK worker started as a process of its own (the
     docker images' worker pool) applies :mod:`beamops.harness` before its first bundle.
     """
-    from beamops.services.flink_cluster import FLINK_MINOR, flink_runner_args
+    from beamops.services.flink_cluster import FLINK_MINOR, flink_runner_args, local_conf_dir
 
     master = _given(beam_args, "flink_master") or "localhost:8081"
     if _given(beam_args, "flink_job_server_jar"):
@@ -66,6 +74,9 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     }
     if bounded:
         defaults["shutdown_sources_after_idle_ms"] = "1000"
+    conf_dir = local_conf_dir(master)
+    if conf_dir is not None and not os.environ.get("FLINK_CONF_DIR"):  # the job server reads that one itself
+        defaults["flink_conf_dir"] = str(conf_dir)
     for name, value in defaults.items():
         if _given(beam_args, name) is None and f"--{name}" not in beam_args:
             extra.append(f"--{name}" if value is None else f"--{name}={value}")
@@ -110,19 +121,19 @@ def run(
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     log.info("running on %s", pipeline.options.get_all_options()["runner"])
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
-        log.debug("interrupted", exc_info=True)
-        took = time.monotonic() - started
-        print(f"{prog}: interrupted after {took:.1f} s", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the worker's traceback is in the runner's log; here its message is enough
-        log.debug("pipeline failed", exc_info=True)
-        took = time.monotonic() - started
-        print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
-        return 1
+    with _noting_interrupts() as interrupted:
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
+            return _interrupted(prog, started)
+        except Exception as exc:
+            if interrupted():  # Ctrl-C inside a DoFn: Beam's in-process runners hand it back as a RuntimeError
+                return _interrupted(prog, started)
+            log.debug("pipeline failed", exc_info=True)  # the worker's traceback is in the runner's log
+            took = time.monotonic() - started
+            print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
+            return 1
     log.info("done in %.1f s", time.monotonic() - started)
     dead = dead_letter_counts(result)
     if dead:
@@ -130,6 +141,48 @@ def run(
         total = sum(dead.values())
         log.warning("%d element%s went to dead letters (%s)", total, "" if total == 1 else "s", counts)
     return 0
+
+
+def _interrupted(prog: str, started: float) -> int:
+    log.debug("interrupted", exc_info=True)
+    print(f"{prog}: interrupted after {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 130
+
+
+@contextmanager
+def _noting_interrupts() -> Iterator[Callable[[], bool]]:
+    """Within: a function that says whether Ctrl-C (SIGINT) was pressed, and Beam's error logs quiet
+    once it was.
+
+    A KeyboardInterrupt raised inside a DoFn reaches the caller of an in-process runner as a
+    RuntimeError ("KeyboardInterrupt [while running ...]"), after Beam logged its traceback as an
+    error: only the signal tells an interrupt from a failure. Left alone unless SIGINT has Python's
+    default handler (in the main thread), so an application's own handler, or SIGINT ignored in a
+    background job, stays as it is.
+    """
+    pressed = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        pressed.set()
+        signal.default_int_handler(signum, frame)
+
+    def quiet_after_interrupt(record: logging.LogRecord) -> bool:
+        return not (pressed.is_set() and record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
+
+    ours = threading.current_thread() is threading.main_thread()
+    ours = ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, handle)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet_after_interrupt)
+    try:
+        yield pressed.is_set
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet_after_interrupt)
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:
@@ -229,3 +282,28 @@ def dead_letter_counts(result: Any) -> dict[str, int]:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    job_server = logging.getLogger(FLINK_JOB_SERVER_LOGGER)
+    if not any(isinstance(f, WithoutMetricsDump) for f in job_server.filters):
+        job_server.addFilter(WithoutMetricsDump())
+
+
+# Beam logs its job server's output, line by line, to a logger named after the server's class.
+FLINK_JOB_SERVER_LOGGER = "FlinkJarJobServer"
+
+
+class WithoutMetricsDump(logging.Filter):
+    """Drops the JSON of every metric that Beam's Flink runner logs when a job ends: about 3,300 lines
+    for the COM job, one output line of the job server each (the metrics are in Flink's web UI and
+    the run's own summary). Every other line of the job server, its errors among them, is kept."""
+
+    _DUMP_STARTS = ("- Final accumulator values:", "- __metricscontainers : ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._in_dump = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        if line.startswith("["):  # "[thread] LEVEL logger - message": the next log record of the job server
+            self._in_dump = any(start in line for start in self._DUMP_STARTS)
+        return not self._in_dump

@@ -389,18 +389,22 @@ class ScanReduceFn(beam.DoFn):
         state.acc = acc
         state_cell.write(state)
 
-    def _start_scan(self, batch: Any) -> ScanProgress:
-        """:meth:`new_accumulator`, once the scan's declared shapes are known to fit ``max_state_mb``: a
-        corrupt or mistaken header must not take the worker's memory (its batches go to dead letters)."""
-        h = batch.header
-        needed = self.state_bytes(h) + -(-(h.total_frames or 0) // 8)
+    def check_fits(self, header: FrameHeader) -> None:
+        """ScanTooLargeError if a scan with ``header`` needs more state than ``max_state_mb``: a corrupt
+        or mistaken header must not take the worker's memory (its batches go to dead letters)."""
+        h = header
+        needed = self.state_bytes(h) + -(-(h.total_frames or 0) // 8)  # and one bit per expected frame
         if needed > self._params.max_state_mb * 1e6:
-            frames = f" and {h.total_frames} frames" if h.total_frames is not None else ""
+            frames = f" and {h.total_frames:,} frames" if h.total_frames is not None else ""
             raise ScanTooLargeError(
                 f"scan {h.scan_number}: scan_shape {h.scan_shape}, frame_shape {h.frame_shape}{frames} need "
                 f"{needed / 1e6:,.0f} MB of state, more than max_state_mb={self._params.max_state_mb:g}; "
                 "raise max_state_mb if the workers have the memory"
             )
+
+    def _start_scan(self, batch: Any) -> ScanProgress:
+        """:meth:`new_accumulator`, once the scan is known to fit (:meth:`check_fits`)."""
+        self.check_fits(batch.header)
         return self.new_accumulator(batch)
 
     def _retain_finished(self, state_cell: Any, timeout: Any, latest: Timestamp, final_at: Timestamp) -> None:

@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -39,9 +40,10 @@ from beamops.io.kafka import (
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError, never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
 from beamops.runner import DEFAULT_RUNNER, run, runs_here, setup_logging
+from beamops.scan_reduce import ScanTooLargeError
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
-from transforms.simulated_scan import simulated_scan
+from transforms.simulated_scan import SimulatedScanParams, simulated_scan
 from transforms.write_com_map import write_com_map
 from transforms.write_dead_letters import write_dead_letters
 
@@ -70,6 +72,49 @@ def kafka_client(values: dict[str, Any]) -> KafkaClientConfig:
     return client
 
 
+def check_topics(pipeline: beam.Pipeline, client: KafkaClientConfig, input_topic: str, outputs: list[str]) -> None:
+    """Refuse, before the job runs, ``outputs`` Kafka does not have (else they fail after the input was read;
+    none to check when --create_topics made them) and an input topic it does not have (else the running
+    job fails with a worker's traceback)."""
+    hints = ((outputs, "pass --create_topics to create the job's output topics"),
+             ([input_topic], "check --input_topic (the topic the frames are published to)"))  # fmt: skip
+    for topics, hint in hints:
+        try:
+            require_topics(client, topics)
+        except ValueError as exc:
+            raise OperatorParameterError(f"{exc}; {hint}") from None
+        except KafkaUnavailableError as exc:
+            if runs_here(pipeline):
+                raise
+            # A cluster's workers may reach brokers this machine cannot.
+            log.warning("could not check the topics from here: %s", exc)
+            return
+
+
+def warn_earlier_maps(folder: Path) -> None:
+    """Name the final maps an earlier run left in ``folder``: this run's map of the same scan number replaces
+    one, and a rerun with other parameters would otherwise lose the earlier result without a word."""
+    earlier = sorted(path.name for path in folder.glob("scan_*_com.npz"))
+    if earlier:
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        log.warning(
+            "%s already holds COM maps (%s): this run replaces those of the scans it writes again; "
+            "give another --out_dir to keep them",
+            folder,
+            shown,
+        )
+
+
+def check_simulated_scan_fits(scan: SimulatedScanParams, reduce: com_reduce) -> None:
+    """Refuse, before it runs, a simulated scan that ``reduce`` would refuse (more than max_state_mb): it
+    would refuse it only once every frame was made, and a mistyped --scan_rows 100000 takes hours and the
+    machine's memory first, without a line of output."""
+    try:
+        reduce.check_fits(scan.simulation(scan.first_scan_number).header)
+    except ScanTooLargeError as exc:
+        raise OperatorParameterError(f"--scan_rows {scan.scan_rows} --scan_cols {scan.scan_cols}: {exc}") from None
+
+
 def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     """Wire source -> com_partial -> com_reduce -> sinks with the given option values."""
     from_kafka = bool(values.get("bootstrap_servers"))
@@ -79,6 +124,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         # Else the job would quietly run on the simulated scan, and its map could pass for real data.
         verb = "needs" if len(kafka_only) == 1 else "need"
         raise OperatorParameterError(f"{', '.join(kafka_only)} {verb} --bootstrap_servers (the Kafka brokers)")
+    reduce = com_reduce(operator_params(values, com_reduce))
     if from_kafka:
         simulated = [f"--{name}" for name in operator_params(values, simulated_scan)]
         if simulated:
@@ -97,16 +143,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         if values.get("create_topics"):
             for topic in outputs:
                 ensure_topic(client, topic)
-        else:
-            try:
-                require_topics(client, outputs)
-            except ValueError as exc:
-                raise OperatorParameterError(f"{exc}; pass --create_topics to create the job's output topics") from None
-            except KafkaUnavailableError as exc:
-                if runs_here(pipeline):
-                    raise
-                # A cluster's workers may reach brokers this machine cannot.
-                log.warning("could not check the output topics from here: %s", exc)
+        check_topics(pipeline, client, values["input_topic"], [] if values.get("create_topics") else outputs)
         source = read_kafka_frames(
             {
                 "topic": values["input_topic"],
@@ -117,12 +154,15 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         )
     else:
         source = simulated_scan(operator_params(values, simulated_scan))
+        check_simulated_scan_fits(source.params, reduce)
     to_files = not from_kafka or bool(values.get("out_dir")) or not values.get("dead_letter_topic")
     if to_files and runs_here(pipeline):
         # Its workers are this process: a directory they cannot write fails now, not after the input was read.
-        writable_dir(out_dir)
+        folder = writable_dir(out_dir)
+        if not from_kafka or values.get("out_dir"):
+            warn_earlier_maps(folder)
     frames = pipeline | source
-    maps = frames | com_partial(operator_params(values, com_partial)) | com_reduce(operator_params(values, com_reduce))
+    maps = frames | com_partial(operator_params(values, com_partial)) | reduce
     dead_letters = [maps.dead_letter]
     results = []  # what the sinks wrote: a bounded read commits its offsets once all of it is complete
     if from_kafka and values.get("output_topic"):

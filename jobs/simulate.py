@@ -8,7 +8,8 @@
 Each batch of frames becomes one message (Arrow IPC, key = scan number), sent by an idempotent
 producer (beamops.io.publish.FramePublisher). Simulated scans come from
 beamops.simulate.ScanSimulation and are numbered --first_scan_number onwards; --hdf5 publishes a
-stempy electron-counted file instead, once per scan number. Progress goes to stderr (a bar on a
+stempy electron-counted file instead (its shapes, and the scan number it stores unless
+--first_scan_number is given), once per scan number. Progress goes to stderr (a bar on a
 terminal, else a log line every few seconds); the summary goes to stdout. Exit status: 0 when
 every message was delivered, 1 when the topic is missing or delivery failed, 2 for bad arguments
 or a bad input file, 130 when interrupted.
@@ -35,6 +36,7 @@ from beamops.simulate import ScanSimulation
 PROG = "python -m jobs.simulate"
 BEHIND = 0.5  # a run with more of its frames late than this says it could not keep up with --rate
 log = logging.getLogger("jobs.simulate")
+_UNSET = object()  # marks a simulated-scan option the command line did not give
 
 
 class Progress:
@@ -130,22 +132,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
 
     scan = parser.add_argument_group("scan (simulated unless --hdf5)")
-    scan.add_argument("--scan_rows", type=int, default=64, help="Scan positions along y (rows).")
-    scan.add_argument("--scan_cols", type=int, default=64, help="Scan positions along x (columns).")
-    scan.add_argument("--frame_rows", type=int, default=576, help="Detector rows, px.")
-    scan.add_argument("--frame_cols", type=int, default=576, help="Detector columns, px.")
-    scan.add_argument("--events_per_frame", type=float, default=50.0, help="Mean (Poisson) electrons per frame.")
-    scan.add_argument("--frames_per_position", type=int, default=1, help="Frames recorded at each scan position.")
-    scan.add_argument("--disc_radius", type=float, default=20.0, help="Bright-field disc radius, px.")
-    scan.add_argument("--shift_amplitude", type=float, default=8.0, help="Largest COM shift, px.")
-    scan.add_argument("--seed", type=int, default=0, help="Random seed: the same seed publishes the same frames.")
-    scan.add_argument("--hdf5", metavar="FILE", help="Publish this stempy electron-counted file instead.")
+    simulated = [
+        scan.add_argument("--scan_rows", type=int, default=64, help="Scan positions along y (rows)."),
+        scan.add_argument("--scan_cols", type=int, default=64, help="Scan positions along x (columns)."),
+        scan.add_argument("--frame_rows", type=int, default=576, help="Detector rows, px."),
+        scan.add_argument("--frame_cols", type=int, default=576, help="Detector columns, px."),
+        scan.add_argument("--events_per_frame", type=float, default=50.0, help="Mean (Poisson) electrons per frame."),
+        scan.add_argument("--frames_per_position", type=int, default=1, help="Frames recorded at each scan position."),
+        scan.add_argument("--disc_radius", type=float, default=20.0, help="Bright-field disc radius, px."),
+        scan.add_argument("--shift_amplitude", type=float, default=8.0, help="Largest COM shift, px."),
+        scan.add_argument("--seed", type=int, default=0, help="Random seed: the same seed publishes the same frames."),
+    ]
+    scan.add_argument(
+        "--hdf5",
+        metavar="FILE",
+        help="Publish this stempy electron-counted file instead; its shapes are the file's, its scan number the "
+        "file's (if stored) unless --first_scan_number is given.",
+    )
 
     run = parser.add_argument_group("publishing")
     run.add_argument("--batch_size", type=int, default=1000, help="Frames per message.")
     run.add_argument("--n_scans", type=int, default=1, help="Scans to publish, one after the other.")
     run.add_argument(
-        "--first_scan_number", type=int, default=1, help="Scan number of the first scan; the next ones count up."
+        "--first_scan_number",
+        type=int,
+        help="Scan number of the first scan; the next ones count up. Default: 1, or the number a --hdf5 file stores.",
     )
     run.add_argument("--rate", type=float, default=0.0, help="Target frames/s (0: as fast as possible).")
     run.add_argument(
@@ -154,14 +165,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="auto",
         help="auto: a bar when stderr is a terminal, else a log line every few seconds.",
     )
-    args = parser.parse_args(argv)
+    # Defaults of the simulated scan's options are filled in after parsing, so that one given with --hdf5 is
+    # seen: else it would be dropped without a word and the user believe the file was published with it.
+    args = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in simulated}))
+    given = [a.option_strings[0] for a in simulated if getattr(args, a.dest) is not _UNSET]
+    if args.hdf5 and given:
+        parser.error(f"{', '.join(given)}: --hdf5 publishes the file's scan; the simulated scan's options do not apply")
+    for action in simulated:
+        if getattr(args, action.dest) is _UNSET:
+            setattr(args, action.dest, action.default)
     at_least_one = ("batch_size", "n_scans", "partitions", "scan_rows", "scan_cols", "frame_rows", "frame_cols")
     for name in (*at_least_one, "frames_per_position"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.events_per_frame < math.inf:
         parser.error(f"--events_per_frame must be a finite number >= 0, got {args.events_per_frame}")
-    if args.first_scan_number < 0:
+    if args.first_scan_number is not None and args.first_scan_number < 0:
         parser.error("--first_scan_number must be >= 0")
     if not (args.rate == 0 or 1 <= args.rate < math.inf):  # NaN fails both
         parser.error(f"--rate must be 0 (as fast as possible) or a number of frames/s from 1 up, got {args.rate}")
@@ -170,12 +189,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
     """(total frames, batches of every scan); checks the parameters or the file before returning."""
-    numbers = range(args.first_scan_number, args.first_scan_number + args.n_scans)
     if args.hdf5:
         info = inspect_stempy_hdf5(args.hdf5)
+        # A recorded scan keeps the number it was written with (if the file stores one): its map is named after it.
+        first = next(n for n in (args.first_scan_number, info.scan_number, 1) if n is not None)
+        numbers = range(first, first + args.n_scans)
         log.info(
-            "publishing %s: stempy v%d, scan %dx%d, frames %dx%d, %d frames",
+            "publishing %s as scan %d: stempy v%d, scan shape %dx%d, frame shape %dx%d, %d frames",
             args.hdf5,
+            first,
             info.version,
             *info.scan_shape,
             *info.frame_shape,
@@ -183,6 +205,8 @@ def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
         )
         batches = (b for n in numbers for b in read_stempy_hdf5(args.hdf5, args.batch_size, scan_number=n))
         return info.n_frames * args.n_scans, batches
+    first = 1 if args.first_scan_number is None else args.first_scan_number
+    numbers = range(first, first + args.n_scans)
     sims = [
         ScanSimulation(
             scan_shape=(args.scan_rows, args.scan_cols),

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from beamops.cli import main as beamops_main
+from beamops.io.hdf5 import write_stempy_hdf5
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.registry import discover
-from beamops.runner import flink_defaults, unknown_arguments
+from beamops.runner import FLINK_JOB_SERVER_LOGGER, flink_defaults, setup_logging, unknown_arguments
 from beamops.simulate import ScanSimulation
 from beamops.spec import OperatorSpec
 from beamops.testing import run_operator
-from jobs import com_pipeline
+from jobs import com_pipeline, simulate
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 
@@ -53,6 +57,8 @@ def test_unknown_operator_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
     assert beamops_main(["operators", "show", "no_such_op"]) == 2
     err = capsys.readouterr().err
     assert "no operator named 'no_such_op'" in err and "com_partial" in err
+    assert beamops_main(["operators", "show", "com_partal"]) == 2
+    assert "no operator named 'com_partal' (did you mean 'com_partial'?)" in capsys.readouterr().err
 
 
 def test_export_writes_one_valid_operator_json_each(tmp_path: Path) -> None:
@@ -257,6 +263,31 @@ def test_ctrl_c_stops_a_job_with_one_line_and_exit_130(
     assert "Traceback" not in err
 
 
+def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beam's in-process runner hands a KeyboardInterrupt raised in a DoFn back as a RuntimeError, after
+    logging its traceback: before, that was "the pipeline failed", exit 1."""
+    import apache_beam as beam
+
+    from beamops.runner import run
+
+    def press_ctrl_c(element: int) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # interrupted long before
+        return element
+
+    def build(pipeline: beam.Pipeline, values: dict[str, object]) -> None:
+        _ = pipeline | beam.Create([1]) | beam.Map(press_ctrl_c)
+
+    with caplog.at_level(logging.ERROR):
+        assert run({}, [], build, "job") == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("job: interrupted after")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("apache_beam")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_every_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -356,3 +387,127 @@ def test_help_after_the_pipeline_file_is_the_commands_help(capsys: pytest.Captur
         beamops_main(["pipeline", "run", str(ROOT / "pipelines" / "com_dpc.yaml"), "--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: beamops pipeline run")
+
+
+def test_a_rerun_into_the_same_out_dir_says_which_maps_it_replaces(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="jobs.com_pipeline"):
+        assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(tmp_path)]) == 0
+        assert not caplog.records  # nothing there yet
+        assert com_pipeline.main([*SMALL_SCAN, "--crop_radius", "5", "--out_dir", str(tmp_path)]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{tmp_path} already holds COM maps (scan_000001_com.npz): this run replaces")
+    assert "give another --out_dir to keep them" in warning
+
+
+def test_a_simulated_scan_too_large_for_the_reduce_is_refused_before_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Else every frame was made first (a mistyped --scan_rows 100000: hours, silently) and then dead-lettered."""
+    args = ["--scan_rows", "300", "--scan_cols", "300", "--max_state_mb", "1", "--out_dir", str(tmp_path)]
+    assert com_pipeline.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "python -m jobs.com_pipeline: error: --scan_rows 300 --scan_cols 300: scan 1: scan_shape (300, 300), "
+        "frame_shape (576, 576) and 90,000 frames need 3 MB of state, more than max_state_mb=1; raise "
+        "max_state_mb if the workers have the memory"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def stempy_file(path: Path, scan_number: int) -> Path:
+    """A 3x4 scan of 64x64 frames in stempy's layout, its scan number stored in metadata/beamops."""
+    sim = ScanSimulation(
+        scan_shape=(3, 4), frame_shape=(64, 64), disc_radius=8, shift_amplitude=2, scan_number=scan_number
+    )
+    write_stempy_hdf5(path, sim.batches(5))
+    return path
+
+
+@pytest.mark.parametrize(("extra", "expected"), [([], [7]), (["--first_scan_number", "3", "--n_scans", "2"], [3, 4])])
+def test_a_recorded_scan_is_published_under_the_number_its_file_stores(
+    tmp_path: Path, extra: list[str], expected: list[int]
+) -> None:
+    path = stempy_file(tmp_path / "scan_7.h5", scan_number=7)
+    args = simulate.parse_args(["--topic", "t", "--hdf5", str(path), *extra])
+    total, batches = simulate._scans(args)
+    assert total == 12 * len(expected)
+    assert sorted({b.header.scan_number for b in batches}) == expected
+
+
+def test_simulated_scans_are_still_numbered_from_1() -> None:
+    _, batches = simulate._scans(simulate.parse_args(["--topic", "t", "--scan_rows", "2", "--scan_cols", "2"]))
+    assert {b.header.scan_number for b in batches} == {1}
+
+
+def test_simulated_scan_options_given_with_a_recorded_file_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Else --scan_rows 40 --scan_cols 24 would be dropped without a word and the file published as it is."""
+    path = stempy_file(tmp_path / "scan.h5", scan_number=1)
+    with pytest.raises(SystemExit) as exited:
+        simulate.parse_args(["--topic", "t", "--hdf5", str(path), "--scan_rows", "40", "--scan_col=24"])
+    assert exited.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line.endswith("error: --scan_rows, --scan_cols: --hdf5 publishes the file's scan; the simulated scan's "
+                         "options do not apply")  # fmt: skip
+
+
+FLINK_JAR = "--flink_job_server_jar=/opt/job-server.jar"  # so no jar need be cached
+
+
+@pytest.fixture
+def local_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A state dir as `beamops flink up --port 18999` leaves it; returns its rendered conf dir."""
+    monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
+    monkeypatch.delenv("FLINK_CONF_DIR", raising=False)
+    conf = tmp_path / "flink-18999" / "conf"
+    conf.mkdir(parents=True)
+    (conf / "config.yaml").write_text("rest:\n  port: 18999\n")
+    (tmp_path / "flink-18999" / "state.json").write_text("{}")
+    return conf.resolve()
+
+
+def test_a_local_cluster_s_profile_goes_to_the_job_server(local_cluster: Path) -> None:
+    for master in ("127.0.0.1:18999", "localhost:18999", "http://127.0.0.1:18999"):
+        args = flink_defaults(["--runner=FlinkRunner", f"--flink_master={master}", FLINK_JAR])
+        assert f"--flink_conf_dir={local_cluster}" in args, master
+
+
+def test_a_given_conf_dir_or_another_master_gets_none_added(
+    local_cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = ["--runner=FlinkRunner", "--flink_master=127.0.0.1:18999", FLINK_JAR, "--flink_conf_dir=/etc/flink"]
+    assert [a for a in flink_defaults(given) if a.startswith("--flink_conf_dir")] == ["--flink_conf_dir=/etc/flink"]
+    for master in ("127.0.0.1:18998", "jobmanager:18999"):
+        args = flink_defaults(["--runner=FlinkRunner", f"--flink_master={master}", FLINK_JAR])
+        assert not [a for a in args if a.startswith("--flink_conf_dir")], master
+    monkeypatch.setenv("FLINK_CONF_DIR", "/etc/flink")  # Beam's job server reads it itself
+    args = flink_defaults(["--runner=FlinkRunner", "--flink_master=127.0.0.1:18999", FLINK_JAR])
+    assert not [a for a in args if a.startswith("--flink_conf_dir")]
+
+
+def test_the_flink_job_servers_metrics_dump_is_left_out_of_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """What Beam's Flink job server printed at the end of a job (shortened: about 3,300 lines of JSON)."""
+    runner = "[flink-runner-job-invoker-0] INFO org.apache.beam.runners.flink.FlinkPipelineRunner - "
+    printed = [
+        f"{runner}Execution finished in 10822 msecs",
+        f"{runner}Final accumulator values:",
+        f"{runner}__metricscontainers : {{",
+        '  "metrics": {',
+        '    "attempted": [{',
+        '      "urn": "beam:metric:pardo_execution_time:start_bundle_msecs:v1",',
+        "    }]",
+        "}",
+        "[grpc-default-executor-0] INFO org.apache.beam.runners.jobsubmission.InMemoryJobService - Getting job metrics",
+        "[flink-runner-job-invoker-1] ERROR org.apache.beam.runners.jobsubmission.JobInvocation - Error during job",
+        "org.apache.flink.client.program.ProgramInvocationException: Job failed",
+        "\tat org.apache.flink.runtime.jobmaster.JobResult.toJobExecutionResult(JobResult.java:146)",
+    ]
+    setup_logging()
+    job_server = logging.getLogger(FLINK_JOB_SERVER_LOGGER)
+    with caplog.at_level(logging.INFO, logger=FLINK_JOB_SERVER_LOGGER):
+        for line in printed:
+            job_server.info(line)
+    assert [r.getMessage() for r in caplog.records] == [printed[0], *printed[8:]]

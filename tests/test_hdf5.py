@@ -273,3 +273,5 @@ def test_the_simulate_job_rejects_a_bad_file_before_connecting(tmp_path, capsys)
     assert f"{path}: not a stempy electron-counted HDF5 file: unsupported stempy format version 7" in err
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(tmp_path / "no")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(tmp_path)]) == 2
+    assert f"{tmp_path}: a directory, not a file" in capsys.readouterr().err

@@ -15,14 +15,15 @@ from apache_beam.testing.test_stream import TestStream as BeamTestStream  # alia
 from apache_beam.testing.util import assert_that, equal_to
 from stempy.io import load_electron_counts
 
-from beamops import FrameHeader, Image, SparseFrameBatch
+from beamops import ComMap, FrameHeader, Image, SparseFrameBatch
 from beamops.io.hdf5 import read_stempy_hdf5, write_stempy_hdf5
 from beamops.testing import ScanSimulation, assert_com_close, run_operator, timestamped_stream
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.read_hdf5_frames import read_hdf5_frames
+from transforms.write_com_map import com_png_title
 from transforms.write_hdf5_frames import write_hdf5_frames
-from transforms.write_image import write_image
+from transforms.write_image import axis_labels, write_image
 
 SIMS = [
     ScanSimulation(scan_shape=(8, 6), frame_shape=(64, 80), frames_per_position=2, scan_number=n, seed=n)
@@ -260,3 +261,25 @@ def test_com_map_previews_are_rate_limited(tmp_path: Path) -> None:
     op = write_com_map(out_dir=str(tmp_path), write_progressive=True, max_preview_interval_s=3600, colormap="gray")
     result = run_operator(op, maps)
     assert sorted(Path(p).name for p in result.outputs) == ["scan_000009_com_latest.npz", "scan_000009_com_latest.png"]
+
+
+def test_the_picture_of_a_map_says_how_many_positions_are_blank() -> None:
+    sim = ScanSimulation(scan_shape=(6, 5), events_per_frame=50)
+
+    def final_map(**crop: float) -> ComMap:
+        return run_operator(lambda f: f | com_partial(**crop) | com_reduce(), sim.batches(7)).final_maps()[1]
+
+    assert com_png_title(final_map()) == "Scan 1: center of mass (final; 30 frames, 30/30 positions)"
+    empty = final_map(crop_radius=0.0, init_center_x=5.0, init_center_y=5.0)  # far from the disc: nothing kept
+    assert np.isnan(empty.x).all()
+    assert (
+        com_png_title(empty) == "Scan 1: center of mass (final; 30 frames, 30/30 positions; 30 without events, blank)"
+    )
+
+
+def test_an_image_names_its_axes_in_scan_or_detector_space() -> None:
+    header = ScanSimulation(scan_shape=(6, 5), frame_shape=(64, 72), disc_radius=8, shift_amplitude=2).header
+    scan_image = Image(header, "bf", np.zeros((6, 5), np.float32))
+    pattern = Image(header, "diffraction_sum", np.zeros((64, 72), np.float32))
+    assert axis_labels(scan_image) == ("scan column", "scan row")
+    assert axis_labels(pattern) == ("detector column", "detector row")

@@ -218,13 +218,10 @@ def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
     args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames"]
     args += ["--output_topic", "maps"] if to_topic else ["--out_dir", str(tmp_path)]
     assert com_pipeline.main(args) == 1  # the brokers are at fault, not the arguments (2)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    if to_topic:  # before the pipeline runs
-        assert last.startswith(f"python -m jobs.com_pipeline: error: cannot reach Kafka at 127.0.0.1:{refusing_port}")
-        assert "within 2 s" in last
-    else:
-        assert "error: the pipeline failed after" in last
-        assert f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 2 s (reading topic 'frames')" in last
+    # before the pipeline runs, checking the topics: once, whether it has an output topic or not
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"python -m jobs.com_pipeline: error: cannot reach Kafka at 127.0.0.1:{refusing_port}")
+    assert "within 2 s" in line
 
 
 @pytest.mark.parametrize(

@@ -189,5 +189,10 @@ class com_reduce(Operator):  # noqa: N801 - catalog names are lowercase like the
     inputs = {"in": Port(ComPartial, "Per-frame center-of-mass sums")}
     outputs = {"com_map": Port(ComMap, "Center of mass per scan position (x = column, y = row), px")}
 
+    def check_fits(self, header: FrameHeader) -> None:
+        """ScanTooLargeError if this operator would refuse a scan with ``header`` (more than max_state_mb):
+        a job that makes its own scans can refuse one before making every frame of it."""
+        _ComReduceFn(self.name, self.params).check_fits(header)
+
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
         return reduce_per_scan(main, "Reduce", _ComReduceFn(self.name, self.params), ComPartial, "com_map")

@@ -9,7 +9,8 @@ to a temporary name and renamed, so a reader never sees half a file.
 The ``.npz`` holds ``com`` (float32, ``[x, y]`` stacked, shape
 ``(2, scan_rows, scan_cols)``, x = column, the order of stempy's ``com``),
 ``x``, ``y`` and the scan's counters. The PNG shows x and y side by side with
-colour bars and the scan number in the title.
+colour bars, the scan number in the title, and how many positions are blank (NaN: no
+event kept there).
 """
 
 from __future__ import annotations
@@ -43,8 +44,23 @@ class WriteComMapParams(OperatorParams):
     )
 
 
+def com_png_title(com: ComMap) -> str:
+    """The PNG's title: scan number, state, frames and positions seen, and how many positions are blank."""
+    state = "final" if com.final else "progressive"
+    if com.final and not com.complete:
+        state = "final, INCOMPLETE"
+    # A position without kept events is NaN, drawn blank: the title says how many, so a blank map is explained.
+    empty = int(np.count_nonzero(np.isnan(com.x) | np.isnan(com.y)))
+    blank = f"; {empty} without events, blank" if empty else ""
+    return (
+        f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
+        f"{com.positions_seen}/{com.header.n_positions} positions{blank})"
+    )
+
+
 def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
-    """x and y maps side by side with colour bars; scan number and state in the title."""
+    """x and y maps (scan row down, scan column across) side by side with colour bars in detector px,
+    under :func:`com_png_title`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,13 +73,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
         ax.set_xlabel("scan column")
         ax.set_ylabel("scan row")
         fig.colorbar(image, ax=ax, label="detector px")
-    state = "final" if com.final else "progressive"
-    if com.final and not com.complete:
-        state = "final, INCOMPLETE"
-    fig.suptitle(
-        f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
-        f"{com.positions_seen}/{com.header.n_positions} positions)"
-    )
+    fig.suptitle(com_png_title(com))
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 

@@ -34,8 +34,18 @@ class WriteImageParams(OperatorParams):
     )
 
 
+def axis_labels(image: Image) -> tuple[str, str]:
+    """(x label, y label) of the image: scan or detector columns and rows, told apart by the image's shape."""
+    shape = image.data.shape
+    scan, detector = shape == image.header.scan_shape, shape == image.header.frame_shape
+    # A scan as large as the frames leaves it open which one the image spans.
+    space = "scan " if scan and not detector else "detector " if detector and not scan else ""
+    return f"{space}column", f"{space}row"
+
+
 def render_png(image: Image, path: Path, colormap: str) -> None:
-    """The image with a colour bar; scan number, name and state in the title."""
+    """The image (row down, column across, axes named by :func:`axis_labels`) with a colour bar; scan
+    number, name and state in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +53,8 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 5), constrained_layout=True)
     shown = ax.imshow(image.data, cmap=colormap, interpolation="nearest")
+    xlabel, ylabel = axis_labels(image)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(shown, ax=ax, label=image.units or None)
     state = "final" if image.final else "progressive"
     if image.final and not image.complete:

@@ -205,7 +205,7 @@ def _inspect(path: str, f: Any) -> StempyFileInfo:
 def _open(path: str) -> Any:
     h5py = _h5py()
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
     try:
         return h5py.File(path, "r")
     except OSError as exc:

@@ -240,6 +240,22 @@ def flink_runner_args(flink_master: str, *, conf_dir: str | os.PathLike[str] | N
     return args
 
 
+def local_conf_dir(flink_master: str) -> Path | None:
+    """The rendered config of the cluster that ``beamops flink up`` runs at ``flink_master``, or None.
+
+    Beam's job server builds each job's checkpoint settings (retention on cancel, timeout, tolerable
+    failures, min pause) from the config it reads, not from the cluster's: without it a job gets
+    Flink's defaults, whatever the profile says.
+    """
+    host, _, port = flink_master.split("://")[-1].rstrip("/").rpartition(":")
+    if host not in (HOST, "localhost") or not port.isdigit():
+        return None
+    cluster = FlinkCluster(int(port))
+    if cluster.state_path.is_file() and (cluster.conf_dir / "config.yaml").is_file():
+        return cluster.conf_dir
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config rendering
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import apache_beam as beam
@@ -1265,3 +1267,19 @@ def test_a_broker_restart_while_reading_and_publishing_loses_nothing(kafka_broke
     assert_same_map(com, reference_maps((SIM,))[SIM.scan_number])
     assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
     assert committed_offsets(kafka_broker, group, topic) == ends
+
+
+@pytest.mark.parametrize("job", [com_pipeline, replay])
+def test_a_missing_input_topic_is_refused_before_the_job_runs(
+    kafka_broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], job: ModuleType
+) -> None:
+    """Else the running job failed in a worker, with a traceback and exit 1."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", missing]
+    argv += ["--start", "earliest", "--stop", "latest", "--out_dir", str(tmp_path)]
+    assert job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"python -m {job.__name__}: error: Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}; "
+        "check --input_topic (the topic the frames are published to)"
+    ]
