@@ -88,6 +88,7 @@ from beamops.operator import (
     closest_name,
 )
 from beamops.ports import PortTypeError, check_connection, port_type
+from beamops.runner import runs_here
 
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
 DEFAULT_DEAD_LETTER_SINK = "write_dead_letters"
@@ -361,6 +362,8 @@ class PipelineDefinition:
         """Add every instance to ``pipeline``; returns each one's outputs by instance id (and 'dead_letters')."""
         if self.create_topics:
             self._create_topics()
+        if self.kafka is not None and runs_here(pipeline):
+            self._require_topics()
         outputs: dict[str, OperatorOutputs] = {}
         sources = {}
         for inst in self.instances.values():
@@ -399,13 +402,32 @@ class PipelineDefinition:
             results += list(outputs[DEAD_LETTERS].values())
         return results
 
+    def _kafka_topics(self) -> list[tuple[Instance, str]]:
+        """(instance, its topic) of every instance that reads or writes Kafka."""
+        instances = [*self.instances.values(), self.dead_letters]
+        topics = [(i, getattr(i.params, "topic", None)) for i in instances if needs_kafka_client(i.operator)]
+        return [(i, topic) for i, topic in topics if topic]
+
     def _create_topics(self) -> None:
         from beamops.io.kafka import ensure_topic
 
-        for inst in [*self.instances.values(), self.dead_letters]:
-            topic = getattr(inst.params, "topic", None)
-            if inst.operator.inputs and needs_kafka_client(inst.operator) and topic and self.kafka is not None:
+        for inst, topic in self._kafka_topics():
+            if inst.operator.inputs and self.kafka is not None:  # a sink's
                 ensure_topic(self.kafka, topic)
+
+    def _require_topics(self) -> None:
+        """OperatorParameterError naming the instance whose topic Kafka does not have: else a source fails
+        in a worker with a traceback, and a sink after the input was read. KafkaUnavailableError if Kafka
+        does not answer. Only for a pipeline that runs here: a cluster's workers may see other brokers."""
+        from beamops.io.kafka import require_topics
+
+        assert self.kafka is not None
+        for inst, topic in self._kafka_topics():
+            try:
+                require_topics(self.kafka, [topic])
+            except ValueError as exc:
+                hint = "; set create_topics: true in the kafka section to create it" if inst.operator.inputs else ""
+                raise OperatorParameterError(f"{self.source}: {inst.id}: {exc}{hint}") from None
 
     def summary(self) -> str:
         sources = [i.id for i in self.instances.values() if i.input is None]

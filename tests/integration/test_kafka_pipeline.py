@@ -1057,6 +1057,38 @@ operators:
     assert committed_offsets(kafka_broker, group, topic) == end_offsets(kafka_broker, topic)
 
 
+@pytest.mark.parametrize("missing", ["source", "maps"])
+def test_a_pipeline_definition_with_a_missing_topic_is_refused_before_it_runs(
+    kafka_broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    """Before, a missing source topic failed the run in a worker, with a traceback, and a missing sink
+    topic failed it once the input was read."""
+    from beamops.cli import main as beamops_main
+
+    topics = {"source": kafka_broker.new_topic(), "maps": kafka_broker.new_topic(prefix="com")}
+    topics[missing] = f"missing-{uuid.uuid4().hex[:8]}"
+    definition = tmp_path / "live.yaml"
+    definition.write_text(
+        f"""\
+name: live
+kafka: {{bootstrap_servers: "{kafka_broker.bootstrap_servers}"}}
+dead_letters: {{params: {{out_dir: "{tmp_path / "dead"}"}}}}
+operators:
+  source: {{operator: read_kafka_frames, params: {{topic: {topics["source"]}, start: earliest, stop: latest}}}}
+  partial: {{operator: com_partial, input: source.frames}}
+  reduce: {{operator: com_reduce, input: partial.com_partial}}
+  maps: {{operator: write_com_maps_kafka, input: reduce.com_map, params: {{topic: {topics["maps"]}}}}}
+"""
+    )
+    assert beamops_main(["pipeline", "run", str(definition)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    hint = "; set create_topics: true in the kafka section to create it" if missing == "maps" else ""
+    assert line == (
+        f"beamops pipeline run: error: {definition}: {missing}: Kafka topic {topics[missing]!r} does not exist on "
+        f"{kafka_broker.bootstrap_servers}{hint}"
+    )
+
+
 def test_a_live_run_commits_up_to_the_end_of_a_transactional_topic(kafka_broker):
     """A transactional producer leaves a commit marker after its messages: the group must get past it."""
     topic = kafka_broker.new_topic(partitions=2)
