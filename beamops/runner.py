@@ -132,6 +132,13 @@ def run(
                 return _interrupted(prog, started)
             log.debug("pipeline failed", exc_info=True)  # the worker's traceback is in the runner's log
             took = time.monotonic() - started
+            if "JobCancellationException" in str(exc):  # Beam's Flink runner reports a cancel as FAILED
+                print(
+                    f"{prog}: the job was cancelled on the Flink cluster after {took:.1f} s; to go on from where "
+                    "it stopped, submit it again with --savepoint_path=<its last checkpoint> (README: Run on Flink)",
+                    file=sys.stderr,
+                )
+                return 1
             print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
             return 1
     log.info("done in %.1f s", time.monotonic() - started)

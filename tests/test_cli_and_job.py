@@ -263,6 +263,25 @@ def test_ctrl_c_stops_a_job_with_one_line_and_exit_130(
     assert "Traceback" not in err
 
 
+def test_a_job_cancelled_on_flink_says_so_and_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import apache_beam as beam
+
+    def cancelled(self: beam.Pipeline) -> None:
+        # what Beam's PortableRunner raises when the Flink job was cancelled (its web UI, REST API, `flink cancel`)
+        raise RuntimeError(
+            "Pipeline BeamApp-root-1207173445-bc0fdd11_314851d7 failed in state FAILED: "
+            "org.apache.flink.runtime.client.JobCancellationException: Job was cancelled."
+        )
+
+    monkeypatch.setattr(beam.Pipeline, "run", cancelled)
+    assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m jobs.com_pipeline: the job was cancelled on the Flink cluster after ")
+    assert line.endswith("submit it again with --savepoint_path=<its last checkpoint> (README: Run on Flink)")
+
+
 def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
