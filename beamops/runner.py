@@ -292,6 +292,17 @@ def setup_logging() -> None:
     job_server = logging.getLogger(FLINK_JOB_SERVER_LOGGER)
     if not any(isinstance(f, WithoutMetricsDump) for f in job_server.filters):
         job_server.addFilter(WithoutMetricsDump())
+    beam_options = logging.getLogger("apache_beam.options.pipeline_options")
+    if _not_discarded not in beam_options.filters:
+        beam_options.addFilter(_not_discarded)
+
+
+def _not_discarded(record: logging.LogRecord) -> bool:
+    """Leaves out Beam's "Discarding unparseable args" and "Unparseable argument" warnings. :func:`run`
+    refuses every argument nothing knows before the pipeline is built, so those left are options Beam
+    forwards to a portable runner's job server (``--checkpointing_interval``): not discarded at all, and
+    Beam's "did you mean" for them points at an unrelated option."""
+    return not record.getMessage().startswith(("Discarding unparseable args", "Unparseable argument"))
 
 
 # Beam logs its job server's output, line by line, to a logger named after the server's class.

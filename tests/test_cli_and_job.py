@@ -530,3 +530,17 @@ def test_the_flink_job_servers_metrics_dump_is_left_out_of_the_log(caplog: pytes
         for line in printed:
             job_server.info(line)
     assert [r.getMessage() for r in caplog.records] == [printed[0], *printed[8:]]
+
+
+def test_options_forwarded_to_flinks_job_server_are_not_said_to_be_discarded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Beam warns "Discarding unparseable args" for the options it hands to the job server (the job adds
+    --checkpointing_interval itself); run() refuses any other unknown argument before that."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    setup_logging()
+    with caplog.at_level(logging.WARNING, logger="apache_beam.options.pipeline_options"):
+        options = PipelineOptions(flink_defaults(["--runner=FlinkRunner", "--flink_job_server_jar=/opt/js.jar"]))
+        options.get_all_options()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("apache_beam")]
