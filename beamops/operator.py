@@ -190,6 +190,9 @@ class OperatorMetrics:
 
     def observe(self, element: Any, started: float) -> None:
         self.batches.inc()
+        # A counter exists for the runner (Flink's metrics) once it is updated: at 0 from the first
+        # element, an alert on errors can be set up before the first error.
+        self.errors.inc(0)
         self.frames_in.inc(_frames(element))
         self.latency_us.update(int((time.perf_counter() - started) * 1e6))
 
