@@ -26,8 +26,9 @@ class DeadLetter:
     (for Kafka: topic, partition, offset). ``operator`` is the catalog name,
     ``instance`` the label of the operator instance in the pipeline (set when
     the letter leaves it; None for a letter made elsewhere). ``key`` and
-    ``headers`` are a Kafka source message's own (None otherwise), to publish a
-    fixed message again as it was; headers are user data that may hold secrets,
+    ``headers`` are a Kafka source message's own, to publish a fixed message
+    again as it was: ``headers`` is a tuple, empty if it had none, for such a
+    message and None for any other letter; ``key`` is None if it had none. Headers are user data that may hold secrets,
     so they stay out of ``origin`` (which is logged) and out of the repr.
     """
 

@@ -99,9 +99,12 @@ def test_a_message_that_does_not_decode_keeps_its_key_and_headers_outside_the_or
     assert letter.origin == {"topic": "frames", "partition": 2, "offset": 41, "timestamp_ms": 1_700_000_000_000}
 
 
-def test_a_message_without_key_or_headers_gives_a_letter_without_them() -> None:
+def test_a_message_without_key_or_headers_is_published_again_without_them() -> None:
     letter = decode_to_letter(_Message(b"\x00junk", None, None))
-    assert (letter.key, letter.headers) == (None, None)
+    assert (letter.key, letter.headers) == (None, ())
+    key, _, headers = dead_letter_record(letter)
+    assert key is None  # not the operator's name: the message had no key
+    assert [name for name, _ in headers] == [h for h in BEAMOPS_HEADERS if h != "beamops-instance"]  # no label yet
 
 
 def test_headers_are_never_logged_nor_in_the_repr(caplog: pytest.LogCaptureFixture) -> None:

@@ -621,7 +621,7 @@ class _ReadPartitionFn(beam.DoFn):
             batch = decode_sparse_batch(raw, origin)
         except FrameDecodeError as exc:
             # The key and headers too, so that a fixed message can be published again as it was.
-            letter = DeadLetter.from_raw(self._name, raw, exc, origin, key=msg.key(), headers=headers)
+            letter = DeadLetter.from_raw(self._name, raw, exc, origin, key=msg.key(), headers=headers or ())
             letter = self._metrics.dead_letter(letter)
             yield pvalue.TaggedOutput(DEAD_LETTER, TimestampedValue(letter, event_time))
             return
@@ -928,8 +928,8 @@ def com_map_record(com: ComMap) -> Record:
 def dead_letter_record(letter: DeadLetter) -> Record:
     """A dead letter as a Kafka message, from which a fixed message can be published again as it was.
 
-    Key = the original message's key when the letter has one (a Kafka source's message with a key),
-    else the operator's name. Value = the original bytes. Headers = the original message's headers
+    Key = a Kafka source's message's own key (none if it had none: ``headers`` is not None for such a
+    letter), else the operator's name. Value = the original bytes. Headers = the original message's headers
     (if any), then ``beamops-operator``, ``beamops-instance`` (when known), ``beamops-error-type``,
     ``beamops-error``, ``beamops-payload-format``, ``beamops-origin`` (JSON): the original headers
     are those before the last ``beamops-operator`` header.
@@ -943,7 +943,8 @@ def dead_letter_record(letter: DeadLetter) -> Record:
         ("beamops-payload-format", letter.payload_format.encode()),
         ("beamops-origin", json.dumps(letter.origin, default=str).encode()),
     ]
-    key = letter.key if letter.key is not None else letter.operator.encode()
+    from_a_source = letter.headers is not None
+    key = letter.key if from_a_source else letter.operator.encode()
     return key, letter.payload, [*(letter.headers or ()), *ours]
 
 
