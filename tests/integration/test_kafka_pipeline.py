@@ -1026,13 +1026,8 @@ def test_a_run_that_fails_before_its_maps_are_written_commits_nothing(kafka_brok
     assert committed_offsets(kafka_broker, group, topic) == end_offsets(kafka_broker, topic)
 
 
-def test_a_pipeline_definition_reading_kafka_commits_after_its_sinks(kafka_broker, tmp_path):
-    from beamops.cli import main as beamops_main
-
-    topic = kafka_broker.new_topic(partitions=2)
-    group = f"live-{uuid.uuid4().hex[:8]}"
-    publish(kafka_broker, topic, list(SIM.batches(BATCH)))
-    out = kafka_broker.new_topic(prefix="com")
+def com_definition(kafka_broker, tmp_path: Path, source_params: str, maps_topic: str) -> Path:
+    """A pipeline definition file: read_kafka_frames (``source_params``, YAML) -> COM -> ``maps_topic``."""
     definition = tmp_path / "live.yaml"
     definition.write_text(
         f"""\
@@ -1040,17 +1035,23 @@ name: live
 kafka: {{bootstrap_servers: "{kafka_broker.bootstrap_servers}"}}
 dead_letters: {{params: {{out_dir: "{tmp_path / "dead"}"}}}}
 operators:
-  source:
-    operator: read_kafka_frames
-    params: {{topic: {topic}, group_id: {group}, start: committed}}
+  source: {{operator: read_kafka_frames, params: {source_params}}}
   partial: {{operator: com_partial, input: source.frames}}
   reduce: {{operator: com_reduce, input: partial.com_partial}}
-  maps:
-    operator: write_com_maps_kafka
-    input: reduce.com_map
-    params: {{topic: {out}}}
+  maps: {{operator: write_com_maps_kafka, input: reduce.com_map, params: {{topic: {maps_topic}}}}}
 """
     )
+    return definition
+
+
+def test_a_pipeline_definition_reading_kafka_commits_after_its_sinks(kafka_broker, tmp_path):
+    from beamops.cli import main as beamops_main
+
+    topic = kafka_broker.new_topic(partitions=2)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    publish(kafka_broker, topic, list(SIM.batches(BATCH)))
+    out = kafka_broker.new_topic(prefix="com")
+    definition = com_definition(kafka_broker, tmp_path, f"{{topic: {topic}, group_id: {group}, start: committed}}", out)
     assert call_bounded(lambda: beamops_main(["pipeline", "run", str(definition)]), what="beamops pipeline run") == 0
     maps = final_maps(kafka_broker, out)
     assert_same_map(maps[SIM.scan_number][0], reference_maps((SIM,))[SIM.scan_number])
@@ -1067,19 +1068,8 @@ def test_a_pipeline_definition_with_a_missing_topic_is_refused_before_it_runs(
 
     topics = {"source": kafka_broker.new_topic(), "maps": kafka_broker.new_topic(prefix="com")}
     topics[missing] = f"missing-{uuid.uuid4().hex[:8]}"
-    definition = tmp_path / "live.yaml"
-    definition.write_text(
-        f"""\
-name: live
-kafka: {{bootstrap_servers: "{kafka_broker.bootstrap_servers}"}}
-dead_letters: {{params: {{out_dir: "{tmp_path / "dead"}"}}}}
-operators:
-  source: {{operator: read_kafka_frames, params: {{topic: {topics["source"]}, start: earliest, stop: latest}}}}
-  partial: {{operator: com_partial, input: source.frames}}
-  reduce: {{operator: com_reduce, input: partial.com_partial}}
-  maps: {{operator: write_com_maps_kafka, input: reduce.com_map, params: {{topic: {topics["maps"]}}}}}
-"""
-    )
+    source = f"{{topic: {topics['source']}, start: earliest, stop: latest}}"
+    definition = com_definition(kafka_broker, tmp_path, source, topics["maps"])
     assert beamops_main(["pipeline", "run", str(definition)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     hint = "; set create_topics: true in the kafka section to create it" if missing == "maps" else ""
