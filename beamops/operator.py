@@ -70,6 +70,12 @@ def closest_name(name: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when ``name`` looks like a typo of a known name ``x``, else ""."""
+    match = closest_name(name, known)
+    return f" (did you mean {match!r}?)" if match else ""
+
+
 class OperatorParams(BaseModel):
     """Base of every parameter model: unknown names are errors, values are frozen, and no float
     parameter is infinite or NaN."""
@@ -279,10 +285,7 @@ class Operator(beam.PTransform):
         known = sorted(cls.Params.model_fields)
         unknown = sorted(set(values) - set(known))
         if unknown:
-            named = ", ".join(
-                repr(name) + (f" (did you mean {match!r}?)" if (match := closest_name(name, known)) else "")
-                for name in unknown
-            )
+            named = ", ".join(repr(name) + did_you_mean(name, known) for name in unknown)
             raise OperatorParameterError(
                 f"operator {cls.name!r}: unknown parameter(s) {named}; known parameters: {known or 'none'}"
             )

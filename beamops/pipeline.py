@@ -85,7 +85,7 @@ from beamops.operator import (
     OperatorOutputs,
     OperatorParameterError,
     OperatorParams,
-    closest_name,
+    did_you_mean,
 )
 from beamops.ports import PortTypeError, check_connection, port_type
 from beamops.runner import runs_here
@@ -419,15 +419,16 @@ class PipelineDefinition:
         """OperatorParameterError naming the instance whose topic Kafka does not have: else a source fails
         in a worker with a traceback, and a sink after the input was read. KafkaUnavailableError if Kafka
         does not answer. Only for a pipeline that runs here: a cluster's workers may see other brokers."""
-        from beamops.io.kafka import require_topics
+        from beamops.io.kafka import missing_topics, no_such_topics
 
         assert self.kafka is not None
-        for inst, topic in self._kafka_topics():
-            try:
-                require_topics(self.kafka, [topic])
-            except ValueError as exc:
+        # the sinks' topics were just made when create_topics is set
+        used = [(i, t) for i, t in self._kafka_topics() if not (self.create_topics and i.operator.inputs)]
+        missing = missing_topics(self.kafka, [topic for _, topic in used])
+        for inst, topic in used:
+            if topic in missing:
                 hint = "; set create_topics: true in the kafka section to create it" if inst.operator.inputs else ""
-                raise OperatorParameterError(f"{self.source}: {inst.id}: {exc}{hint}") from None
+                raise OperatorParameterError(f"{self.source}: {inst.id}: {no_such_topics(self.kafka, [topic])}{hint}")
 
     def summary(self) -> str:
         sources = [i.id for i in self.instances.values() if i.input is None]
@@ -494,11 +495,6 @@ def _dotted(loc: YamlPath) -> str:
     return ".".join(str(k) for k in loc) or "(top level)"
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
-    match = closest_name(name, known)
-    return f" (did you mean {match!r}?)" if match else ""
-
-
 class _Checker:
     def __init__(self, source: str, lines: dict[YamlPath, int]) -> None:
         self.source = source
@@ -556,7 +552,7 @@ class _Checker:
                 known = sorted(operators) if isinstance(operators, dict) else []
                 self.error(
                     where,
-                    f"no instance {instance!r}{_suggest(instance, known)}; instances: {', '.join(known) or 'none'}",
+                    f"no instance {instance!r}{did_you_mean(instance, known)}; instances: {', '.join(known) or 'none'}",
                 )
                 continue
             if not isinstance(section, dict):
@@ -705,7 +701,7 @@ class _Checker:
         if op is None:
             self.error(
                 (*path, "operator"),
-                f"{label}: unknown operator {name!r}{_suggest(name, catalog)}; known: {', '.join(catalog)}",
+                f"{label}: unknown operator {name!r}{did_you_mean(name, catalog)}; known: {', '.join(catalog)}",
             )
             return None, None
         if needs_kafka_client(op) and not has_kafka:
@@ -765,7 +761,7 @@ class _Checker:
                 return None  # an instance with errors of its own, which say why
             self.error(
                 path,
-                f"{inst_id}: input {text!r}: no instance {upstream!r}{_suggest(upstream, specs)}; "
+                f"{inst_id}: input {text!r}: no instance {upstream!r}{did_you_mean(upstream, specs)}; "
                 f"instances: {', '.join(str(k) for k in specs)}",
             )
             return None

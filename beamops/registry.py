@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any
 
-from beamops.operator import Operator, closest_name
+from beamops.operator import Operator, did_you_mean
 
 ENTRY_POINT_GROUP = "beamops.operators"
 BUILTIN_PACKAGE = "transforms"
@@ -95,6 +95,5 @@ def get(name: str) -> type[Operator]:
     try:
         return ops[name]
     except KeyError:
-        match = closest_name(name, ops)
-        hint = f" (did you mean {match!r}?)" if match else ""
-        raise UnknownOperatorError(f"no operator named {name!r}{hint}; known: {', '.join(ops)}") from None
+        known = ", ".join(ops)
+        raise UnknownOperatorError(f"no operator named {name!r}{did_you_mean(name, ops)}; known: {known}") from None

@@ -136,6 +136,11 @@ def zeroed(shape: int | tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
     return array
 
 
+def seen_frames_bytes(header: FrameHeader) -> int:
+    """Bytes of the one bit per expected frame every accumulator keeps (none without total_frames)."""
+    return -(-(header.total_frames or 0) // 8)
+
+
 @dataclass
 class ScanProgress:
     """How far one scan has got: the base of every per-scan accumulator.
@@ -155,7 +160,7 @@ class ScanProgress:
     seen_frames: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.seen_frames = zeroed(-(-(self.header.total_frames or 0) // 8), np.uint8)
+        self.seen_frames = zeroed(seen_frames_bytes(self.header), np.uint8)
 
     @property
     def complete(self) -> bool:
@@ -393,7 +398,7 @@ class ScanReduceFn(beam.DoFn):
         """ScanTooLargeError if a scan with ``header`` needs more state than ``max_state_mb``: a corrupt
         or mistaken header must not take the worker's memory (its batches go to dead letters)."""
         h = header
-        needed = self.state_bytes(h) + -(-(h.total_frames or 0) // 8)  # and one bit per expected frame
+        needed = self.state_bytes(h) + seen_frames_bytes(h)
         if needed > self._params.max_state_mb * 1e6:
             frames = f" and {h.total_frames:,} frames" if h.total_frames is not None else ""
             raise ScanTooLargeError(

@@ -32,8 +32,9 @@ from beamops import OperatorParameterError
 from beamops.io.files import writable_dir
 from beamops.io.kafka import (
     ensure_topic,
+    missing_topics,
+    no_such_topics,
     read_kafka_frames,
-    require_topics,
     write_com_maps_kafka,
     write_dead_letters_kafka,
 )
@@ -76,19 +77,20 @@ def check_topics(pipeline: beam.Pipeline, client: KafkaClientConfig, input_topic
     """Refuse, before the job runs, ``outputs`` Kafka does not have (else they fail after the input was read;
     none to check when --create_topics made them) and an input topic it does not have (else the running
     job fails with a worker's traceback)."""
+    try:
+        missing = missing_topics(client, [*outputs, input_topic])
+    except KafkaUnavailableError as exc:
+        if runs_here(pipeline):
+            raise
+        # A cluster's workers may reach brokers this machine cannot.
+        log.warning("could not check the topics from here: %s", exc)
+        return
     hints = ((outputs, "pass --create_topics to create the job's output topics"),
              ([input_topic], "check --input_topic (the topic the frames are published to)"))  # fmt: skip
     for topics, hint in hints:
-        try:
-            require_topics(client, topics)
-        except ValueError as exc:
-            raise OperatorParameterError(f"{exc}; {hint}") from None
-        except KafkaUnavailableError as exc:
-            if runs_here(pipeline):
-                raise
-            # A cluster's workers may reach brokers this machine cannot.
-            log.warning("could not check the topics from here: %s", exc)
-            return
+        absent = [t for t in topics if t in missing]
+        if absent:
+            raise OperatorParameterError(f"{no_such_topics(client, absent)}; {hint}")
 
 
 def warn_earlier_maps(folder: Path) -> None:
@@ -155,11 +157,12 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     else:
         source = simulated_scan(operator_params(values, simulated_scan))
         check_simulated_scan_fits(source.params, reduce)
-    to_files = not from_kafka or bool(values.get("out_dir")) or not values.get("dead_letter_topic")
-    if to_files and runs_here(pipeline):
+    maps_to_files = not from_kafka or bool(values.get("out_dir"))
+    letters_to_kafka = from_kafka and bool(values.get("dead_letter_topic"))
+    if (maps_to_files or not letters_to_kafka) and runs_here(pipeline):
         # Its workers are this process: a directory they cannot write fails now, not after the input was read.
         folder = writable_dir(out_dir)
-        if not from_kafka or values.get("out_dir"):
+        if maps_to_files:
             warn_earlier_maps(folder)
     frames = pipeline | source
     maps = frames | com_partial(operator_params(values, com_partial)) | reduce
@@ -169,13 +172,13 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         sent = maps.com_map | write_com_maps_kafka(client=client, topic=values["output_topic"])
         dead_letters.append(sent.dead_letter)
         results.append(sent.written)
-    if not from_kafka or values.get("out_dir"):
+    if maps_to_files:
         written = maps.com_map | write_com_map(operator_params(values, write_com_map))
         written.main | "LogWritten" >> beam.Map(lambda path: log.info("wrote %s", path))
         dead_letters.append(written.dead_letter)
         results.append(written.main)
     all_dead = dead_letters | "AllDeadLetters" >> beam.Flatten()
-    if from_kafka and values.get("dead_letter_topic"):
+    if letters_to_kafka:
         results.append((all_dead | write_dead_letters_kafka(client=client, topic=values["dead_letter_topic"])).main)
     else:
         results.append((all_dead | write_dead_letters(out_dir=out_dir)).main)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -327,8 +328,6 @@ def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_
     ],
 )
 def test_the_simulate_job_refuses_a_disc_that_would_leave_the_frame(extra, says, capsys) -> None:
-    from jobs import simulate
-
     # No broker listens on port 9: the scan is checked first.
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra]) == 2
     assert says in capsys.readouterr().err
@@ -345,8 +344,6 @@ def test_the_simulate_job_refuses_a_disc_that_would_leave_the_frame(extra, says,
     ],
 )  # fmt: skip
 def test_the_simulate_job_names_the_option_it_refuses(extra: list[str], says: str, capsys) -> None:
-    from jobs import simulate
-
     with pytest.raises(SystemExit) as exited:
         simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra])
     assert exited.value.code == 2
@@ -354,8 +351,6 @@ def test_the_simulate_job_names_the_option_it_refuses(extra: list[str], says: st
 
 
 def test_the_simulate_job_refuses_a_kafka_setting_librdkafka_does_not_know(capsys) -> None:
-    from jobs import simulate
-
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--kafka_config", "foo.bar=1"]) == 2
     assert capsys.readouterr().err.strip().endswith('Kafka client settings: No such configuration property: "foo.bar"')
 
@@ -369,9 +364,6 @@ def test_a_secret_in_a_refused_kafka_setting_is_not_shown() -> None:
 def test_an_unreachable_flink_master_is_one_line_within_seconds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import socket
-    import time
-
     with socket.socket() as bound_not_listening:
         bound_not_listening.bind(("127.0.0.1", 0))
         master = f"127.0.0.1:{bound_not_listening.getsockname()[1]}"

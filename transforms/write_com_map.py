@@ -25,6 +25,7 @@ from pydantic import Field
 from beamops import ComMap, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
+from beamops.results import output_state
 from beamops.spec import Mount
 
 _previews = PreviewThrottle()
@@ -46,9 +47,7 @@ class WriteComMapParams(OperatorParams):
 
 def com_png_title(com: ComMap) -> str:
     """The PNG's title: scan number, state, frames and positions seen, and how many positions are blank."""
-    state = "final" if com.final else "progressive"
-    if com.final and not com.complete:
-        state = "final, INCOMPLETE"
+    state = output_state(com.final, com.complete)
     # A position without kept events is NaN, drawn blank: the title says how many, so a blank map is explained.
     empty = int(np.count_nonzero(np.isnan(com.x) | np.isnan(com.y)))
     blank = f"; {empty} without events, blank" if empty else ""

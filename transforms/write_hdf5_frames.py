@@ -103,15 +103,11 @@ class _WriteScanFn(beam.DoFn):
         """Write ``batches`` to ``path``, merged into the file this run wrote there before if any (a scan
         that paused for longer than ``gap_s``); how many of their frames were not in the file yet."""
         before = self._frames_written_by_this_run(path)
-        if before is None:
-            info = write_stempy_hdf5(
-                path, _each_frame_once_in_order(path, batches), overwrite=self._params.overwrite, run_id=self._run_id
-            )
-            return info.n_frames
-        earlier = read_stempy_hdf5(path, _FRAMES_PER_BATCH)
+        earlier = () if before is None else read_stempy_hdf5(path, _FRAMES_PER_BATCH)
         frames = _each_frame_once_in_order(path, batches, earlier)
-        # Replaced under a temporary name, so the file holds either the earlier sessions or all of them.
-        return write_stempy_hdf5(path, frames, overwrite=True, run_id=self._run_id).n_frames - before
+        # Written under a temporary name and renamed: a merge leaves either the earlier sessions or all of them.
+        overwrite = self._params.overwrite or before is not None
+        return write_stempy_hdf5(path, frames, overwrite=overwrite, run_id=self._run_id).n_frames - (before or 0)
 
     def _frames_written_by_this_run(self, path: Path) -> int | None:
         """How many frames the file at ``path`` holds if this run wrote it, else None."""

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
+from beamops.results import output_state
 from beamops.spec import Mount
 
 _previews = PreviewThrottle()
@@ -56,9 +57,7 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
     xlabel, ylabel = axis_labels(image)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(shown, ax=ax, label=image.units or None)
-    state = "final" if image.final else "progressive"
-    if image.final and not image.complete:
-        state = "final, INCOMPLETE"
+    state = output_state(image.final, image.complete)
     ax.set_title(f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames)")
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)

@@ -886,26 +886,29 @@ def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, rep
     return True
 
 
-def require_topics(client: KafkaClientConfig, topics: Iterable[str]) -> None:
-    """ValueError naming the ``topics`` Kafka does not have (a sink would find out only when it first
-    writes, after the input was read); KafkaUnavailableError if Kafka does not answer."""
+def missing_topics(client: KafkaClientConfig, topics: Iterable[str]) -> list[str]:
+    """Those of ``topics`` Kafka does not have, from one metadata request; KafkaUnavailableError if
+    Kafka does not answer."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     topics = list(topics)
     if not topics:
-        return
+        return []
     try:
         meta = AdminClient(client.client()).list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
         ) from exc
-    missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
-    if missing:
-        names = ", ".join(repr(t) for t in missing)
-        verb = "do not exist" if len(missing) > 1 else "does not exist"
-        raise ValueError(f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}")
+    return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+
+
+def no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
+    """What to say of ``missing`` topics (from :func:`missing_topics`)."""
+    names = ", ".join(repr(t) for t in missing)
+    verb = "do not exist" if len(missing) > 1 else "does not exist"
+    return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
 
 
 # --- sinks -------------------------------------------------------------------
