@@ -14,7 +14,7 @@ and connects each one's input to a named output port of another instance::
       operator: write_dead_letters
       params: {out_dir: out}
     operators:
-      source:                            # instance id: letters, digits, '_' and '-'
+      source:                            # instance id: a letter, then letters, digits, '_' or '-'
         operator: simulated_scan         # catalog name (beamops operators list)
         params: {scan_rows: 64, scan_cols: 64}
       partial:
@@ -55,10 +55,11 @@ named output and labelled with its instance id.
 ``overrides`` (``beamops pipeline run FILE --set ID.PARAM=VALUE``) replace
 parameters of an instance (or of ``dead_letters``); VALUE is read as YAML.
 
-Plain scalars are read as YAML 1.2 reads them (null, true/false, numbers,
-else text), not as PyYAML's YAML 1.1: ``10:50`` stays text (not 650), ``0123``
-is 123, ``no`` is the text "no" (a bool parameter still takes it as false), a
-date stays text. ``kafka.settings`` values keep the text as written.
+Plain scalars, keys and values, are read as YAML 1.2 reads them (null,
+true/false, numbers, else text), not as PyYAML's YAML 1.1: ``10:50`` stays text
+(not 650), ``0123`` is 123, ``no`` is the text "no" (a bool parameter still
+takes it as false; an instance may be called ``on``), a date stays text.
+``kafka.settings`` values keep the text as written.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ from beamops.runner import runs_here
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
 DEFAULT_DEAD_LETTER_SINK = "write_dead_letters"
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_ID_RULE = "a letter, then letters, digits, '_' or '-' (a '.' names a port)"
 
 YamlPath = tuple[Any, ...]
 _M = typing.TypeVar("_M", bound=BaseModel)
@@ -264,7 +266,7 @@ def _construct(
         loader.flatten_mapping(node)  # merge keys (<<)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _scalar(loader, key_node)
             if not isinstance(key, str | int | float | bool | None):
                 raise yaml.MarkedYAMLError(problem="a mapping key must be a scalar", problem_mark=key_node.start_mark)
             line = key_node.start_mark.line + 1
@@ -288,6 +290,16 @@ def _construct(
         # librdkafka takes every setting as text, and YAML 1.1 would change it first (0123 -> 83,
         # 12:30:45 -> 45045, 0x1F -> 31, yes -> True, a date -> a date): keep the text as written.
         return node.value
+    return _scalar(loader, node)
+
+
+def _as_written(key: Any) -> str:
+    """A mapping key as the YAML had it: an id may be read as a number, a bool or null."""
+    return "null" if key is None else str(key).lower() if isinstance(key, bool) else str(key)
+
+
+def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """A key or a value: a plain scalar as YAML 1.2 reads it, anything else (quoted, tagged) as PyYAML does."""
     if isinstance(node, yaml.ScalarNode) and node.style is None:
         return _core_scalar(node.value)
     return loader.construct_object(node, deep=True)
@@ -549,7 +561,7 @@ class _Checker:
                 section = operators[instance]
                 path = ("operators", instance)
             else:
-                known = sorted(operators) if isinstance(operators, dict) else []
+                known = sorted(map(_as_written, operators)) if isinstance(operators, dict) else []
                 self.error(
                     where,
                     f"no instance {instance!r}{did_you_mean(instance, known)}; instances: {', '.join(known) or 'none'}",
@@ -600,8 +612,11 @@ class _Checker:
         params: dict[str, OperatorParams | None] = {}
         for inst_id, spec in specs.items():
             path = ("operators", inst_id)
-            if not isinstance(inst_id, str) or not _ID.match(inst_id):
-                self.error(path, f"instance id {inst_id!r}: use letters, digits, '_' and '-' (a '.' names a port)")
+            if isinstance(inst_id, bool) or inst_id is None:  # a quoted 'true' would do
+                written = _as_written(inst_id)
+                self.error(path, f"instance id {written} is not text to YAML: quote it ('{written}')")
+            elif not isinstance(inst_id, str) or not _ID.match(inst_id):
+                self.error(path, f"instance id {inst_id!r}: {_ID_RULE}")
             elif inst_id == DEAD_LETTERS:
                 self.error(path, f"instance id {DEAD_LETTERS!r} is reserved for the dead-letter sink")
             ops[inst_id], params[inst_id] = self.check_operator(path, spec.operator, spec.params, catalog, has_kafka)
@@ -757,12 +772,13 @@ class _Checker:
         path = ("operators", inst_id, "input")
         upstream, dot, port = text.strip().partition(".")
         if upstream not in specs:
-            if upstream in declared:
-                return None  # an instance with errors of its own, which say why
+            if upstream in map(_as_written, declared):
+                return None  # an instance with errors of its own (a number as its id, too), which say why
+            ids = [_as_written(k) for k in specs]
             self.error(
                 path,
-                f"{inst_id}: input {text!r}: no instance {upstream!r}{did_you_mean(upstream, specs)}; "
-                f"instances: {', '.join(str(k) for k in specs)}",
+                f"{inst_id}: input {text!r}: no instance {upstream!r}{did_you_mean(upstream, ids)}; "
+                f"instances: {', '.join(ids)}",
             )
             return None
         up_op = ops[upstream]

@@ -449,6 +449,37 @@ def test_operator_parameters_are_read_as_yaml_1_2_scalars(annuli: str, names: st
     assert (params.annuli, params.names) == ("10:50", "no")
 
 
+@pytest.mark.parametrize("inst_id", ["on", "off", "yes", "no", "y", "n"])
+def test_instance_ids_are_read_as_yaml_1_2_text(inst_id: str) -> None:
+    # YAML 1.1 reads these keys as booleans: the id became True and the check crashed on it.
+    text = _SOURCE + f"  {inst_id}:\n    operator: com_partial\n    input: source.frames\n"
+    text += f"  reduce:\n    operator: com_reduce\n    input: {inst_id}.com_partial\n"
+    definition = parse_pipeline(text, "ids.yaml", [f"{inst_id}.crop_radius=3"])
+    assert definition.instances[inst_id].params.crop_radius == 3
+    assert definition.instances["reduce"].input == (inst_id, "com_partial")
+
+
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        ("1", "instance id 1: a letter, then letters, digits, '_' or '-'"),
+        ("'1'", "instance id '1': a letter, then letters, digits, '_' or '-'"),
+        ("true", "instance id true is not text to YAML: quote it ('true')"),
+        ("null", "instance id null is not text to YAML: quote it ('null')"),
+    ],
+)
+def test_an_instance_id_that_is_not_a_name_is_one_error_at_its_line(written: str, error: str) -> None:
+    # Before, a number or a boolean as an id crashed the check (TypeError in "did you mean").
+    text = _SOURCE + f"  {written}:\n    operator: com_partial\n    input: source.frames\n"
+    text += f"  reduce:\n    operator: com_reduce\n    input: {written.strip(chr(39))}.com_partial\n"
+    with pytest.raises(PipelineDefinitionError) as info:
+        parse_pipeline(text, "ids.yaml", ["other.crop_radius=3"])
+    message = str(info.value)
+    assert f"ids.yaml:6: {error}" in message
+    assert "--set other.crop_radius=3: no instance 'other'; instances: " in message
+    assert ".com_partial': no instance" not in message  # the id's own error says why
+
+
 def test_a_bool_given_for_a_number_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path, _IMAGES.format(annuli="10:50", names="a"))
     (error,) = _errors(path, ("source.scan_rows=true",))
