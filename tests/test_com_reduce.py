@@ -15,8 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -25,6 +23,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
 from apache_beam.testing.util import assert_that, equal_to
+from helpers import call_bounded
 
 from beamops import ComMap, ComPartial, FrameHeader, SparseFrameBatch
 from beamops.testing import (
@@ -707,21 +706,12 @@ def test_an_incomplete_scan_stamped_finer_than_a_millisecond_is_flushed_at_the_e
     milliseconds fired before it was due and was set again, for ever: the run never ended."""
     from transforms.simulated_scan import simulated_scan
 
-    outcome: dict[str, Any] = {}
+    def run() -> list[tuple[int, int, bool, bool]]:
+        drop_first = beam.Filter(lambda batch: int(batch.frame_numbers[0]) != 0)  # an incomplete scan
+        chain = simulated_scan(scan_rows=4, scan_cols=4, batch_size=5, frame_rate_hz=87_000.0)
+        result = run_operator(
+            lambda root: (root.pipeline | chain).frames | drop_first | com_partial() | com_reduce(emit_every=0), []
+        )
+        return [summary(m) for m in result.outputs]
 
-    def run() -> None:
-        try:
-            drop_first = beam.Filter(lambda batch: int(batch.frame_numbers[0]) != 0)  # an incomplete scan
-            chain = simulated_scan(scan_rows=4, scan_cols=4, batch_size=5, frame_rate_hz=87_000.0)
-            result = run_operator(
-                lambda root: (root.pipeline | chain).frames | drop_first | com_partial() | com_reduce(emit_every=0), []
-            )
-            outcome["maps"] = [summary(m) for m in result.outputs]
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(120)
-    assert not worker.is_alive(), "the run did not end within 120 s"
-    assert outcome.get("maps") == [(1, 11, True, False)], outcome
+    assert call_bounded(run, "the run", timeout=120) == [(1, 11, True, False)]

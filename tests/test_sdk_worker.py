@@ -12,91 +12,43 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
+from helpers import SDK_WORKER, call_bounded, sdk_worker_pool
 
 from beamops.runner import HARNESS_PLUGIN
-from beamops.services._local import free_port
 
-EXECUTABLE = Path(sys.executable).with_name("beamops-sdk-worker")
 JOB_TIMEOUT_S = 180
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s: {process.args}")
-
-
-@contextmanager
-def _pool(log: Path) -> Iterator[int]:
-    """The worker pool with ``--sdk_worker`` on a free port, its output in ``log``; yields the port. Stopped
-    (by PID) at the end as Ctrl-C would."""
-    port = free_port()
-    args = [sys.executable, "-m", "beamops.services.worker_pool", f"--port={port}", f"--sdk_worker={EXECUTABLE}"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, process)
-        yield port
-    finally:
-        process.send_signal(signal.SIGINT)  # the pool then stops the workers it started
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _run_on_pool(pool_port: int, build: Callable[[beam.Pipeline], None], *flags: str) -> None:
-    """Run the pipeline ``build`` makes on PortableRunner, its SDK worker from the pool on ``pool_port``."""
+def _run_on_pool(pool: str, build: Callable[[beam.Pipeline], None], *flags: str) -> None:
+    """Run the pipeline ``build`` makes on PortableRunner, its SDK worker from the pool at ``pool`` (host:port)."""
     options = PipelineOptions(
         [
             "--runner=PortableRunner",
             "--job_endpoint=embed",  # Beam's job service in this process, which honours the environment
             "--environment_type=EXTERNAL",
-            f"--environment_config=localhost:{pool_port}",
+            f"--environment_config={pool}",
             *flags,
         ]
     )
-    outcome: dict[str, BaseException] = {}
 
     def job() -> None:
-        try:
-            with beam.Pipeline(options=options) as p:
-                build(p)
-        except BaseException as exc:
-            outcome["error"] = exc
+        with beam.Pipeline(options=options) as p:
+            build(p)
 
     # A worker that cannot start, or is stuck, leaves the job waiting for it: bounded here.
-    running = threading.Thread(target=job, daemon=True)
-    running.start()
-    running.join(JOB_TIMEOUT_S)
-    assert not running.is_alive(), (
-        f"the job did not finish within {JOB_TIMEOUT_S} s (its SDK worker never came, or is stuck)"
-    )
-    assert "error" not in outcome, outcome
+    call_bounded(job, "the job (its SDK worker never came, or is stuck)", timeout=JOB_TIMEOUT_S)
 
 
 def test_the_console_script_is_installed() -> None:
-    assert EXECUTABLE.is_file() and os.access(EXECUTABLE, os.X_OK), EXECUTABLE
-    assert shutil.which("beamops-sdk-worker", path=str(EXECUTABLE.parent)) == str(EXECUTABLE)
+    assert SDK_WORKER.is_file() and os.access(SDK_WORKER, os.X_OK), SDK_WORKER
+    assert shutil.which("beamops-sdk-worker", path=str(SDK_WORKER.parent)) == str(SDK_WORKER)
 
 
 def test_a_pool_worker_starts_with_the_jobs_options_and_plugins(tmp_path: Path) -> None:
@@ -106,8 +58,8 @@ def test_a_pool_worker_starts_with_the_jobs_options_and_plugins(tmp_path: Path) 
         # bare `python -c` harness), which imported the harness from the job's --beam_plugins.
         assert_that(seen, equal_to([(True, "sdk_worker_main.py")]))
 
-    with _pool(tmp_path / "pool.log") as pool_port:
-        _run_on_pool(pool_port, build, f"--beam_plugins={HARNESS_PLUGIN}")
+    with sdk_worker_pool(tmp_path / "pool.log") as (pool, _):
+        _run_on_pool(pool, build, f"--beam_plugins={HARNESS_PLUGIN}")
 
 
 PRINTED_LINES = 256  # of 1 KB: four times a pipe's 64 KB buffer
@@ -127,6 +79,6 @@ def test_a_pool_worker_that_prints_a_lot_goes_on_and_its_output_is_in_the_pools(
         assert_that(p | beam.Create([0]) | beam.Map(print_lines), equal_to([0]))
 
     log = tmp_path / "pool.log"
-    with _pool(log) as pool_port:
-        _run_on_pool(pool_port, build)
+    with sdk_worker_pool(log) as (pool, _):
+        _run_on_pool(pool, build)
     assert log.read_text().count("printed by a DoFn") == PRINTED_LINES

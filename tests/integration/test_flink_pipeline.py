@@ -28,12 +28,13 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from helpers import child, sdk_worker_pool
 
 from beamops import ComMap
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
 from beamops.runner import HARNESS_PLUGIN
-from beamops.services._local import cmdline, environ, stop_process_group
+from beamops.services._local import cmdline, environ
 from beamops.services.flink_cluster import FlinkCluster
 from beamops.simulate import ScanSimulation
 from jobs import com_pipeline
@@ -43,7 +44,6 @@ from jobs import com_pipeline
 # never running again, with no error on either side. Select these tests with -m flink_streaming.
 pytestmark = [pytest.mark.integration, pytest.mark.flink_streaming]
 
-REPO = Path(__file__).resolve().parents[2]
 SIM = ScanSimulation(
     scan_shape=(32, 32), frame_shape=(64, 64), events_per_frame=30.0, disc_radius=8.0, shift_amplitude=3.0, seed=5
 )
@@ -51,7 +51,6 @@ BATCH = 64  # 16 messages per scan
 EMIT_EVERY = 256  # 3 progressive maps per scan before its final one
 JOB_START_S = 120.0  # job server start + submission + first SDK worker, on a loaded 2-core machine
 MAPS_S = 180.0
-SDK_WORKER = Path(sys.executable).with_name("beamops-sdk-worker")  # the console script, as docker/ runs it
 
 
 @pytest.fixture(scope="module")
@@ -62,35 +61,6 @@ def flink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-@contextmanager
-def child(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process in a process group of its own (its output in ``log``).
-
-    On the way out the whole group gets SIGTERM, then SIGKILL: the job's process starts Beam's job
-    server (a JVM) that would otherwise outlive it.
-    """
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop_process_group(proc)
-
-
-@contextmanager
-def worker_pool(log: Path) -> Iterator[tuple[str, int]]:
-    """The production worker pool on a free 127.0.0.1 port, its workers ``beamops-sdk-worker`` processes;
-    yields its ``host:port`` and PID."""
-    args = [sys.executable, "-m", "beamops.services.worker_pool", "--port", "0", "--sdk_worker", str(SDK_WORKER)]
-    with child(args, log) as proc:
-        deadline = time.monotonic() + 60
-        while "listening on" not in log.read_text():
-            assert proc.poll() is None, f"worker pool exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "worker pool did not start within 60 s"
-            time.sleep(0.2)
-        yield log.read_text().split("listening on ")[1].split()[0], proc.pid
 
 
 def children(pid: int) -> list[int]:
@@ -211,7 +181,7 @@ def test_com_pipeline_streams_on_flink_and_matches_the_direct_runner(flink, kafk
         pool_log = tmp_path / "worker-pool.log"
         pool_pid = None
         if environment == "EXTERNAL":
-            pool, pool_pid = stack.enter_context(worker_pool(pool_log))
+            pool, pool_pid = stack.enter_context(sdk_worker_pool(pool_log))
             job_args += ["--environment_type=EXTERNAL", f"--environment_config={pool}"]
         else:
             job_args += ["--environment_type=LOOPBACK"]

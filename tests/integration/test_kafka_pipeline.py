@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,8 +25,9 @@ import pyarrow as pa
 import pytest
 from apache_beam.metrics import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from helpers import Background, call_bounded, new_consumer, read_topic
 
 from beamops.frames import FrameDecodeError, SparseFrameBatch, decode_batch
 from beamops.io.kafka import read_kafka_frames
@@ -44,7 +44,6 @@ from transforms.com_reduce import com_reduce
 pytestmark = pytest.mark.integration
 
 BATCH = 32
-JOB_TIMEOUT_S = 120.0
 
 # 16x16 positions, two frames per position: 512 frames in 16 batches of 32, and every position's two
 # frames are in different batches, so in different partitions when published round-robin.
@@ -65,26 +64,6 @@ def scan(number: int) -> ScanSimulation:
 
 
 # --- running things with a bound ------------------------------------------------------------------
-
-
-def call_bounded(fn: Callable[[], Any], timeout: float = JOB_TIMEOUT_S, what: str = "job") -> Any:
-    """``fn()`` in a daemon thread: its result, its exception, or a test failure after ``timeout`` s."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = fn()
-        except BaseException as exc:  # re-raised in the test's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name=f"bounded-{what}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{what} did not finish within {timeout:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result")
 
 
 def run_job(main: Callable[[list[str]], int], kafka_broker, *args: str) -> None:
@@ -205,19 +184,8 @@ def produce_in_transaction(kafka_broker, topic: str, records: list[tuple[bytes, 
     producer.commit_transaction(30)
 
 
-def new_consumer(kafka_broker, group_id: str | None = None) -> Consumer:
-    return Consumer(
-        {
-            "bootstrap.servers": kafka_broker.bootstrap_servers,
-            "group.id": group_id or f"test-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-
-
 def end_offsets(kafka_broker, topic: str) -> dict[int, int]:
-    consumer = new_consumer(kafka_broker)
+    consumer = new_consumer(kafka_broker.bootstrap_servers)
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
@@ -227,7 +195,7 @@ def end_offsets(kafka_broker, topic: str) -> dict[int, int]:
 
 def committed_offsets(kafka_broker, group_id: str, topic: str) -> dict[int, int]:
     """The group's committed offset per partition (negative: none)."""
-    consumer = new_consumer(kafka_broker, group_id)
+    consumer = new_consumer(kafka_broker.bootstrap_servers, group_id)
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
@@ -242,34 +210,10 @@ def consumer_groups(kafka_broker) -> set[str]:
     return {g.group_id for g in admin.list_consumer_groups(request_timeout=10).result(timeout=15).valid}
 
 
-def read_topic(kafka_broker, topic: str, timeout: float = 30.0) -> list[Any]:
-    """Every message of the topic up to its current end, in (partition, offset) order."""
-    consumer = new_consumer(kafka_broker)
-    try:
-        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
-        wanted = {p: high for p, (low, high) in ends.items() if high > low}
-        consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in wanted])
-        messages = []
-        deadline = time.monotonic() + timeout
-        while wanted and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
-            messages.append(msg)
-            if msg.offset() + 1 >= wanted.get(msg.partition(), 0):
-                wanted.pop(msg.partition(), None)
-        assert not wanted, f"partitions {sorted(wanted)} of {topic} not read to their end in {timeout:g} s"
-        assert len(messages) == sum(high - low for low, high in ends.values())
-        return sorted(messages, key=lambda m: (m.partition(), m.offset()))
-    finally:
-        consumer.close()
-
-
 def com_maps(kafka_broker, topic: str) -> list[tuple[ComMap, bytes]]:
     """Every ComMap on an output topic (progressive and final), with its message bytes."""
     found = []
-    for msg in read_topic(kafka_broker, topic):
+    for msg in read_topic(kafka_broker.bootstrap_servers, topic):
         headers = dict(msg.headers() or [])
         assert headers["beamops-kind"] == b"com_map"
         com = ComMap.from_bytes(msg.value())
@@ -339,7 +283,7 @@ class Letter:
 def dead_letters(kafka_broker, topic: str) -> list[Letter]:
     return [
         Letter(dict(m.headers() or []), m.value() or b"", m.key(), tuple(m.headers() or ()))
-        for m in read_topic(kafka_broker, topic)
+        for m in read_topic(kafka_broker.bootstrap_servers, topic)
     ]
 
 
@@ -610,7 +554,7 @@ def test_messages_of_several_megabytes_go_through(kafka_broker):
     batches = list(sim.batches(65_536))
     topic = kafka_broker.new_topic(partitions=2)
     publish(kafka_broker, topic, batches)
-    assert min(len(m.value()) for m in read_topic(kafka_broker, topic)) > 1_100_000
+    assert min(len(m.value()) for m in read_topic(kafka_broker.bootstrap_servers, topic)) > 1_100_000
     args = job_topics(kafka_broker, topic)
     run_job(com_pipeline.main, kafka_broker, *args, "--emit_every", "0")
     assert dead_letters(kafka_broker, topic_arg(args, "--dead_letter_topic")) == []
@@ -705,11 +649,11 @@ def test_a_reader_reads_partition_after_partition_with_one_consumer(kafka_broker
     from beamops.io import kafka
 
     made: list[bool] = []
-    new_consumer = kafka._consumer
+    make_consumer = kafka._consumer
 
     def counted(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
         made.append(bounded)
-        return new_consumer(client, group_id, bounded=bounded)
+        return make_consumer(client, group_id, bounded=bounded)
 
     monkeypatch.setattr(kafka, "_consumer", counted)
     assert read_range(kafka_broker, numbered_topic, "earliest", "latest") == list(range(16))
@@ -975,8 +919,8 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     # Live run 3 has nothing new to read.
     live_3 = job_topics(kafka_broker, topic)
     run_job(com_pipeline.main, kafka_broker, *live_3, *resume)
-    assert read_topic(kafka_broker, topic_arg(live_3, "--output_topic")) == []
-    assert read_topic(kafka_broker, topic_arg(live_3, "--dead_letter_topic")) == []
+    assert read_topic(kafka_broker.bootstrap_servers, topic_arg(live_3, "--output_topic")) == []
+    assert read_topic(kafka_broker.bootstrap_servers, topic_arg(live_3, "--dead_letter_topic")) == []
     assert committed_offsets(kafka_broker, group, topic) == ends_2
 
 
@@ -1233,50 +1177,35 @@ def test_a_broker_restart_while_reading_and_publishing_loses_nothing(kafka_broke
     publisher.publish_all(batches[:head])
     publisher.flush(30)
 
-    job: dict[str, Any] = {}
-
-    def pipeline() -> None:
-        try:
-            job["status"] = com_pipeline.main(
-                ["--bootstrap_servers", kafka_broker.bootstrap_servers, *args, "--group_id", group, "--stop", stop]
-            )
-        except BaseException as exc:
-            job["error"] = exc
-
     published_at: list[float] = []
 
-    def rest() -> None:
-        try:
-            # The rest of the scan, one batch every 0.4 s (about 4.5 s): across the restart.
-            for batch in batches[head:]:
-                publisher.publish(batch)
-                published_at.append(time.monotonic())
-                time.sleep(0.4)
-            publisher.flush(90)
-            job["published"] = publisher.stats().batches
-        except BaseException as exc:
-            job["publish_error"] = exc
+    def rest() -> int:
+        # The rest of the scan, one batch every 0.4 s (about 4.5 s): across the restart.
+        for batch in batches[head:]:
+            publisher.publish(batch)
+            published_at.append(time.monotonic())
+            time.sleep(0.4)
+        publisher.flush(90)
+        return publisher.stats().batches
 
-    reader = threading.Thread(target=pipeline, daemon=True, name="com-pipeline")
-    writer = threading.Thread(target=rest, daemon=True, name="publisher")
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, *args, "--group_id", group, "--stop", stop]
     with log_records("beamops.io.kafka") as records:
-        reader.start()
+        reader = Background(lambda: com_pipeline.main(argv), "the pipeline")
         # The partitions are resolved, so the pipeline is reading and waits for the rest of the scan.
         wait_for(lambda: sum("]: offsets" in r.getMessage() for r in list(records)) >= partitions, 60, "read start")
         time.sleep(1.0)
-        assert reader.is_alive(), job
-        writer.start()
+        # On failure the message is its exit status (or its exception is raised here).
+        assert reader.is_alive(), f"the pipeline ended before the rest of the scan was published: {reader.result(0)}"
+        writer = Background(rest, "the publisher")
         time.sleep(0.5)
         old_pid = kafka_broker.status().pid
         restarting = time.monotonic()
         kafka_broker.restart()
         restarted = time.monotonic()
-        writer.join(120)
-        reader.join(120)
-    assert not writer.is_alive(), "the publisher did not finish within 120 s"
-    assert not reader.is_alive(), "the pipeline did not finish within 120 s"
-    assert "publish_error" not in job and job.get("published") == len(batches), job
-    assert "error" not in job and job.get("status") == 0, job
+        published = writer.result(120)
+        status = reader.result(120)
+    assert published == len(batches)
+    assert status == 0
     # It was a real restart, and the detector went on publishing while the broker was away.
     assert kafka_broker.status().pid != old_pid
     assert any(restarting < t < restarted for t in published_at), (restarting, restarted, published_at)

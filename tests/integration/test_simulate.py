@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import uuid
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
+from helpers import Background, read_topic
 from stempy.io import SparseArray, load_electron_counts
 
 from beamops import FrameDecodeError, SparseFrameBatch, decode_batch
@@ -44,38 +44,6 @@ SIM_ARGS = [
     "--seed=11",
     "--progress=off",
 ]
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every message of the topic, read partition by partition up to the current end."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
-        wanted = {p: high for p, (low, high) in ends.items() if high > low}
-        consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in wanted])
-        messages = []
-        deadline = time.monotonic() + 30
-        while wanted and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
-            messages.append(msg)
-            if msg.offset() + 1 >= wanted.get(msg.partition(), 0):
-                wanted.pop(msg.partition(), None)
-        assert not wanted, f"partitions {sorted(wanted)} of {topic} not read to their end in 30 s"
-        # Exactly what the log holds: no message missing and none written twice.
-        assert len(messages) == sum(high - low for low, high in ends.values())
-        return messages
-    finally:
-        consumer.close()
 
 
 def decoded(messages: list) -> list[SparseFrameBatch]:
@@ -280,15 +248,13 @@ def test_a_broker_restart_while_publishing_loses_and_duplicates_nothing(kafka_br
     topic = kafka_broker.new_topic(partitions=4)
     sim = replace(SIM, scan_shape=(20, 40), frames_per_position=1)  # 800 frames
     args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=40", "--frames_per_position=1", "--batch_size=20"]
-    result = {}
-    job = threading.Thread(target=lambda: result.setdefault("status", run(kafka_broker, topic, *args, "--rate=800")))
-    job.start()
+    job = Background(lambda: run(kafka_broker, topic, *args, "--rate=800"), "the simulator")
     try:
         time.sleep(0.3)  # a few batches out, most still to come
         kafka_broker.restart()
     finally:
-        job.join(timeout=120)
-    assert result.get("status") == 0
+        status = job.result(120)
+    assert status == 0
 
     messages = read_topic(kafka_broker.bootstrap_servers, topic)
     assert len(messages) == sim.n_batches(20)
