@@ -58,14 +58,13 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     ``--beam_plugins=beamops.harness``, so an SDK worker started as a process of its own (the
     docker images' worker pool) applies :mod:`beamops.harness` before its first bundle.
     """
-    from beamops.services.flink_cluster import FLINK_MINOR, flink_runner_args, local_conf_dir
+    from beamops.services.flink_cluster import flink_runner_args, local_conf_dir
 
     master = _given(beam_args, "flink_master") or "localhost:8081"
-    if _given(beam_args, "flink_job_server_jar"):
-        # Only the jar is the user's: without a master, Beam's job server would start a Flink of its own.
-        extra = [f"--flink_version={FLINK_MINOR}", f"--flink_master={master}"]
-    else:
-        extra = flink_runner_args(master)
+    # With FLINK_CONF_DIR set, Beam's job server reads that one itself.
+    conf_dir = None if os.environ.get("FLINK_CONF_DIR") else local_conf_dir(master)
+    # A jar the user gave still gets the master: without one, Beam's job server would start a Flink of its own.
+    extra = flink_runner_args(master, conf_dir=conf_dir, jar=_given(beam_args, "flink_job_server_jar"))
     defaults = {
         "environment_type": "LOOPBACK",
         "checkpointing_interval": "10000",
@@ -74,9 +73,6 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     }
     if bounded:
         defaults["shutdown_sources_after_idle_ms"] = "1000"
-    conf_dir = local_conf_dir(master)
-    if conf_dir is not None and not os.environ.get("FLINK_CONF_DIR"):  # the job server reads that one itself
-        defaults["flink_conf_dir"] = str(conf_dir)
     for name, value in defaults.items():
         if _given(beam_args, name) is None and f"--{name}" not in beam_args:
             extra.append(f"--{name}" if value is None else f"--{name}={value}")

@@ -213,15 +213,21 @@ def job_server_jar(flink_minor: str = FLINK_MINOR, version: str | None = None) -
     return None
 
 
-def flink_runner_args(flink_master: str, *, conf_dir: str | os.PathLike[str] | None = None) -> list[str]:
+def flink_runner_args(
+    flink_master: str,
+    *,
+    conf_dir: str | os.PathLike[str] | None = None,
+    jar: str | os.PathLike[str] | None = None,
+) -> list[str]:
     """The options that point Beam's FlinkRunner at a cluster: version, master and job-server jar.
 
     ``flink_master`` is ``host:port`` of the REST API (``127.0.0.1:8081``). ``conf_dir``, when given,
     adds ``--flink_conf_dir`` so that Beam's job server reads that cluster's config (parallelism,
-    state backend, checkpoint storage). Raises :class:`JobServerJarMissingError` when there is no jar: Beam
+    state backend, checkpoint storage). ``jar``: one the user named, taken as it is; else
+    :func:`job_server_jar` looks for one. Raises :class:`JobServerJarMissingError` when there is no jar: Beam
     would otherwise try to download it from Maven Central at run time, which fails here.
     """
-    jar = job_server_jar()
+    jar = jar or job_server_jar()
     if jar is None:
         version = beam_version()
         artifact, _ = _job_server_name(FLINK_MINOR, version)
