@@ -354,7 +354,9 @@ class _ResolvePartitionsFn(beam.DoFn):
                 continue  # offset:P=N lists only some partitions
             if stop.kind == "offset" and end is None:
                 end = begin  # the stop map does not name this partition: read nothing from it
-            if start.kind == stop.kind == "offset" and end < begin:  # whatever the log holds
+            # Two offsets are refused whatever the log holds; any other start only when it is in the log
+            # (_start_in_log moves a start before the log, and reads nothing from one past its end).
+            if end is not None and end < begin and (start.kind == stop.kind == "offset" or low <= begin <= high):
                 raise ValueError(f"Kafka topic {topic!r} partition {q}: the stop ({end}) is before the start ({begin})")
             begin = _start_in_log(topic, q, begin, end, low, high)
             log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, end, low, high)
@@ -378,8 +380,8 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
 
     Offsets before ``low`` are gone (retention, compaction, deleted records): the read starts at
     ``low`` and says so. A start past ``high`` is refused (Kafka cannot fetch an offset not yet
-    written) unless the stop leaves nothing to read, which is said and read as empty. So is a stop
-    before the start.
+    written) unless the stop leaves nothing to read, which is said and read as empty. A stop before
+    a start in the log is the caller's to refuse.
     """
     if begin < low:
         log.warning(
@@ -400,8 +402,6 @@ def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: 
             f"Kafka topic {topic!r} partition {partition}: the start offset {begin} is past the end of its "
             f"log (next offset {high}); start at {high} or before"
         )
-    if end is not None and end < begin:
-        raise ValueError(f"Kafka topic {topic!r} partition {partition}: the stop ({end}) is before the start ({begin})")
     return begin
 
 
