@@ -166,6 +166,7 @@ class OperatorMetrics:
         self.frames_out = Metrics.counter(METRICS_NAMESPACE, "frames_out")
         self.errors = Metrics.counter(METRICS_NAMESPACE, "errors")
         self.latency_us = Metrics.distribution(METRICS_NAMESPACE, "batch_latency_us")
+        self.duplicate_frames = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
         self._logged_at = -float("inf")
         self._unlogged = 0
 
@@ -194,6 +195,14 @@ class OperatorMetrics:
         letter = self.dead_letter(DeadLetter.from_exception(self.operator, element, exc))
         return pvalue.TaggedOutput(DEAD_LETTER, letter)
 
+    def skipped_redeliveries(self, log: logging.Logger | InstanceLogger, scan: int, frames: int, done: str) -> None:
+        """Count ``frames`` of ``scan`` skipped because they were already ``done`` ("reduced", "written")
+        and say so in the operator's ``log``: Kafka is at-least-once, so a restart redelivers frames."""
+        if frames:
+            self.duplicate_frames.inc(frames)
+            # stacklevel: the record names the operator's line that called this, not this one
+            log.warning("scan %d: skipped %d frames already %s (redelivered)", scan, frames, done, stacklevel=2)
+
     def observe(self, element: Any, started: float) -> None:
         self.batches.inc()
         # A counter exists for the runner (Flink's metrics) once it is updated: at 0 from the first
@@ -201,6 +210,22 @@ class OperatorMetrics:
         self.errors.inc(0)
         self.frames_in.inc(_frames(element))
         self.latency_us.update(int((time.perf_counter() - started) * 1e6))
+
+
+class InstanceLogger(logging.LoggerAdapter):
+    """The logger of an operator's module, whose lines start with the operator instance's label.
+
+    The logger's name says which operator; a pipeline may apply one operator twice (two com_reduce on
+    different crops), and only the label tells their lines apart. Records also carry it as ``instance``.
+    """
+
+    def __init__(self, module: str, instance: str) -> None:
+        super().__init__(logging.getLogger(module), {"instance": instance})
+
+    def log(self, level: int, msg: str, *args: Any, stacklevel: int = 1, **kwargs: Any) -> None:
+        # The label as an argument, not in the format string: a label may hold a '%'. One frame further
+        # up, a record's line and function are the operator's, not this method's.
+        super().log(level, "%s: " + msg, self.extra["instance"], *args, stacklevel=stacklevel + 1, **kwargs)
 
 
 def _frames(element: Any) -> int:
@@ -342,7 +367,7 @@ class Operator(beam.PTransform):
         for port_name, port in self.outputs.items():
             built[port_name].element_type = port.type
             built[port_name].beamops_port = f"{self.label}.{port_name}"
-        # Here, not in each DoFn, so every operator's letters say which instance made them: the DoFns
+        # Here, not in each DoFn, so every operator's letters say which instance made them: most DoFns
         # know only the catalog name, shared by every instance of the operator.
         built[DEAD_LETTER] = built[DEAD_LETTER] | "NameInstance" >> beam.Map(_with_instance, self.label)
         if upstream_dead is not None:

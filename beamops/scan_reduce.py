@@ -33,7 +33,6 @@ builds the keyed ParDo.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -53,7 +52,14 @@ from numba import njit
 from pydantic import Field
 
 from beamops.frames import FrameHeader, SparseFrameBatch
-from beamops.operator import DEAD_LETTER, LONGEST_DURATION_S, METRICS_NAMESPACE, OperatorMetrics, OperatorParams
+from beamops.operator import (
+    DEAD_LETTER,
+    LONGEST_DURATION_S,
+    METRICS_NAMESPACE,
+    InstanceLogger,
+    OperatorMetrics,
+    OperatorParams,
+)
 
 
 class ScanReduceParams(OperatorParams):
@@ -312,9 +318,12 @@ class ScanReduceFn(beam.DoFn):
     TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
     progressive_metric: ClassVar[str] = "progressive_outputs"
 
-    def __init__(self, name: str, params: ScanReduceParams) -> None:
+    def __init__(self, name: str, params: ScanReduceParams, instance: str | None = None) -> None:
+        """``name``: the catalog name (dead letters, metrics); ``instance``: the label the operator was
+        applied with, which starts its log lines (else ``name``)."""
         self._name = name
         self._params = params
+        self._instance = instance or name
 
     # --- what an operator provides ----------------------------------------------------------
 
@@ -335,12 +344,11 @@ class ScanReduceFn(beam.DoFn):
 
     def setup(self) -> None:
         _weigh_state_without_module_scan()
-        self._log = logging.getLogger(type(self).__module__)
+        self._log = InstanceLogger(type(self).__module__, self._instance)
         self._metrics = OperatorMetrics(self._name)
         self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
         self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
         self._progressive = Metrics.counter(METRICS_NAMESPACE, self.progressive_metric)
-        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
 
     def process(
         self,
@@ -366,11 +374,7 @@ class ScanReduceFn(beam.DoFn):
         finally:
             self._metrics.observe(batch, started)
 
-        if duplicates:
-            self._duplicates.inc(duplicates)
-            self._log.warning(
-                "scan %d: skipped %d frames already %s (redelivered)", scan_number, duplicates, params.frames_verb
-            )
+        self._metrics.skipped_redeliveries(self._log, scan_number, duplicates, params.frames_verb)
         state.latest = max(timestamp, state.latest or timestamp)
 
         if acc.complete:

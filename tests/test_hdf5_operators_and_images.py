@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import logging
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
@@ -15,7 +18,7 @@ from apache_beam.testing.test_stream import TestStream as BeamTestStream  # alia
 from apache_beam.testing.util import assert_that, equal_to
 from stempy.io import load_electron_counts
 
-from beamops import ComMap, FrameHeader, Image, SparseFrameBatch
+from beamops import ComMap, FrameHeader, Image, OperatorParameterError, SparseFrameBatch
 from beamops.io.hdf5 import read_stempy_hdf5, write_stempy_hdf5
 from beamops.testing import ScanSimulation, assert_com_close, run_operator, timestamped_stream
 from transforms.com_partial import com_partial
@@ -72,6 +75,61 @@ def test_a_saved_scan_holds_each_frame_once_in_frame_number_order(tmp_path: Path
     np.testing.assert_array_equal(saved.scan_positions, whole.scan_positions)
     np.testing.assert_array_equal(saved.offsets, whole.offsets)
     np.testing.assert_array_equal(saved.events, whole.events)
+
+
+def test_the_writer_says_how_many_redelivered_frames_it_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In the words of the per-scan reductions: one helper counts them and says so for both."""
+    batches = list(SIMS[0].batches(16))
+    caplog.set_level(logging.WARNING, logger="transforms.write_hdf5_frames")
+    result = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), [*batches, batches[1]])
+    assert result.counter("duplicate_frames") == 16
+    logged = [(r.getMessage(), r.funcName) for r in caplog.records if r.name == "transforms.write_hdf5_frames"]
+    assert logged == [("scan 3: skipped 16 frames already written (redelivered)", "process")]
+
+
+def _bad(batch: SparseFrameBatch, fault: str) -> SparseFrameBatch:
+    """``batch`` with one fault."""
+    if fault == "frame_shape":
+        other = ScanSimulation(scan_shape=(8, 6), frame_shape=(64, 64), frames_per_position=2, scan_number=3)
+        return replace(batch, header=other.header)
+    if fault == "scan_positions":
+        return replace(batch, scan_positions=np.full(batch.n_frames, SIMS[0].n_positions, np.uint32))
+    return replace(batch, events=batch.events + np.uint32(64 * 80))  # fault == "events"
+
+
+@pytest.mark.parametrize(
+    ("fault", "redelivered", "refused"),
+    [
+        ("frame_shape", False, r"scan_000003.h5: one file holds one scan, but a batch has frame_shape \(64, \d+\)"),
+        ("scan_positions", False, r"^scan position 48 out of range for scan_shape \(8, 6\)$"),
+        ("events", False, r"^event index \d+ out of range for frame_shape \(64, 80\)$"),
+        # A bad copy of frames that came before is refused too, not dropped as a redelivery unread.
+        ("scan_positions", True, r"^scan position 48 out of range for scan_shape \(8, 6\)$"),
+    ],
+)
+def test_a_bad_batch_sends_its_scan_to_dead_letters_saying_what_is_wrong(
+    tmp_path: Path, fault: str, redelivered: bool, refused: str
+) -> None:
+    batches = list(SIMS[0].batches(16))
+    sent = [*batches, _bad(batches[1], fault)] if redelivered else [*batches[:-1], _bad(batches[-1], fault)]
+    result = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), sent)
+    assert result.outputs == []
+    assert len(result.dead_letters) == len(sent)
+    for letter in result.dead_letters:
+        assert re.search(refused, letter.error), letter.error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_batch_merged_into_earlier_frames_is_refused() -> None:
+    """A later session's bad copy of a frame the file holds: refused, not dropped as the file's duplicate."""
+    from transforms import write_hdf5_frames as module
+
+    earlier = list(SIMS[0].batches(16))
+    bad = _bad(earlier[1], "scan_positions")
+    with pytest.raises(ValueError, match=r"^scan position 48 out of range for scan_shape \(8, 6\)$"):
+        list(module._each_frame_once_in_order(Path("scan_000003.h5"), [bad], earlier))
 
 
 def test_an_existing_file_sends_the_scan_to_dead_letters(tmp_path: Path) -> None:
@@ -178,6 +236,28 @@ def test_frames_merge_into_earlier_ones_in_order_each_once(monkeypatch: pytest.M
     )
     for name in ("frame_numbers", "scan_positions", "offsets", "events"):
         np.testing.assert_array_equal(getattr(back, name), getattr(whole, name), err_msg=name)
+
+
+def test_a_job_built_again_with_the_same_run_id_merges_into_its_files(tmp_path: Path) -> None:
+    """A job resubmitted from a savepoint is built again: with the same run_id it goes on with its files."""
+    sim = SIMS[0]
+    path = tmp_path / "scan_000003.h5"
+    sent = list(sim.batches(16))
+    first = run_operator(write_hdf5_frames(out_dir=str(tmp_path), run_id="cam-1"), sent[:3])
+    assert (first.outputs, first.dead_letters) == ([str(path)], [])
+    again = run_operator(write_hdf5_frames(out_dir=str(tmp_path), run_id="cam-1"), sent[2:])  # one batch redelivered
+    assert (again.outputs, again.dead_letters) == ([str(path)], [])
+    _assert_holds_the_whole_scan_once_in_order(sim, path)
+    saved = path.read_bytes()
+
+    other = run_operator(write_hdf5_frames(out_dir=str(tmp_path), run_id="cam-2"), sent[:1])
+    assert [d.error_type for d in other.dead_letters] == ["FileExistsError"]
+    assert path.read_bytes() == saved
+
+
+def test_a_run_id_is_a_name() -> None:
+    with pytest.raises(OperatorParameterError, match="parameter 'run_id'"):
+        write_hdf5_frames(run_id="two words")
 
 
 def test_an_earlier_runs_file_is_refused_without_overwrite_and_replaced_with_it(tmp_path: Path) -> None:

@@ -678,3 +678,31 @@ def test_build_returning_undeclared_outputs_is_an_error() -> None:
     frames = typed_input(p, "Frames", BATCHES, SparseFrameBatch)
     with pytest.raises(OperatorDefinitionError, match=r"'forgetful'.*build\(\) returned outputs \['out'\]"):
         frames | forgetful()
+
+
+def test_the_log_lines_of_a_per_scan_reduction_name_its_instance(caplog: pytest.LogCaptureFixture) -> None:
+    """Two com_reduce in one pipeline log to one logger, their module's: only the label tells their lines apart."""
+    sims = [ScanSimulation(scan_shape=(4, 4), frame_shape=(64, 64), scan_number=n) for n in (5, 6)]
+    complete, cut = list(sims[0].batches(4)), list(sims[1].batches(4))[:-1]  # scan 6 is flushed incomplete
+    frames = [*complete[:2], complete[0], *complete[2:], *cut]  # a redelivered batch among scan 5's
+
+    def two_instances(source: beam.PCollection) -> Any:
+        partials = source | com_partial()
+        return [partials | label >> com_reduce(emit_every=8) for label in ("com_a", "com_b")][-1]
+
+    caplog.set_level(logging.INFO, logger="transforms.com_reduce")
+    # Not the FnApiRunner: there, of two per-scan reductions of one input, only one flushes an incomplete scan.
+    run_operator(two_instances, frames, runner="BundleBasedDirectRunner")
+    records = [r for r in caplog.records if r.name == "transforms.com_reduce"]
+    for label in ("com_a", "com_b"):
+        mine = [r for r in records if r.instance == label]
+        assert sorted(r.getMessage() for r in mine) == [
+            f"{label}: scan 5 complete: 16 frames",
+            f"{label}: scan 5: 8 frames, 8 positions so far",
+            f"{label}: scan 5: skipped 4 frames already reduced (redelivered)",
+            f"{label}: scan 6 flushed incomplete (no frames for 300 s of event time, or the input ended): "
+            "12 frames, 12 of 16 positions",
+            f"{label}: scan 6: 8 frames, 8 positions so far",
+        ]
+        assert {r.funcName for r in mine} == {"process", "flush"}  # the operator's lines, not the logger's
+    assert len(records) == 10

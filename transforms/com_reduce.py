@@ -195,4 +195,4 @@ class com_reduce(Operator):  # noqa: N801 - catalog names are lowercase like the
         _ComReduceFn(self.name, self.params).check_fits(header)
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(main, "Reduce", _ComReduceFn(self.name, self.params), ComPartial, "com_map")
+        return reduce_per_scan(main, "Reduce", _ComReduceFn(self.name, self.params, self.label), ComPartial, "com_map")

@@ -142,4 +142,6 @@ class diffraction_sum(Operator):  # noqa: N801 - catalog names are lowercase lik
     outputs = {"image": Port(Image, "Image 'diffraction_sum': event counts per detector pixel, shape frame_shape")}
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(main, "Sum", _DiffractionSumFn(self.name, self.params), SparseFrameBatch, "image")
+        return reduce_per_scan(
+            main, "Sum", _DiffractionSumFn(self.name, self.params, self.label), SparseFrameBatch, "image"
+        )

@@ -462,4 +462,6 @@ class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like
     outputs = {"images": Port(Image, "One image per annulus and emission (name = annulus name), counts, scan_shape")}
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(main, "Count", _VirtualImagesFn(self.name, self.params), SparseFrameBatch, "images")
+        return reduce_per_scan(
+            main, "Count", _VirtualImagesFn(self.name, self.params, self.label), SparseFrameBatch, "images"
+        )

@@ -9,13 +9,15 @@ once: a frame redelivered (Kafka is at-least-once) is counted in the
 
 A scan whose frames pause for longer than ``gap_s`` is several sessions. The
 file stores the id of the job run that wrote it (``metadata/beamops`` attribute
-``run_id``, drawn when the pipeline is built, so the same on every worker and
-after a restart from a checkpoint). A later session finding this run's file
-reads it back one batch at a time, merges its frames in (a frame already in the
-file is a duplicate) and replaces the file atomically: the scan ends up as one
-file. A file from anything else (an earlier run, a resubmitted job, another
-writer) is not merged into: the scan goes to dead letters, or with
-``overwrite`` replaces it once and then merges later sessions into it. A
+``run_id``: the parameter of that name, else drawn when the pipeline is built, so
+the same on every worker and after a restart from a checkpoint). A later session
+finding this run's file reads it back one batch at a time, merges its frames in
+(a frame already in the file is a duplicate) and replaces the file atomically:
+the scan ends up as one file. A file from anything else (an earlier run, a job
+built again with another ``run_id``, another writer) is not merged into: the
+scan goes to dead letters, or with ``overwrite`` replaces it once and then
+merges later sessions into it. A job resubmitted from a savepoint is built
+again: give it the same ``run_id`` parameter to go on with its files. A
 replayed session (a restart after the file was written) merges into the file
 and changes nothing. Only the session's frames are in memory: the file is read
 one batch at a time. So a short ``gap_s`` costs rewrites of the file, not frames.
@@ -32,14 +34,13 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows, Sessions
 from pydantic import Field
 
 from beamops import DEAD_LETTER, FrameHeader, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.io.files import fails_every_file, output_dir, unwritable
 from beamops.io.hdf5 import check_same_scan, inspect_stempy_hdf5, read_stempy_hdf5, write_stempy_hdf5
-from beamops.operator import LONGEST_DURATION_S, METRICS_NAMESPACE, OperatorMetrics
+from beamops.operator import LONGEST_DURATION_S, OperatorMetrics
 from beamops.spec import Mount
 
 
@@ -57,6 +58,15 @@ class WriteHdf5Params(OperatorParams):
     overwrite: bool = Field(
         False, description="Replace a file of the same scan left by an earlier run (one this run wrote is merged into)."
     )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+        description=(
+            "Names the run that writes the files: a run with the same id merges into them. Give one to a job "
+            "that will be resubmitted from a savepoint, so it goes on with the files of its open scans. "
+            "Default: drawn when the pipeline is built (every build is another run)."
+        ),
+    )
 
 
 # Sessions of one scan may reach one worker's threads at once (the DirectRunner runs bundles in
@@ -73,7 +83,6 @@ class _WriteScanFn(beam.DoFn):
 
     def setup(self) -> None:
         self._metrics = OperatorMetrics("write_hdf5_frames")
-        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicate_frames")
         self._log = logging.getLogger(__name__)
 
     def process(self, element: tuple[int, Iterable[SparseFrameBatch]]) -> Iterator[object]:
@@ -93,9 +102,7 @@ class _WriteScanFn(beam.DoFn):
                 yield self._metrics.to_dead_letters(batch, exc)
             return
         frames_in = sum(b.n_frames for b in batches)
-        if duplicates := frames_in - new_frames:
-            self._duplicates.inc(duplicates)
-            self._log.warning("scan %d: skipped %d frames written already (redelivered)", scan, duplicates)
+        self._metrics.skipped_redeliveries(self._log, scan, frames_in - new_frames, "written")
         self._metrics.frames_in.inc(frames_in)
         yield str(path)
 
@@ -140,16 +147,16 @@ class _Frames:
         return order[first]
 
     def pick(self, chosen: np.ndarray) -> SparseFrameBatch:
-        """The frames at indices ``chosen``, in that order, as one batch."""
+        """The frames at indices ``chosen``, in that order, as one batch.
+
+        Not checked again: picking keeps valid frames valid, and every frame was checked once, where
+        it came in (:func:`_each_frame_once_in_order` for new ones, :func:`read_stempy_hdf5` for the file's).
+        """
         n = self.lengths[chosen]
         offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
         # each chosen frame's events, back to back: its start in ``events`` plus 0 .. its length - 1
         gather = np.repeat(self.starts[chosen] - offsets[:-1], n) + np.arange(offsets[-1])
-        batch = SparseFrameBatch(
-            self.header, self.events[gather], offsets, self.positions[chosen], self.numbers[chosen]
-        )
-        batch.validate()
-        return batch
+        return SparseFrameBatch(self.header, self.events[gather], offsets, self.positions[chosen], self.numbers[chosen])
 
 
 def _each_frame_once_in_order(
@@ -158,16 +165,19 @@ def _each_frame_once_in_order(
     """The frames of ``earlier`` and ``batches`` in frame-number order, each number once, as batches.
 
     ``earlier`` are the frames this run wrote to ``path`` before, in frame-number order and each
-    once; they are streamed, one batch in memory at a time. A number in both is kept from
-    ``earlier``, and of copies within ``batches`` the first is kept. The frames take the header
-    of ``batches`` (the live scan's, e.g. its declared total). ValueError if the frames are not
-    all of one scan (number and shapes).
+    once, checked as :func:`read_stempy_hdf5` reads them; they are streamed, one batch in memory at a
+    time. A number in both is kept from ``earlier``, and of copies within ``batches`` the first is
+    kept. The frames take the header of ``batches`` (the live scan's, e.g. its declared total).
+    ValueError if the frames are not all of one scan (number and shapes), or a batch is not valid
+    (a scan position or pixel out of range, say): checked here, before copies are dropped, so a
+    bad batch is refused whichever copy of its frames came first.
     """
     if not batches:
         return
     header = batches[0].header
     for b in batches:
         check_same_scan(str(path), header, b.header)
+        b.validate()
     new = _Frames(header, batches)
     keep = new.first_of_each_number()
     kept_numbers = new.numbers[keep]
@@ -203,8 +213,9 @@ class write_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase l
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
         # Drawn here, once, and pickled with the DoFn: every worker, and the job restarted from a
-        # checkpoint, recognise this run's files by it; a job built again is another run.
-        write = _WriteScanFn(self.params, run_id=uuid.uuid4().hex)
+        # checkpoint, recognise this run's files by it; a job built again is another run, unless given.
+        run_id = self.params.run_id or uuid.uuid4().hex
+        write = _WriteScanFn(self.params, run_id=run_id)
         results = (
             main
             | "KeyByScan" >> beam.Map(lambda b: (b.header.scan_number, b))
