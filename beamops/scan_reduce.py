@@ -33,6 +33,7 @@ builds the keyed ParDo.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -309,13 +310,12 @@ class ScanReduceFn(beam.DoFn):
 
     Input: ``(scan number, batch)``. A subclass implements
     :meth:`new_accumulator`, :meth:`state_bytes` and :meth:`outputs`, and may rename the progressive
-    output counter (``progressive_metric``). It must not override ``process``
-    or ``flush``: Beam finds the state cell and the timer in their parameter
-    defaults, and checks that the timer's callback is this ``flush``.
+    output counter (``progressive_metric``). :func:`reduce_per_scan` runs it as a DoFn of the
+    instance's own (:func:`_with_own_timer`), whose ``process`` and timer callback call
+    :meth:`add_batch` and :meth:`on_timeout`.
     """
 
     STATE = ReadModifyWriteStateSpec("scan", PickleCoder())
-    TIMEOUT = TimerSpec("timeout", TimeDomain.WATERMARK)
     progressive_metric: ClassVar[str] = "progressive_outputs"
 
     def __init__(self, name: str, params: ScanReduceParams, instance: str | None = None) -> None:
@@ -323,7 +323,7 @@ class ScanReduceFn(beam.DoFn):
         applied with, which starts its log lines (else ``name``)."""
         self._name = name
         self._params = params
-        self._instance = instance or name
+        self.instance = instance or name
 
     # --- what an operator provides ----------------------------------------------------------
 
@@ -344,19 +344,14 @@ class ScanReduceFn(beam.DoFn):
 
     def setup(self) -> None:
         _weigh_state_without_module_scan()
-        self._log = InstanceLogger(type(self).__module__, self._instance)
+        self._log = InstanceLogger(type(self).__module__, self.instance)
         self._metrics = OperatorMetrics(self._name)
         self._completed = Metrics.counter(METRICS_NAMESPACE, "scans_completed")
         self._timed_out = Metrics.counter(METRICS_NAMESPACE, "scans_timed_out")
         self._progressive = Metrics.counter(METRICS_NAMESPACE, self.progressive_metric)
 
-    def process(
-        self,
-        element: tuple[int, Any],
-        timestamp: Timestamp = beam.DoFn.TimestampParam,
-        state_cell: Any = beam.DoFn.StateParam(STATE),
-        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
-    ) -> Iterator[Any]:
+    def add_batch(self, element: tuple[int, Any], timestamp: Timestamp, state_cell: Any, timeout: Any) -> Iterator[Any]:
+        """Add a batch to its scan's accumulator (``process``); emit what is due."""
         scan_number, batch = element
         params = self._params
         started = time.perf_counter()
@@ -423,14 +418,7 @@ class ScanReduceFn(beam.DoFn):
         timeout.set(final_at + Duration.of(self._params.finished_retention_s))
         state_cell.write(ScanState(finished=True, latest=latest))
 
-    @on_timer(TIMEOUT)
-    def flush(
-        self,
-        key: int = beam.DoFn.KeyParam,
-        fired_at: Timestamp = beam.DoFn.TimestampParam,
-        state_cell: Any = beam.DoFn.StateParam(STATE),
-        timeout: Any = beam.DoFn.TimerParam(TIMEOUT),
-    ) -> Iterator[Any]:
+    def on_timeout(self, key: int, fired_at: Timestamp, state_cell: Any, timeout: Any) -> Iterator[Any]:
         """The timeout (final, incomplete outputs) or the end of a finished scan's retention (nothing).
 
         A timeout timer that fires before ``timeout_s`` have passed since the
@@ -497,6 +485,47 @@ def reduce_per_scan(
     results = (
         main
         | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, input_type])
-        | step >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main=output)
+        | step >> beam.ParDo(_with_own_timer(fn)).with_outputs(DEAD_LETTER, main=output)
     )
     return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
+
+
+def _with_own_timer(fn: ScanReduceFn) -> ScanReduceFn:
+    """``fn`` as the DoFn Beam runs: ``process`` and a timeout timer named for ``fn.instance``.
+
+    One timer name for every reduction lost timeouts: Beam's in-process runner (FnApiRunner) buffers
+    the timers a fused stage sets by timer name, not by transform (apache/beam#21995), so of two
+    reductions in one stage (two com_reduce on one input, or com_reduce and virtual_images on one
+    source) only one flushed its incomplete scans. Beam finds state and timers in the parameter
+    defaults of a class's methods, so each instance gets a class of its own. The name, from the
+    instance's label, stays the same when the job is built again (a restore from a savepoint).
+    """
+    base = type(fn)
+    timer = TimerSpec(f"timeout-{fn.instance}", TimeDomain.WATERMARK)
+    state = ScanReduceFn.STATE
+
+    class InstanceFn(base):
+        def process(
+            self,
+            element: tuple[int, Any],
+            timestamp: Timestamp = beam.DoFn.TimestampParam,
+            state_cell: Any = beam.DoFn.StateParam(state),
+            timeout: Any = beam.DoFn.TimerParam(timer),
+        ) -> Iterator[Any]:
+            return self.add_batch(element, timestamp, state_cell, timeout)
+
+        @on_timer(timer)
+        def flush(
+            self,
+            key: int = beam.DoFn.KeyParam,
+            fired_at: Timestamp = beam.DoFn.TimestampParam,
+            state_cell: Any = beam.DoFn.StateParam(state),
+            timeout: Any = beam.DoFn.TimerParam(timer),
+        ) -> Iterator[Any]:
+            return self.on_timeout(key, fired_at, state_cell, timeout)
+
+    InstanceFn.__module__ = base.__module__  # its log lines go to the operator's logger
+    InstanceFn.__name__ = InstanceFn.__qualname__ = f"{base.__name__}[{fn.instance}]"
+    own = copy.copy(fn)
+    own.__class__ = InstanceFn
+    return own

@@ -27,6 +27,7 @@ from helpers import call_bounded
 
 from beamops import ComMap, ComPartial, FrameHeader, SparseFrameBatch
 from beamops.testing import (
+    ScanSimulation,
     assert_com_close,
     matcher,
     matches_com,
@@ -36,6 +37,7 @@ from beamops.testing import (
 )
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
+from transforms.virtual_images import virtual_images
 
 STREAM_RUNNER = "--runner=BundleBasedDirectRunner"
 
@@ -715,3 +717,27 @@ def test_an_incomplete_scan_stamped_finer_than_a_millisecond_is_flushed_at_the_e
         return [summary(m) for m in result.outputs]
 
     assert call_bounded(run, "the run", timeout=120) == [(1, 11, True, False)]
+
+
+@pytest.mark.parametrize("runner", ["FnApiRunner", "BundleBasedDirectRunner"])
+def test_every_reduction_of_one_stage_flushes_its_incomplete_scans(runner: str) -> None:
+    """Two com_reduce and a virtual_images fused in one stage each flush the scan that ends incomplete.
+
+    Fails with one timer name for every reduction: the FnApiRunner buffered the timers of a stage by
+    name (apache/beam#21995), and only one of the three flushed scan 6."""
+    sims = [ScanSimulation(scan_shape=(4, 4), frame_shape=(64, 64), scan_number=n) for n in (5, 6)]
+    frames = [*sims[0].batches(4), *list(sims[1].batches(4))[:-1]]  # scan 6 lacks its last batch
+
+    def three_reductions(source: beam.PCollection) -> beam.PCollection:
+        partials = source | com_partial()
+        outputs = [partials | label >> com_reduce(emit_every=0) for label in ("com_a", "com_b")]
+        images = source | "images" >> virtual_images(annuli="0:20", names="bf", emit_every=0)
+        finals = [outputs[0]["com_map"], outputs[1]["com_map"], images["images"]]
+        return finals | beam.Flatten()
+
+    result = run_operator(three_reductions, frames, runner=runner)
+    finals = sorted((type(m).__name__, m.header.scan_number, m.complete) for m in result.outputs if m.final)
+    assert finals == [
+        ("ComMap", 5, True), ("ComMap", 5, True), ("ComMap", 6, False), ("ComMap", 6, False),
+        ("Image", 5, True), ("Image", 6, False),
+    ]  # fmt: skip

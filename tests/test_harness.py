@@ -27,7 +27,7 @@ from apache_beam.transforms import core, userstate
 
 from beamops.harness import STATE_SAMPLING_PERIOD_MS, _arguments_read_once, _inspected_once, _wrap_once
 from beamops.runner import HARNESS_PLUGIN, flink_defaults
-from beamops.scan_reduce import ScanReduceFn
+from beamops.scan_reduce import ScanReduceFn, _with_own_timer
 from transforms.com_reduce import ComReduceParams, _ComReduceFn
 
 FLINK = ["--runner=FlinkRunner", "--flink_job_server_jar=/not/needed.jar"]  # no jar lookup
@@ -80,12 +80,12 @@ class _NoWeakReferences:
 
 def test_beam_gets_the_same_state_and_timer_specs_it_would_inspect_itself() -> None:
     beams_own = userstate.get_dofn_specs.__wrapped__
-    stateful, plain = _ComReduceFn("com_reduce", ComReduceParams()), _Plain()
+    stateful, plain = _with_own_timer(_ComReduceFn("com_reduce", ComReduceParams(), "reduce")), _Plain()
     for fn in (stateful, plain, stateful, plain):
         assert userstate.get_dofn_specs(fn) == beams_own(fn)
     states, timers = userstate.get_dofn_specs(stateful)
     assert {s.name for s in states} == {ScanReduceFn.STATE.name}
-    assert {t.name for t in timers} == {ScanReduceFn.TIMEOUT.name}
+    assert {t.name for t in timers} == {"ts-timeout-reduce"}  # Beam prefixes "ts-"
     assert userstate.is_stateful_dofn(stateful) and not userstate.is_stateful_dofn(plain)
 
 

@@ -691,8 +691,7 @@ def test_the_log_lines_of_a_per_scan_reduction_name_its_instance(caplog: pytest.
         return [partials | label >> com_reduce(emit_every=8) for label in ("com_a", "com_b")][-1]
 
     caplog.set_level(logging.INFO, logger="transforms.com_reduce")
-    # Not the FnApiRunner: there, of two per-scan reductions of one input, only one flushes an incomplete scan.
-    run_operator(two_instances, frames, runner="BundleBasedDirectRunner")
+    run_operator(two_instances, frames)
     records = [r for r in caplog.records if r.name == "transforms.com_reduce"]
     for label in ("com_a", "com_b"):
         mine = [r for r in records if r.instance == label]
@@ -704,5 +703,5 @@ def test_the_log_lines_of_a_per_scan_reduction_name_its_instance(caplog: pytest.
             "12 frames, 12 of 16 positions",
             f"{label}: scan 6: 8 frames, 8 positions so far",
         ]
-        assert {r.funcName for r in mine} == {"process", "flush"}  # the operator's lines, not the logger's
+        assert {r.funcName for r in mine} == {"add_batch", "on_timeout"}  # the operator's lines, not the logger's
     assert len(records) == 10
