@@ -90,6 +90,7 @@ from beamops.operator import (
 )
 from beamops.ports import PortTypeError, check_connection, port_type
 from beamops.runner import runs_here
+from beamops.scan_reduce import PlansItsScans, ScanReduceOperator, ScanTooLargeError
 
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
 DEFAULT_DEAD_LETTER_SINK = "write_dead_letters"
@@ -676,6 +677,9 @@ class _Checker:
             op, p = ops[inst_id], params[inst_id]
             assert op is not None and p is not None
             instances[inst_id] = Instance(inst_id, op, p, inputs.get(inst_id))
+        self.check_planned_scans(instances)
+        if self.errors:
+            raise PipelineDefinitionError(self.errors)
         return PipelineDefinition(
             name=header.name,
             source=self.source,
@@ -686,6 +690,26 @@ class _Checker:
             create_topics=bool(header.kafka and header.kafka.create_topics),
             connections=connections,
         )
+
+    def check_planned_scans(self, instances: Mapping[str, Instance]) -> None:
+        """A per-scan reduction refuses, before anything runs, the scans its source plans (a simulator) when
+        they need more state than its max_state_mb: else every frame would be made first, for hours.
+
+        The planned header is the source's: no operator of the catalog changes a scan's shape or frame
+        count, which most of the state follows (bin_frames shrinks the frames, so diffraction_sum after it
+        needs less than this checks)."""
+        for inst in instances.values():
+            if not issubclass(inst.operator, ScanReduceOperator):
+                continue
+            root = inst
+            while root.input is not None:
+                root = instances[root.input[0]]
+            if not issubclass(root.operator, PlansItsScans):
+                continue
+            try:
+                inst.operator(inst.params).check_fits(root.operator(root.params).planned_scan())
+            except ScanTooLargeError as exc:
+                self.error(("operators", root.id, "params"), f"{inst.id}: {root.id}'s {exc}")
 
     def check_kafka(self, kafka: KafkaSection | None) -> KafkaClientConfig | None:
         if kafka is None:

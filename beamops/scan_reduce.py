@@ -37,7 +37,7 @@ import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import apache_beam as beam
 import numpy as np
@@ -58,6 +58,7 @@ from beamops.operator import (
     LONGEST_DURATION_S,
     METRICS_NAMESPACE,
     InstanceLogger,
+    Operator,
     OperatorMetrics,
     OperatorParams,
 )
@@ -474,14 +475,40 @@ def _scan_key(batch: Any) -> tuple[int, Any]:
     return batch.header.scan_number, batch
 
 
+@runtime_checkable
+class PlansItsScans(Protocol):
+    """A source that knows the header of the scans it will emit before it runs (a simulator)."""
+
+    def planned_scan(self) -> FrameHeader: ...
+
+
+class ScanReduceOperator(Operator):
+    """An operator that is a per-scan reduction: a subclass names its :class:`ScanReduceFn` (``Fn``)
+    and the label of its stateful step (``step``; keep it stable, a runner identifies the operator's
+    state by it), besides what every operator declares (one input port, one output port)."""
+
+    Fn: ClassVar[type[ScanReduceFn]]
+    step: ClassVar[str]
+
+    def reduce_fn(self) -> ScanReduceFn:
+        return self.Fn(self.name, self.params, self.label)
+
+    def check_fits(self, header: FrameHeader) -> None:
+        """ScanTooLargeError if this operator would refuse a scan with ``header`` (more than max_state_mb):
+        a pipeline whose source plans its scans (:class:`PlansItsScans`) refuses one before making its frames."""
+        self.reduce_fn().check_fits(header)
+
+    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
+        ((output, _),) = self.outputs.items()
+        ((_, port),) = self.inputs.items()
+        return reduce_per_scan(main, self.step, self.reduce_fn(), port.type, output)
+
+
 def reduce_per_scan(
     main: pvalue.PCollection, step: str, fn: ScanReduceFn, input_type: type, output: str
 ) -> Mapping[str, pvalue.PCollection]:
-    """``Operator.build`` of a per-scan reduction: key by scan number, then ``fn`` as ParDo ``step``.
-
-    ``step`` is the label of the stateful ParDo; keep it stable, a runner
-    identifies the operator's state by it.
-    """
+    """``build`` of a per-scan reduction (:class:`ScanReduceOperator`): key by scan number, then ``fn``
+    as ParDo ``step``."""
     results = (
         main
         | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, input_type])

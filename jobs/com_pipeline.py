@@ -44,7 +44,7 @@ from beamops.runner import DEFAULT_RUNNER, run, runs_here, setup_logging
 from beamops.scan_reduce import ScanTooLargeError
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
-from transforms.simulated_scan import SimulatedScanParams, simulated_scan
+from transforms.simulated_scan import simulated_scan
 from transforms.write_com_map import write_com_map
 from transforms.write_dead_letters import write_dead_letters
 
@@ -107,13 +107,14 @@ def warn_earlier_maps(folder: Path) -> None:
         )
 
 
-def check_simulated_scan_fits(scan: SimulatedScanParams, reduce: com_reduce) -> None:
+def check_simulated_scan_fits(source: simulated_scan, reduce: com_reduce) -> None:
     """Refuse, before it runs, a simulated scan that ``reduce`` would refuse (more than max_state_mb): it
     would refuse it only once every frame was made, and a mistyped --scan_rows 100000 takes hours and the
     machine's memory first, without a line of output."""
     try:
-        reduce.check_fits(scan.simulation(scan.first_scan_number).header)
+        reduce.check_fits(source.planned_scan())
     except ScanTooLargeError as exc:
+        scan = source.params
         raise OperatorParameterError(f"--scan_rows {scan.scan_rows} --scan_cols {scan.scan_cols}: {exc}") from None
 
 
@@ -156,7 +157,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         )
     else:
         source = simulated_scan(operator_params(values, simulated_scan))
-        check_simulated_scan_fits(source.params, reduce)
+        check_simulated_scan_fits(source, reduce)
     maps_to_files = not from_kafka or bool(values.get("out_dir"))
     letters_to_kafka = from_kafka and bool(values.get("dead_letter_topic"))
     if (maps_to_files or not letters_to_kafka) and runs_here(pipeline):

@@ -484,3 +484,21 @@ def test_a_bool_given_for_a_number_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path, _IMAGES.format(annuli="10:50", names="a"))
     (error,) = _errors(path, ("source.scan_rows=true",))
     assert "parameter 'scan_rows'" in error and "True is a bool, not a number" in error
+
+
+@pytest.mark.parametrize(
+    ("path", "reduction"), [(COM_DPC, "reduce"), (ROOT / "pipelines" / "virtual_images.yaml", "images")]
+)
+def test_a_simulated_scan_too_large_for_a_reduction_is_refused_before_any_frame_is_made(
+    path: Path, reduction: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before, the pipeline ran: building it listed 10 M batches, and every frame was made before the
+    # reduction sent the scan to dead letters.
+    huge = ["source.scan_rows=100000", "source.scan_cols=100000"]
+    (error,) = _errors(path, tuple(huge))
+    source_params = next(n for n, row in enumerate(path.read_text().splitlines(), 1) if row == "    params:")
+    assert error.startswith(f"{path}:{source_params}: {reduction}: source's scan 1: scan_shape (100000, 100000)")
+    assert "more than max_state_mb=4096; raise max_state_mb if the workers have the memory" in error
+    assert beamops_main(["pipeline", "run", str(path), *(a for s in huge for a in ("--set", s))]) == 2
+    assert "max_state_mb=4096" in capsys.readouterr().err
+    assert load_pipeline(path, (*huge, f"{reduction}.max_state_mb=1000000"))  # the user's call

@@ -31,17 +31,15 @@ metrics) is :mod:`beamops.scan_reduce`'s; this module adds the COM sums.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from apache_beam import pvalue
 from numba import njit
 from pydantic import Field
 
-from beamops import ComMap, ComPartial, FrameHeader, Operator, Port
+from beamops import ComMap, ComPartial, FrameHeader, Port
 from beamops.scan_reduce import LateFrameError as LateFrameError  # re-exported: raised by every per-scan reduction
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceOperator, ScanReduceParams, zeroed
 
 
 class ComReduceParams(ScanReduceParams):
@@ -176,7 +174,7 @@ class _ComReduceFn(ScanReduceFn):
         return [acc.com_map(final=final, replace_nans=self._params.replace_nans)]
 
 
-class com_reduce(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
+class com_reduce(ScanReduceOperator):  # noqa: N801 - catalog names are lowercase like the decorated operators
     """Reduce per-frame COM sums into one map per scan, with progressive and final maps."""
 
     name = "com_reduce"
@@ -188,11 +186,5 @@ class com_reduce(Operator):  # noqa: N801 - catalog names are lowercase like the
     Params = ComReduceParams
     inputs = {"in": Port(ComPartial, "Per-frame center-of-mass sums")}
     outputs = {"com_map": Port(ComMap, "Center of mass per scan position (x = column, y = row), px")}
-
-    def check_fits(self, header: FrameHeader) -> None:
-        """ScanTooLargeError if this operator would refuse a scan with ``header`` (more than max_state_mb):
-        a job that makes its own scans can refuse one before making every frame of it."""
-        _ComReduceFn(self.name, self.params).check_fits(header)
-
-    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(main, "Reduce", _ComReduceFn(self.name, self.params, self.label), ComPartial, "com_map")
+    Fn = _ComReduceFn
+    step = "Reduce"

@@ -29,15 +29,13 @@ the timeout and the retention, emissions, dead letters, metrics) is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from apache_beam import pvalue
 from numba import njit
 
-from beamops import FrameHeader, Image, Operator, Port, SparseFrameBatch
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
+from beamops import FrameHeader, Image, Port, SparseFrameBatch
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceOperator, ScanReduceParams, zeroed
 
 IMAGE_NAME = "diffraction_sum"
 UNITS = "counts"
@@ -127,7 +125,7 @@ class _DiffractionSumFn(ScanReduceFn):
         return [acc.image(final=final)]
 
 
-class diffraction_sum(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
+class diffraction_sum(ScanReduceOperator):  # noqa: N801 - catalog names are lowercase like the decorated operators
     """Sum the counted frames of each scan into one diffraction pattern, progressive and final."""
 
     name = "diffraction_sum"
@@ -140,8 +138,5 @@ class diffraction_sum(Operator):  # noqa: N801 - catalog names are lowercase lik
     Params = DiffractionSumParams
     inputs = {"in": Port(SparseFrameBatch, "Counted frames")}
     outputs = {"image": Port(Image, "Image 'diffraction_sum': event counts per detector pixel, shape frame_shape")}
-
-    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(
-            main, "Sum", _DiffractionSumFn(self.name, self.params, self.label), SparseFrameBatch, "image"
-        )
+    Fn = _DiffractionSumFn
+    step = "Sum"

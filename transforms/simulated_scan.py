@@ -15,7 +15,7 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import TimestampedValue
 from pydantic import Field
 
-from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops import DEAD_LETTER, FrameHeader, Operator, OperatorParams, Port, SparseFrameBatch
 from beamops.operator import OperatorMetrics
 from beamops.simulate import ScanSimulation
 
@@ -82,6 +82,11 @@ class simulated_scan(Operator):  # noqa: N801 - catalog names are lowercase like
     )
     Params = SimulatedScanParams
     outputs = {"frames": Port(SparseFrameBatch, "Simulated counted frames")}
+
+    def planned_scan(self) -> FrameHeader:
+        """The header of the scans it emits, known before it runs (they differ only in scan number):
+        a per-scan reduction downstream refuses a scan too large for it before any frame is made."""
+        return self.params.simulation(self.params.first_scan_number).header
 
     def build(self, root: pvalue.PBegin) -> Mapping[str, pvalue.PCollection]:
         p = self.params

@@ -64,16 +64,14 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from apache_beam import pvalue
 from numba import njit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from beamops import FrameHeader, Image, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceParams, reduce_per_scan, zeroed
+from beamops import FrameHeader, Image, OperatorParams, Port, SparseFrameBatch
+from beamops.scan_reduce import ScanProgress, ScanReduceFn, ScanReduceOperator, ScanReduceParams, zeroed
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +444,7 @@ class _VirtualImagesFn(ScanReduceFn):
         return acc.images(final=final)
 
 
-class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators
+class virtual_images(ScanReduceOperator):  # noqa: N801 - catalog names are lowercase like the decorated operators
     """Bright-field / annular dark-field images per scan from sparse frames, progressive and final."""
 
     name = "virtual_images"
@@ -460,8 +458,5 @@ class virtual_images(Operator):  # noqa: N801 - catalog names are lowercase like
     Params = VirtualImagesParams
     inputs = {"in": Port(SparseFrameBatch, "Sparse (electron-counted) frames")}
     outputs = {"images": Port(Image, "One image per annulus and emission (name = annulus name), counts, scan_shape")}
-
-    def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        return reduce_per_scan(
-            main, "Count", _VirtualImagesFn(self.name, self.params, self.label), SparseFrameBatch, "images"
-        )
+    Fn = _VirtualImagesFn
+    step = "Count"
