@@ -26,9 +26,9 @@ once and in the ``duplicate_frames`` metric.
 
 An operator provides its parameter model (a :class:`ScanReduceParams`), its
 accumulator (a :class:`ScanProgress` that adds one batch and produces its
-outputs) and a :class:`ScanReduceFn` subclass that creates the accumulator,
-says how many bytes it takes and turns it into outputs; :func:`reduce_per_scan`
-builds the keyed ParDo.
+outputs), a :class:`ScanReduceFn` subclass that creates the accumulator,
+says how many bytes it takes and turns it into outputs, and a
+:class:`ScanReduceOperator` subclass naming them, which builds the keyed ParDo.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class ScanReduceFn(beam.DoFn):
 
     Input: ``(scan number, batch)``. A subclass implements
     :meth:`new_accumulator`, :meth:`state_bytes` and :meth:`outputs`, and may rename the progressive
-    output counter (``progressive_metric``). :func:`reduce_per_scan` runs it as a DoFn of the
+    output counter (``progressive_metric``). :class:`ScanReduceOperator` runs it as a DoFn of the
     instance's own (:func:`_with_own_timer`), whose ``process`` and timer callback call
     :meth:`add_batch` and :meth:`on_timeout`.
     """
@@ -499,22 +499,15 @@ class ScanReduceOperator(Operator):
         self.reduce_fn().check_fits(header)
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
+        """Key by scan number, then the stateful ParDo ``step``."""
         ((output, _),) = self.outputs.items()
         ((_, port),) = self.inputs.items()
-        return reduce_per_scan(main, self.step, self.reduce_fn(), port.type, output)
-
-
-def reduce_per_scan(
-    main: pvalue.PCollection, step: str, fn: ScanReduceFn, input_type: type, output: str
-) -> Mapping[str, pvalue.PCollection]:
-    """``build`` of a per-scan reduction (:class:`ScanReduceOperator`): key by scan number, then ``fn``
-    as ParDo ``step``."""
-    results = (
-        main
-        | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, input_type])
-        | step >> beam.ParDo(_with_own_timer(fn)).with_outputs(DEAD_LETTER, main=output)
-    )
-    return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
+        results = (
+            main
+            | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, port.type])
+            | self.step >> beam.ParDo(_with_own_timer(self.reduce_fn())).with_outputs(DEAD_LETTER, main=output)
+        )
+        return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
 
 
 def _with_own_timer(fn: ScanReduceFn) -> ScanReduceFn:
