@@ -56,6 +56,7 @@ class ArrayRecordCoder(coders.Coder):
         return cls(typehint)
 
     def encode(self, value: Any) -> bytes:
+        self._check_type(value)
         header = _header_json(value.header)
         parts: list[Any] = [_U32.pack(len(header)), header]
         size = _U32.size + len(header)
@@ -107,11 +108,20 @@ class ArrayRecordCoder(coders.Coder):
 
         Beam sizes sampled elements for its output counters; by default it encodes them to count.
         """
+        self._check_type(value)
         size = _U32.size + len(_header_json(value.header))
         for name in self._arrays:
             array = getattr(value, name)
             size += 1 if array is None else 3 + len(array.dtype.str) + 8 * array.ndim + array.nbytes
         return size
+
+    def _check_type(self, value: Any) -> None:
+        # Else a step that emits the wrong type fails deep in here, on an attribute it happens to lack.
+        if not isinstance(value, self._type):
+            raise TypeError(
+                f"{self!r} got a {type(value).__name__}: a step emitted a type its output port does not declare "
+                f"(it takes {self._type.__name__})"
+            )
 
     def is_deterministic(self) -> bool:
         return False  # values only; never a key

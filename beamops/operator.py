@@ -19,11 +19,13 @@ one operator can be told apart.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
 import logging
 import re
 import time
+import types
 import typing
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -406,9 +408,12 @@ def _with_instance(letter: DeadLetter, instance: str) -> DeadLetter:
 
 
 class BatchOperator(Operator):
-    """An operator made by :func:`operator`: one batch in, at most one result out."""
+    """An operator made by :func:`operator`: one batch in; one result, several or none out, as its
+    return annotation says."""
 
     fn: ClassVar[Callable[[Any, Any], Any]]
+    #: What ``fn`` returns, from its annotation: several results (an iterable), and None allowed.
+    result: ClassVar[_ResultShape]
 
     def process(self, batch: Any) -> Any:
         """Run the kernel on one batch outside Beam (offline use, notebooks, tests)."""
@@ -430,14 +435,14 @@ class _BatchFnDoFn(beam.DoFn):
     def setup(self) -> None:
         self._fn = self._operator_cls.fn
         self._name = self._operator_cls.name
+        self._result = self._operator_cls.result
         self._metrics = OperatorMetrics(self._name)
 
     def process(self, element: Any) -> Iterator[Any]:
         started = time.perf_counter()
         try:
-            result = self._fn(element, self._params)
-            # A generator runs only when iterated: drain it here so its errors become dead letters too.
-            items = [] if result is None else list(result) if isinstance(result, Iterator) else [result]
+            # A generator runs only when iterated: drained here, its errors become dead letters too.
+            items = self._result.items(self._fn(element, self._params))
         except Exception as exc:  # the element goes to dead letters; the stream goes on
             yield self._metrics.to_dead_letters(element, exc)
             return
@@ -466,9 +471,10 @@ def operator(
 
     The input and output port types come from ``fn``'s annotations, the
     parameter model from the annotation of its second argument, the description
-    from its docstring. ``fn`` returning None emits nothing for that batch, an
-    ``Iterator[Out]`` emits each item; an exception sends the batch to dead
-    letters.
+    from its docstring. ``-> Out`` emits one result per batch; ``-> Out | None``
+    emits nothing for a batch when ``fn`` returns None; ``-> Iterator[Out]``
+    (``Iterable``, ``Generator``, ``list``) emits each item. An exception, or a
+    result that is not what the annotation says, sends the batch to dead letters.
     """
 
     def wrap(func: Callable[..., Any]) -> type[BatchOperator]:
@@ -485,7 +491,8 @@ def operator(
         if missing:
             raise OperatorDefinitionError(f"{func.__qualname__}: annotate {missing} (port types come from them)")
         params_model = hints[arg_names[1]] if len(arg_names) == 2 else NoParams
-        out_type = _strip_none(hints["return"])
+        result = _ResultShape.of(hints["return"], output_name)
+        out_type = result.type
         op_name = name or func.__name__
         doc = inspect.getdoc(func) or ""
         attrs = {
@@ -499,6 +506,7 @@ def operator(
             "parallel": ParallelType(parallel),
             "operator_id": operator_id,
             "fn": staticmethod(func if len(arg_names) == 2 else lambda batch, _params: func(batch)),
+            "result": result,
             "__module__": func.__module__,
             "__doc__": func.__doc__,
             "__qualname__": func.__qualname__,
@@ -508,11 +516,64 @@ def operator(
     return wrap(fn) if fn is not None else wrap
 
 
-def _strip_none(annotation: Any) -> Any:
-    """The element type of ``X``, ``X | None``, ``Iterator[X]`` or ``Iterator[X] | None``."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and len(args) == 1:
-        annotation = args[0]
-    if typing.get_origin(annotation) is Iterator:
-        (annotation,) = typing.get_args(annotation)
-    return annotation
+def _as_written(annotation: Any) -> str:
+    """An annotation as its author wrote it: ``Iterator[SparseFrameBatch] | None``, without module paths."""
+    if annotation is type(None):
+        return "None"
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_as_written(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_as_written(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# Annotations of a kernel that emits several results: each item of what it returns goes out.
+_MANY = (collections.abc.Iterator, collections.abc.Iterable, collections.abc.Generator, list)
+
+
+@dataclass(frozen=True)
+class _ResultShape:
+    """What a kernel's return annotation promises: ``X``, ``X | None``, ``Iterator[X]`` (or ``Iterable``,
+    ``Generator``, ``list``), or one of those ``| None``. Checked for every batch: a kernel that forgets its
+    ``return`` or returns the wrong type sends the batch to dead letters, instead of dropping it unseen
+    or failing the job in a coder."""
+
+    type: Any
+    many: bool
+    optional: bool
+    annotation: str
+    port: str
+
+    @classmethod
+    def of(cls, annotation: Any, port: str) -> _ResultShape:
+        written = _as_written(annotation)
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = type(None) in typing.get_args(annotation) and len(args) == 1
+        if optional:
+            annotation = args[0]
+        many = typing.get_origin(annotation) in _MANY
+        if many:
+            annotation = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
+        return cls(annotation, many, optional, written, port)
+
+    def items(self, result: Any) -> list[Any]:
+        """The results to emit for one batch, checked against the annotation (TypeError if they differ)."""
+        if result is None:
+            if self.optional:
+                return []
+            raise TypeError(
+                f"returned None, but its annotation is -> {self.annotation}: return a result, or "
+                f"annotate -> {self.annotation} | None to emit nothing for some batches"
+            )
+        items = list(result) if self.many and not isinstance(result, self.type) else [result]
+        kind = typing.get_origin(self.type) or self.type
+        for item in items:
+            if not isinstance(item, kind):
+                hint = "; annotate -> Iterator[...] to emit several" if isinstance(item, list | tuple) else ""
+                raise TypeError(
+                    f"returned a {type(item).__name__} for port {self.port!r}, which carries "
+                    f"{kind.__name__} (-> {self.annotation}){hint}"
+                )
+        return items

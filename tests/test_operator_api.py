@@ -705,3 +705,81 @@ def test_the_log_lines_of_a_per_scan_reduction_name_its_instance(caplog: pytest.
         ]
         assert {r.funcName for r in mine} == {"add_batch", "on_timeout"}  # the operator's lines, not the logger's
     assert len(records) == 10
+
+
+# --- what a kernel returns, checked against its annotation ---------------------------------------------------
+
+
+class ReturnParams(OperatorParams):
+    result: Literal["nothing", "one", "list", "dict", "generator"] = Field(
+        "one", description="What the kernel returns."
+    )
+
+
+def _returned(batch: SparseFrameBatch, params: ReturnParams) -> Any:
+    return {
+        "nothing": None,
+        "one": batch,
+        "list": [batch, batch],
+        "dict": {"frames": batch},
+        "generator": (b for b in (batch, batch)),
+    }[params.result]
+
+
+@operator
+def returns_one(batch: SparseFrameBatch, params: ReturnParams) -> SparseFrameBatch:
+    """-> X: one result per batch."""
+    return _returned(batch, params)
+
+
+@operator
+def returns_one_or_none(batch: SparseFrameBatch, params: ReturnParams) -> SparseFrameBatch | None:
+    """-> X | None: None emits nothing."""
+    return _returned(batch, params)
+
+
+@operator
+def returns_a_list(batch: SparseFrameBatch, params: ReturnParams) -> list[SparseFrameBatch]:
+    """-> list[X]: each item goes out."""
+    return _returned(batch, params)
+
+
+@pytest.mark.parametrize(
+    ("op", "result", "emitted", "error"),
+    [
+        (returns_one, "one", 1, None),
+        (returns_one, "nothing", 0, "returned None, but its annotation is -> SparseFrameBatch: return a result, or "
+         "annotate -> SparseFrameBatch | None to emit nothing for some batches"),
+        (returns_one, "list", 0, "returned a list for port 'out', which carries SparseFrameBatch "
+         "(-> SparseFrameBatch); annotate -> Iterator[...] to emit several"),
+        (returns_one, "dict", 0, "returned a dict for port 'out', which carries SparseFrameBatch"),
+        (returns_one_or_none, "nothing", 0, None),
+        (returns_a_list, "list", 2, None),
+        (returns_a_list, "generator", 2, None),
+        (returns_a_list, "one", 1, None),  # one result where several may go: emitted, not refused
+        (returns_a_list, "nothing", 0, "returned None, but its annotation is -> list[SparseFrameBatch]"),
+    ],
+)  # fmt: skip
+def test_what_a_kernel_returns_is_checked_against_its_annotation(
+    op: type[BatchOperator], result: str, emitted: int, error: str | None
+) -> None:
+    # Before, None from a kernel annotated -> X dropped every batch unseen (exit 0, no output), and a
+    # list or a dict failed the job in the coder ("'list' object has no attribute 'header'").
+    out = run_operator(op(result=result), BATCHES)
+    batches = BATCHES
+    assert len(out.outputs) == emitted * len(batches)
+    assert all(isinstance(b, SparseFrameBatch) for b in out.outputs)
+    if error is None:
+        assert out.dead_letters == []
+    else:
+        assert [d.error_type for d in out.dead_letters] == ["TypeError"] * len(batches)
+        assert all(error in d.error for d in out.dead_letters), out.dead_letters[0].error
+
+
+def test_the_coder_of_a_batch_type_names_what_it_got_instead() -> None:
+    from beamops.coders import ArrayRecordCoder
+
+    coder = ArrayRecordCoder(SparseFrameBatch)
+    for call in (coder.encode, coder.estimate_size):
+        with pytest.raises(TypeError, match=r"got a list: a step emitted a type its output port does not declare"):
+            call([1, 2])
