@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.pipeline import PipelineVisitor
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from beamops.deadletter import DeadLetter
@@ -375,6 +376,9 @@ class Operator(beam.PTransform):
         if upstream_dead is not None:
             built[DEAD_LETTER] = (upstream_dead, built[DEAD_LETTER]) | "WithUpstreamDeadLetters" >> beam.Flatten()
         built[DEAD_LETTER].element_type = DeadLetter
+        if not (self.inputs and all(p.type is DeadLetter for p in self.inputs.values())):
+            # A dead-letter sink's own failures cannot go to a dead-letter sink: not checked.
+            built[DEAD_LETTER].beamops_dead_letters_of = self.label  # see dead_letters_going_nowhere
         return OperatorOutputs(built)
 
     def _main_input(self, pvalueish: Any) -> tuple[pvalue.PValue, pvalue.PCollection | None]:
@@ -385,6 +389,10 @@ class Operator(beam.PTransform):
         upstream_dead = None
         if isinstance(pvalueish, Mapping):
             upstream_dead = pvalueish.get(DEAD_LETTER)
+            if getattr(upstream_dead, "beamops_carried_on_by", None) is not None:
+                upstream_dead = None  # one branch carries them on: two would write each letter twice
+            elif upstream_dead is not None:
+                upstream_dead.beamops_carried_on_by = self.label
             candidates = {k: v for k, v in pvalueish.items() if k != DEAD_LETTER}
             if len(candidates) != 1:
                 raise TypeError(
@@ -400,6 +408,27 @@ class Operator(beam.PTransform):
         upstream = getattr(main, "beamops_port", None) or (main.producer.full_label if main.producer else "input")
         check_connection(upstream, main.element_type, f"{self.label}.{port_name}", port.type)
         return main, upstream_dead
+
+
+def dead_letters_going_nowhere(pipeline: beam.Pipeline) -> list[pvalue.PCollection]:
+    """The ``dead_letter`` outputs that nothing reads (their letters would be lost); each one's
+    ``beamops_dead_letters_of`` is the label of its operator.
+
+    An operator applied to another's outputs carries that one's dead letters on in its own (the first
+    such branch, when several are applied to the same outputs); one applied to a single named port
+    (``outputs.frames``) does not, so the dead letters of the operator that port came from must be
+    collected by hand (flatten them into the dead-letter sink).
+    """
+    read: set[int] = set()
+    tagged: list[pvalue.PCollection] = []
+
+    class Visitor(PipelineVisitor):
+        def visit_transform(self, applied: Any) -> None:
+            read.update(id(p) for p in (*applied.inputs, *applied.side_inputs))
+            tagged.extend(p for p in applied.outputs.values() if hasattr(p, "beamops_dead_letters_of"))
+
+    pipeline.visit(Visitor())
+    return [p for p in tagged if id(p) not in read]
 
 
 def _with_instance(letter: DeadLetter, instance: str) -> DeadLetter:

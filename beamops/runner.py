@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops.io.kafka_config import KafkaUnavailableError, is_secret
-from beamops.operator import METRICS_NAMESPACE, OperatorParameterError, closest_name
+from beamops.operator import METRICS_NAMESPACE, OperatorParameterError, closest_name, dead_letters_going_nowhere
 
 # Beam's in-process batch engine (the DirectRunner's FnApiRunner), named so it never tries to download Prism.
 DEFAULT_RUNNER = "FnApiRunner"
@@ -110,6 +110,10 @@ def run(
                 return 1
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         build_fn(pipeline, values)
+        lost = dead_letters_going_nowhere(pipeline)
+        if lost:  # a wiring mistake of the job's: its letters would vanish
+            lost_labels = ", ".join(p.beamops_dead_letters_of for p in lost)
+            raise RuntimeError(f"the dead letters of {lost_labels} go nowhere: flatten them into the dead-letter sink")
     except KafkaUnavailableError as exc:  # the brokers, not the arguments
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ from apache_beam.testing.util import BeamAssertException
 from apache_beam.transforms.window import TimestampedValue
 
 from beamops.deadletter import DeadLetter
+from beamops.operator import dead_letters_going_nowhere
 from beamops.results import ComMap
 from beamops.simulate import ScanSimulation
 
@@ -160,8 +161,12 @@ def run_operator(
     else:
         main, dead = result, None
     main | "CollectOutputs" >> beam.Map(_collect, out_key)
-    if dead is not None:
-        dead | "CollectDeadLetters" >> beam.Map(_collect, dead_key)
+    # Every dead letter, also of operators whose named port the chain went on from (which does not
+    # carry them on): the result says what went to dead letters, whatever the chain returned.
+    dead_letters = [dead] if dead is not None else []
+    dead_letters += [p for p in dead_letters_going_nowhere(pipeline) if p is not dead]
+    if dead_letters:
+        dead_letters | "AllDeadLetters" >> beam.Flatten() | "CollectDeadLetters" >> beam.Map(_collect, dead_key)
     run = pipeline.run()
     run.wait_until_finish()
     with _lock:

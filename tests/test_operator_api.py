@@ -383,6 +383,39 @@ def test_upstream_dead_letters_are_carried_through_the_chain(chain_with_a_bad_ba
     assert same_frames(decode_batch(dead.payload), bad)
 
 
+def test_run_operator_reports_the_dead_letters_of_an_operator_left_by_a_named_port() -> None:
+    # A named port does not carry its operator's dead letters on; before, the result said "none".
+    result = run_operator(
+        lambda frames: (frames | threshold_frames(min_events=0, fail_on_batch=1)).frames | com_partial() | com_reduce(),
+        BATCHES,
+    )
+    assert [(d.operator, d.origin["batch"]) for d in result.dead_letters] == [("threshold_frames", 1)]
+
+
+def test_two_branches_of_one_operator_carry_its_dead_letters_on_once() -> None:
+    """Each upstream letter once in the branches' ends flattened (before: once per branch)."""
+
+    def branches(frames: beam.PCollection) -> OperatorOutputs:
+        kept = frames | threshold_frames(min_events=0, fail_on_batch=1)
+        ends = [kept | "one" >> com_partial(), kept | "two" >> split_frames()]
+        return OperatorOutputs({"out": ends[1].main, DEAD_LETTER: [e.dead_letter for e in ends] | beam.Flatten()})
+
+    result = run_operator(branches, BATCHES)
+    assert [(d.operator, d.origin["batch"]) for d in result.dead_letters] == [("threshold_frames", 1)]
+
+
+def test_a_job_whose_dead_letters_go_nowhere_is_refused_before_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    def build(pipeline: beam.Pipeline, _values: dict[str, Any]) -> None:
+        frames = pipeline | beam.Create(BATCHES)
+        kept = (frames | "keep" >> threshold_frames()).frames | com_partial()
+        kept.dead_letter | "Drop" >> beam.Map(lambda _: None)
+
+    assert runner.run({}, [], build, prog="test") == 2
+    assert capsys.readouterr().err == (
+        "test: error: the dead letters of keep go nowhere: flatten them into the dead-letter sink\n"
+    )
+
+
 def test_other_batches_still_produce_output(chain_with_a_bad_batch: RunResult) -> None:
     result = chain_with_a_bad_batch
     (final,) = result.final_maps().values()
@@ -473,8 +506,10 @@ def test_a_job_that_dead_letters_logs_it_while_running_and_sums_it_up_at_the_end
 ) -> None:
     def build(pipeline: beam.Pipeline, _values: dict[str, Any]) -> None:
         batches = pipeline | beam.Create(BATCHES)
-        for failing in (0, 2):
-            batches | f"fail_{failing}" >> threshold_frames(fail_on_batch=failing)
+        letters = [
+            (batches | f"fail_{failing}" >> threshold_frames(fail_on_batch=failing)).dead_letter for failing in (0, 2)
+        ]
+        letters | beam.Flatten() | "Drop" >> beam.Map(lambda _: None)  # a job must read them (runner.run checks)
 
     caplog.set_level(logging.INFO)
     assert runner.run({}, [], build, prog="test") == 0
