@@ -3,6 +3,7 @@
 beamops operators list
 beamops operators show NAME [--json]
 beamops operators export DIR
+beamops operator new NAME [--dir DIR]
 beamops pipeline validate FILE [--set ID.PARAM=VALUE]...
 beamops pipeline run FILE [--set ID.PARAM=VALUE]... [BEAM_OPTION]...
 """
@@ -10,6 +11,7 @@ beamops pipeline run FILE [--set ID.PARAM=VALUE]... [BEAM_OPTION]...
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import textwrap
@@ -19,7 +21,15 @@ from typing import Any
 
 from beamops import __version__
 from beamops.operator import Operator
-from beamops.registry import CatalogError, UnknownOperatorError, discover, get
+from beamops.registry import (
+    BUILTIN_DIR,
+    BUILTIN_PACKAGE,
+    ENTRY_POINT_GROUP,
+    CatalogError,
+    UnknownOperatorError,
+    discover,
+    get,
+)
 from beamops.spec import OperatorSpec, PortSpec
 
 
@@ -103,15 +113,47 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_operator_new(args: argparse.Namespace) -> int:
     from beamops.templates import new_operator
 
+    if args.dir is None and Path(BUILTIN_PACKAGE).resolve() != BUILTIN_DIR:
+        # Only beamops' own repository has transforms/; elsewhere a package of that name hides beamops' catalog.
+        print("beamops: give --dir, the package directory for your operators (e.g. --dir src/myops)", file=sys.stderr)
+        return 2
     try:
-        made = new_operator(args.name, Path(args.dir), Path(args.tests_dir), args.import_path)
+        made = new_operator(args.name, Path(args.dir or BUILTIN_PACKAGE), Path(args.tests_dir), args.import_path)
     except (ValueError, FileExistsError) as exc:
         print(f"beamops: {exc}", file=sys.stderr)
         return 2
     for path in (made.module, made.spec, made.test):
         print(path)
-    print(f"run its test: python -m pytest {made.test}", file=sys.stderr)
+    if not made.module.resolve().is_relative_to(BUILTIN_DIR):
+        print(
+            f"pipelines and `beamops operators` find it once your pyproject.toml has\n"
+            f'  [project.entry-points."{ENTRY_POINT_GROUP}"]\n'
+            f'  {args.name} = "{made.module_name}"\n'
+            f"and the project is (re)installed: pip install -e .",
+            file=sys.stderr,
+        )
+    if _importable(made.module_name, made.module):
+        print(f"run its test: python -m pytest {made.test}", file=sys.stderr)
+    else:  # a src/ layout, say: the test imports the installed package
+        print(
+            f"run its test after `pip install -e .` ({made.module_name} is not importable from here): "
+            f"python -m pytest {made.test}",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _importable(module_name: str, module: Path) -> bool:
+    """Whether ``python -m pytest`` run here imports ``module_name`` from ``module``: from the current directory
+    (which it puts on sys.path), or installed."""
+    here = Path.cwd().joinpath(*module_name.split(".")).with_suffix(".py")
+    if here.resolve() == module.resolve():
+        return True
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except Exception:  # its package is missing or fails to import: the test cannot import it either
+        return False
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve() == module.resolve()
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
@@ -236,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     single = sub.add_parser("operator", help="write a new operator").add_subparsers(dest="action", required=True)
     new = single.add_parser("new", help="a working operator module, its operator.json and its test")
     new.add_argument("name", help="catalog name: lowercase letters, digits, '_'")
-    new.add_argument("--dir", default="transforms", help="package directory for the module (default transforms)")
+    new.add_argument(
+        "--dir",
+        help="package directory for the module, e.g. src/myops (required but in beamops' repository: transforms)",
+    )
     new.add_argument("--tests-dir", default="tests", help="directory for its test (default tests)")
     new.add_argument("--import-path", help="the package's import path (default: --dir with dots)")
     new.set_defaults(func=cmd_operator_new)

@@ -1,10 +1,13 @@
 """The operator catalog: built-in operators from ``transforms`` and plugins.
 
 Built-in operators are the Operator classes defined in the modules of the
-``transforms`` package and in the SDK's sources and sinks (``beamops.io``).
-Other installed packages add theirs through the ``beamops.operators``
+``transforms`` package installed beside ``beamops`` and in the SDK's sources
+and sinks (``beamops.io``). Another package named ``transforms`` earlier on
+sys.path (a project's own) would hide them: that is an error, not a smaller
+catalog. Other installed packages add theirs through the ``beamops.operators``
 entry-point group; an entry point names a module (all its operators are
-added) or one Operator class.
+added), a package (the operators its ``__init__`` defines or imports from its
+modules) or one Operator class.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import pkgutil
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +26,8 @@ from beamops.operator import Operator, did_you_mean
 
 ENTRY_POINT_GROUP = "beamops.operators"
 BUILTIN_PACKAGE = "transforms"
+# beamops installs its catalog as a top-level package beside itself (in the repository: its root).
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / BUILTIN_PACKAGE
 # Sources and sinks live in the SDK; their operators are built in too.
 BUILTIN_IO_MODULES = ("beamops.io.kafka",)
 
@@ -61,6 +67,13 @@ def _operators_in(module: ModuleType, *, with_submodules: bool = False) -> list[
 
 def _builtin_modules() -> list[ModuleType]:
     package = importlib.import_module(BUILTIN_PACKAGE)
+    found = [Path(p).resolve() for p in getattr(package, "__path__", [package.__file__])]
+    if found != [BUILTIN_DIR]:
+        where = ", ".join(map(str, found))
+        raise CatalogError(
+            f"{BUILTIN_PACKAGE!r} imports from {where}, which hides beamops' built-in operators in {BUILTIN_DIR}: "
+            f"rename that package (beamops installs a top-level {BUILTIN_PACKAGE!r}) or take its directory off sys.path"
+        )
     names = [f"{BUILTIN_PACKAGE}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
     wanted = [name for name in [*BUILTIN_IO_MODULES, *names] if "._" not in name]
     return [_load(f"operator module {name}", lambda name=name: importlib.import_module(name)) for name in wanted]
@@ -82,7 +95,13 @@ def discover() -> dict[str, type[Operator]]:
         loaded = _load(f"entry point {ep.name!r} ({ep.value}) of {ENTRY_POINT_GROUP}", ep.load)
         ops = _operators_in(loaded, with_submodules=True) if isinstance(loaded, ModuleType) else [loaded]
         if not ops:
-            log.warning("entry point %r (%s) of %s defines no operator", ep.name, ep.value, ENTRY_POINT_GROUP)
+            hint = (
+                f"; {ep.value} is a package, whose submodules are not scanned: import their operators in its "
+                f"__init__.py, or point the entry point at the module that defines them ({ep.value}.<module>)"
+                if hasattr(loaded, "__path__")
+                else ""
+            )
+            log.warning("entry point %r (%s) of %s defines no operator%s", ep.name, ep.value, ENTRY_POINT_GROUP, hint)
         for op in ops:
             if not (inspect.isclass(op) and issubclass(op, Operator)):
                 raise CatalogError(f"entry point {ep.name!r} ({ep.value}) is not an Operator class or a module")

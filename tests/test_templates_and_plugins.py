@@ -2,37 +2,99 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 
-from beamops.templates import new_operator
+from beamops import registry
+from beamops.templates import Generated, new_operator
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+
+
+def _env(extra_path: Path | None = None) -> dict[str, str]:
+    """The environment of a process that imports the beamops under test (this checkout's), and this
+    Python as ``python``."""
+    paths = [str(p) for p in (extra_path, ROOT) if p is not None]
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
 
 
 def _run(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if extra_path is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=cwd, env=_env(extra_path), capture_output=True, text=True, timeout=300)
 
 
-def test_a_new_operator_passes_its_generated_test_and_ruff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _new_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Generated:
+    """A new operator ``name`` in the package ``tmp_path/my_ops``, its test in ``tmp_path/tests``."""
     (tmp_path / "my_ops").mkdir()
     (tmp_path / "my_ops" / "__init__.py").write_text("")
     monkeypatch.chdir(tmp_path)
-    made = new_operator("drop_quiet_frames", Path("my_ops"), Path("tests"))
+    return new_operator(name, Path("my_ops"), Path("tests"))
+
+
+def test_a_new_operator_passes_its_generated_test_and_ruff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _new_in(tmp_path, monkeypatch, "drop_quiet_frames")
     assert made.module.is_file() and made.spec.is_file() and made.test.is_file()
-    tests = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(made.test)], tmp_path, tmp_path)
+    tests = _run([*PYTEST, str(made.test)], tmp_path, tmp_path)
     assert tests.returncode == 0, tests.stdout + tests.stderr
-    assert "3 passed" in tests.stdout
-    lint = _run([sys.executable, "-m", "ruff", "check", "--config", str(ROOT / "pyproject.toml"), "."], tmp_path)
+    assert "4 passed" in tests.stdout
+    config = ["--config", str(ROOT / "pyproject.toml")]
+    lint = _run([sys.executable, "-m", "ruff", "check", *config, "."], tmp_path)
     assert lint.returncode == 0, lint.stdout
+    layout = _run([sys.executable, "-m", "ruff", "format", "--check", *config, "."], tmp_path)
+    assert layout.returncode == 0, layout.stdout
+
+
+@pytest.mark.parametrize(
+    ("kernel", "corrupted"),
+    [
+        ("frames = [batch.frame(i) for i", "frames = [batch.frame(i) // 2 for i"),
+        ("batch.scan_positions[keep]", "np.roll(batch.scan_positions[keep], 1)"),
+    ],
+    ids=["halved-events", "rotated-positions"],
+)
+def test_the_generated_test_fails_a_kernel_that_corrupts_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str, corrupted: str
+) -> None:
+    made = _new_in(tmp_path, monkeypatch, "drop_quiet_frames")
+    source = made.module.read_text()
+    assert source.count(kernel) == 1
+    made.module.write_text(source.replace(kernel, corrupted))
+    tests = _run([*PYTEST, str(made.test)], tmp_path, tmp_path)
+    assert tests.returncode == 1, tests.stdout + tests.stderr
+    assert "FAILED tests/test_drop_quiet_frames.py::test_drop_quiet_frames_keeps_the_frames" in tests.stdout
+
+
+def test_a_stale_operator_json_fails_with_the_diff_and_the_command_that_rewrites_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _new_in(tmp_path, monkeypatch, "drop_quiet_frames")
+    made.module.write_text(made.module.read_text().replace("Field(1, ge=0", "Field(2, ge=0"))
+    spec_test = [*PYTEST, "-k", "operator_json", str(made.test)]
+    stale = _run(spec_test, tmp_path, tmp_path)
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert re.search(r'^E +- default": 2,$', stale.stdout, re.M), stale.stdout  # the code's
+    assert re.search(r'^E +\+ default": 1,$', stale.stdout, re.M), stale.stdout  # the file's
+    command = re.search(
+        r"drop_quiet_frames\.operator\.json \(\+\) is not the operator's spec \(-\); rewrite it: (.+)$",
+        stale.stdout,
+        re.M,
+    )
+    assert command is not None, stale.stdout
+    subprocess.run(command[1], shell=True, cwd=tmp_path, env=_env(), check=True, timeout=120)
+    fixed = _run(spec_test, tmp_path, tmp_path)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
 
 
 def test_new_operator_refuses_bad_names_existing_operators_and_files(
@@ -53,17 +115,67 @@ def test_new_operator_refuses_bad_names_existing_operators_and_files(
         new_operator("lambda", Path("ops"), Path("tests"))
     with pytest.raises(ValueError, match="the current directory: give the package's import path"):
         new_operator("fine_name", Path("."), Path("tests"))
+    (tmp_path / "transforms").mkdir()
+    with pytest.raises(ValueError, match="would be a package 'transforms', which hides beamops' built-in operators"):
+        new_operator("fine_name", Path("transforms"), Path("tests"))
+    assert not any((tmp_path / "transforms").iterdir())
     (tmp_path / "ops" / "fine_name.py").write_text("# mine\n")
     with pytest.raises(FileExistsError, match=r"fine_name\.py"):
         new_operator("fine_name", Path("ops"), Path("tests"))
     assert (tmp_path / "ops" / "fine_name.py").read_text() == "# mine\n"
 
 
-def test_the_cli_creates_an_operator(tmp_path: Path) -> None:
+def test_the_cli_creates_an_operator_and_says_how_to_register_it(tmp_path: Path) -> None:
     (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "__init__.py").write_text("")
     result = _run([sys.executable, "-m", "beamops.cli", "operator", "new", "count_gate", "--dir", "ops"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ops" / "count_gate.py").is_file() and (tmp_path / "tests" / "test_count_gate.py").is_file()
+    assert "run its test: python -m pytest tests/test_count_gate.py" in result.stderr  # ops/ is importable here
+    # The lines it prints for pyproject.toml put the operator in the catalog.
+    assert '  [project.entry-points."beamops.operators"]\n  count_gate = "ops.count_gate"\n' in result.stderr
+    _install(tmp_path, "my-ops", "count_gate = ops.count_gate")
+    listed = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert {"count_gate", "com_partial"} <= {line.split()[0] for line in listed.stdout.splitlines()[2:]}
+
+
+def test_the_cli_says_when_the_new_test_needs_the_package_installed(tmp_path: Path) -> None:
+    (tmp_path / "src" / "myops").mkdir(parents=True)
+    (tmp_path / "src" / "myops" / "__init__.py").write_text("")
+    new = [sys.executable, "-m", "beamops.cli", "operator", "new"]
+    result = _run([*new, "hot_pixel_filter", "--dir", "src/myops"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "run its test after `pip install -e .` (myops.hot_pixel_filter is not importable from here): "
+        "python -m pytest tests/test_hot_pixel_filter.py"
+    ) in result.stderr
+    installed = _run([*new, "cold_pixel_filter", "--dir", "src/myops"], tmp_path, tmp_path / "src")
+    assert installed.returncode == 0, installed.stderr
+    assert "run its test: python -m pytest tests/test_cold_pixel_filter.py" in installed.stderr
+
+
+def test_operator_new_outside_the_beamops_repository_needs_dir(tmp_path: Path) -> None:
+    result = _run([sys.executable, "-m", "beamops.cli", "operator", "new", "count_gate"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "beamops: give --dir, the package directory for your operators (e.g. --dir src/myops)\n"
+    assert list(tmp_path.iterdir()) == []
+    # In beamops' own repository the default is its catalog, transforms/ (which has com_partial).
+    in_repo = _run([sys.executable, "-m", "beamops.cli", "operator", "new", "com_partial"], ROOT)
+    assert in_repo.returncode == 2
+    assert in_repo.stderr == "beamops: an operator named 'com_partial' already exists in the catalog\n"
+
+
+def test_a_project_package_named_transforms_is_an_error_not_a_smaller_catalog(tmp_path: Path) -> None:
+    (tmp_path / "transforms").mkdir()
+    (tmp_path / "transforms" / "__init__.py").write_text("")
+    result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], tmp_path)  # tmp_path first on sys.path
+    assert result.returncode == 2, result.stdout
+    assert result.stderr == (
+        f"beamops: 'transforms' imports from {tmp_path.resolve() / 'transforms'}, which hides beamops' built-in "
+        f"operators in {ROOT / 'transforms'}: rename that package (beamops installs a top-level 'transforms') "
+        "or take its directory off sys.path\n"
+    )
 
 
 def test_operators_from_an_installed_plugin_are_listed(tmp_path: Path) -> None:
@@ -158,3 +270,20 @@ def test_a_package_entry_point_lists_the_operators_its_modules_define(tmp_path: 
     result = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "spread_again" in {line.split()[0] for line in result.stdout.splitlines()[2:]}
+
+
+def test_a_package_entry_point_without_operators_says_its_modules_are_not_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "unscanned_ops").mkdir()
+    (tmp_path / "unscanned_ops" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry_point = EntryPoint("myops", "unscanned_ops", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [entry_point])
+    with caplog.at_level(logging.WARNING, logger="beamops.registry"):
+        registry.discover()
+    assert caplog.messages == [
+        "entry point 'myops' (unscanned_ops) of beamops.operators defines no operator; unscanned_ops is a package, "
+        "whose submodules are not scanned: import their operators in its __init__.py, or point the entry point "
+        "at the module that defines them (unscanned_ops.<module>)"
+    ]
