@@ -128,6 +128,9 @@ class Port:
     title: str | None = None
 
 
+_PCOLLECTION_ATTRIBUTES = frozenset({"pipeline", "element_type", "is_bounded", "producer", "tag"})
+
+
 class OperatorOutputs(dict):
     """The PCollections an operator produced, by port name, plus ``dead_letter``.
 
@@ -141,7 +144,11 @@ class OperatorOutputs(dict):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(f"no output named {name!r}; outputs are {sorted(self)}") from None
+            # Beam asking for a PCollection's attribute: the outputs were applied to a plain Beam transform.
+            plain = name in _PCOLLECTION_ATTRIBUTES or hasattr(pvalue.PCollection, name)
+            ports = sorted(k for k in self if k != DEAD_LETTER)
+            hint = f"; apply Beam transforms to one output (outputs[{ports[0]!r}])" if plain and ports else ""
+            raise AttributeError(f"no output named {name!r}; outputs are {sorted(self)}{hint}") from None
 
     @property
     def main(self) -> pvalue.PCollection:
@@ -284,6 +291,13 @@ class Operator(beam.PTransform):
             cls.spec()
         except Exception as exc:
             raise OperatorDefinitionError(f"{where}: cannot derive its spec: {exc}") from exc
+        if all(not f.is_required() for f in cls.Params.model_fields.values()):
+            # Each default passes its field's check (validate_default), but a model validator or a
+            # NaN would otherwise reject them only when someone builds the operator.
+            try:
+                cls.validate_params()
+            except OperatorParameterError as exc:
+                raise OperatorDefinitionError(f"{where}: its parameters' defaults are invalid: {exc}") from exc
 
     def __init__(self, params: OperatorParams | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ import pytest
 from apache_beam import pvalue
 from apache_beam.metrics import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from beamops import (
     DEAD_LETTER,
@@ -818,3 +818,30 @@ def test_the_coder_of_a_batch_type_names_what_it_got_instead() -> None:
     for call in (coder.encode, coder.estimate_size):
         with pytest.raises(TypeError, match=r"got a list: a step emitted a type its output port does not declare"):
             call([1, 2])
+
+
+def test_outputs_applied_to_a_plain_beam_transform_say_to_pick_one() -> None:
+    p = new_pipeline()
+    outputs = typed_input(p, "Frames", BATCHES, SparseFrameBatch) | threshold_frames()
+    with pytest.raises(AttributeError, match=r"apply Beam transforms to one output \(outputs\['frames'\]\)"):
+        outputs | beam.Map(print)
+
+
+class _Range(OperatorParams):
+    low: int = 10
+    high: int = 5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Range:
+        if self.low >= self.high:
+            raise ValueError("low must be below high")
+        return self
+
+
+def test_parameter_defaults_that_the_model_rejects_fail_when_the_operator_is_defined() -> None:
+    # Before, only building the operator failed ("parameter '(all)': low must be below high").
+    with pytest.raises(OperatorDefinitionError, match=r"its parameters' defaults are invalid.*low must be below high"):
+
+        @operator
+        def ranged(batch: SparseFrameBatch, params: _Range) -> SparseFrameBatch:
+            return batch
