@@ -85,7 +85,10 @@ def discover() -> dict[str, type[Operator]]:
 
     def add(op: type[Operator], where: str) -> None:
         if op.name in found and found[op.name] is not op:
-            raise CatalogError(f"operator name {op.name!r} from {where} is already used by {found[op.name].__module__}")
+            raise CatalogError(
+                f"operator name {op.name!r} from {where} is already used by {found[op.name].__module__}: "
+                "rename one (a class's `name`, or @operator(name=...))"
+            )
         found[op.name] = op
 
     for module in _builtin_modules():

@@ -237,7 +237,7 @@ def _plugin(root: Path, name: str, code: str) -> None:
                 return com
             """,
             "beamops: operator name 'com_reduce' from entry point broken_plugin is already used by "
-            "transforms.com_reduce",
+            "transforms.com_reduce: rename one (a class's `name`, or @operator(name=...))",
         ),
     ],
     ids=["import-error", "name-clash"],
