@@ -28,6 +28,15 @@ DEFAULT_RUNNER = "FnApiRunner"
 # Runners that run the pipeline in this process; any other one is portable and gets unknown options.
 IN_PROCESS_RUNNERS = frozenset({"fnapi", "direct", "bundlebaseddirect", "switchingdirect"})
 HARNESS_PLUGIN = "beamops.harness"  # what an SDK worker imports at start (--beam_plugins)
+# Beam's in-process runners keep no event-time watermark between -inf and +inf (apache/beam#35168): a
+# live read's event-time timers fire at once, and what reads a Flatten or a GroupByKey runs only once
+# every input has ended, which a live read never does.
+LIVE_READ_NEEDS_FLINK = (
+    "a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
+    "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
+    "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
+    "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with --stop latest"
+)
 log = logging.getLogger("beamops.runner")
 
 
@@ -87,16 +96,19 @@ def run(
     beam_args: list[str],
     build_fn: Callable[[beam.Pipeline, dict[str, Any]], None],
     prog: str,
-    bounded: bool = False,
+    bounded: bool = True,
 ) -> int:
     """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
     anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it. ``prog``
     (``python -m jobs.com_pipeline``) starts the error lines; ``bounded``: the input ends (see
-    flink_defaults)."""
+    flink_defaults); a live read (not ``bounded``) is refused on an in-process runner."""
     runner = _given(beam_args, "runner")
     unknown = unknown_arguments(beam_args, forwarded=_runner_key(runner) not in IN_PROCESS_RUNNERS)
     if unknown:
         print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    if not bounded and _runner_key(runner) in IN_PROCESS_RUNNERS:
+        print(f"{prog}: error: {LIVE_READ_NEEDS_FLINK}", file=sys.stderr)
         return 2
     if runner is None:
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]

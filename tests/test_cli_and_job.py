@@ -536,3 +536,32 @@ def test_options_forwarded_to_flinks_job_server_are_not_said_to_be_discarded(
         options = PipelineOptions(flink_defaults(["--runner=FlinkRunner", "--flink_job_server_jar=/opt/js.jar"]))
         options.get_all_options()
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("apache_beam")]
+
+
+@pytest.mark.parametrize("runner", [[], ["--runner=DirectRunner", "--streaming"], ["--runner=BundleBasedDirectRunner"]])
+def test_a_live_read_on_an_in_process_runner_is_refused_before_anything_runs(
+    runner: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before, it ran: every event-time timer fired at once (apache/beam#35168), so scans were flushed
+    # incomplete and split into several "final" maps, and the dead letters behind a Flatten were never
+    # written while the offsets were committed. No broker is contacted (none listens on port 9).
+    live = ["--bootstrap_servers", "127.0.0.1:9", "--input_topic", "frames", "--group_id", "g", "--stop", "never"]
+    definition = tmp_path / "live.yaml"
+    definition.write_text(
+        "name: live\nkafka: {bootstrap_servers: '127.0.0.1:9'}\noperators:\n"
+        "  source: {operator: read_kafka_frames, params: {topic: frames, group_id: g, stop: never}}\n"
+        "  partial: {operator: com_partial, input: source.frames}\n"
+    )
+    started = time.monotonic()
+    assert com_pipeline.main([*live, *runner]) == 2
+    assert beamops_main(["pipeline", "run", str(definition), *runner]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in err] == ["python -m jobs.com_pipeline", "beamops pipeline run"]
+    for line in err:
+        assert line.endswith(
+            "error: a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
+            "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
+            "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
+            "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with --stop latest"
+        )

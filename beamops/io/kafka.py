@@ -145,7 +145,7 @@ class ReadFromKafkaParams(OperatorParams):
     stop: str = Field(
         "latest",
         description=(
-            "Exclusive end: latest (the end when the read starts) | never (unbounded) | offset:N | "
+            "Exclusive end: latest (the end when the read starts) | never (unbounded; on Flink) | offset:N | "
             "offset:P=N,... | timestamp:T (a time that has passed)."
         ),
     )
