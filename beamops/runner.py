@@ -126,6 +126,8 @@ def run(
         if lost:  # a wiring mistake of the job's: its letters would vanish
             lost_labels = ", ".join(p.beamops_dead_letters_of for p in lost)
             raise RuntimeError(f"the dead letters of {lost_labels} go nowhere: flatten them into the dead-letter sink")
+    except KeyboardInterrupt:  # Ctrl-C while the pipeline is built (waiting on a broker, say)
+        return _interrupted(prog, started)
     except KafkaUnavailableError as exc:  # the brokers, not the arguments
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -308,6 +308,23 @@ def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_ctrl_c_while_the_pipeline_is_built_stops_the_job_with_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before: a traceback (the build waits on a broker that does not answer, for instance)."""
+    import apache_beam as beam
+
+    from beamops.runner import run
+
+    def build(pipeline: beam.Pipeline, values: dict[str, object]) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # interrupted long before
+
+    assert run({}, [], build, "job") == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("job: interrupted after")
+
+
 def test_cuda_on_a_worker_without_a_gpu_fails_the_job_instead_of_dead_lettering_every_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
