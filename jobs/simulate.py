@@ -194,6 +194,13 @@ def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
         # A recorded scan keeps the number it was written with (if the file stores one): its map is named after it.
         first = next(n for n in (args.first_scan_number, info.scan_number, 1) if n is not None)
         numbers = range(first, first + args.n_scans)
+        if args.first_scan_number is None and info.scan_number is None:
+            log.warning(
+                "%s stores no scan number (stempy's own writer does not): publishing it as scan %d; give "
+                "--first_scan_number, or a second such file in the topic will be reduced into the same scan",
+                args.hdf5,
+                first,
+            )
         log.info(
             "publishing %s as scan %d: stempy v%d, scan shape %dx%d, frame shape %dx%d, %d frames",
             args.hdf5,

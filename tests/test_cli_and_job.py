@@ -464,6 +464,30 @@ def test_a_recorded_scan_is_published_under_the_number_its_file_stores(
     assert sorted({b.header.scan_number for b in batches}) == expected
 
 
+def test_a_recorded_scan_whose_file_stores_no_number_is_published_as_1_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stempy's own writer stores no scan number: two such files in one topic would mix into one scan."""
+    import h5py
+
+    from beamops.io.hdf5 import BEAMOPS_METADATA
+
+    path = stempy_file(tmp_path / "stempy.h5", scan_number=7)
+    with h5py.File(path, "r+") as f:
+        del f[BEAMOPS_METADATA]
+    caplog.set_level(logging.WARNING, logger="jobs.simulate")
+    _, batches = simulate._scans(simulate.parse_args(["--topic", "t", "--hdf5", str(path)]))
+    assert {b.header.scan_number for b in batches} == {1}
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "jobs.simulate"]
+    assert warning == (
+        f"{path} stores no scan number (stempy's own writer does not): publishing it as scan 1; give "
+        "--first_scan_number, or a second such file in the topic will be reduced into the same scan"
+    )
+    caplog.clear()
+    simulate._scans(simulate.parse_args(["--topic", "t", "--hdf5", str(path), "--first_scan_number", "4"]))
+    assert not [r for r in caplog.records if r.name == "jobs.simulate"]
+
+
 def test_simulated_scans_are_still_numbered_from_1() -> None:
     _, batches = simulate._scans(simulate.parse_args(["--topic", "t", "--scan_rows", "2", "--scan_cols", "2"]))
     assert {b.header.scan_number for b in batches} == {1}
