@@ -231,6 +231,29 @@ def test_center_from_first_center_frames_under_test_stream():
         assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
 
 
+@pytest.mark.parametrize("order", ["reversed", "interleaved"])
+def test_the_centre_comes_from_the_first_frames_by_number_whatever_order_they_arrive_in(order: str):
+    """Live from several partitions and offline from a file, a scan's batches arrive in other orders: the
+    images must be the same. Before, the centre came from the first center_frames frames to arrive."""
+    sim = ScanSimulation(scan_shape=(12, 12), events_per_frame=40, frames_per_position=2, seed=2, shift_amplitude=8.0)
+    batches = list(sim.batches(40))  # 288 frames, 8 batches, in frame-number order
+    arrived = batches[::-1] if order == "reversed" else batches[1::2] + batches[::2]  # two partitions' worth
+    annuli = "0:16,16:21,21:40"
+    params = VirtualImagesParams(annuli=annuli)
+    want = stempy_images(batches, params.radii, pattern_center(batches, 100))
+    assert not np.array_equal(want, stempy_images(batches, params.radii, pattern_center(arrived, 100)))
+    stream = timestamped_stream(*[(float(i), b) for i, b in enumerate(arrived)])
+
+    def expect(images):
+        assert sorted(summary(im) for im in images) == [(1, n, 288, True, True) for n in ("adf1", "adf2", "bf")]
+        assert_counts_equal(stacked(finals(images), params.image_names), want)
+
+    with BeamTestPipeline(options=PipelineOptions([STREAM_RUNNER])) as p:
+        out = p | stream | virtual_images(annuli=annuli, center_frames=100, emit_every=0)
+        assert_that(out.images, matcher(expect))
+        assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
+
+
 def test_non_square_frames_and_scan_match_stempy():
     sim = small_scan(frame_shape=(40, 72), scan_shape=(5, 9), frames_per_position=2, seed=4)
     batches = list(sim.batches(30))

@@ -34,17 +34,19 @@ Axes
 Centre
     Given ``center_x``/``center_y``, every event is binned as it arrives.
     Unset, the centre is the centre of mass of the summed diffraction pattern
-    of the first ``center_frames`` frames of the scan (in arrival order: batch
-    order, then frame order within a batch): the mean column and the mean row
-    of all their events, unrounded. If those frames hold no event at all, the
-    following frames are included until one does. Radii cannot be binned before
-    the centre is known, so until then the events of the frames received are
-    kept in state (pixel index, per-frame offsets and positions: bounded by
-    about ``center_frames`` frames plus one batch) and replayed once the centre
-    is fixed; from then on the state is O(annuli x scan positions). A scan that
-    ends (complete or timed out) before ``center_frames`` frames takes its
-    centre from all its frames. The centre is fixed once per scan: it does not
-    move as more frames arrive, so progressive and final images are consistent.
+    of the scan's frames numbered below ``center_frames`` (by frame number, not
+    arrival order, so the same data gives the same images live and offline,
+    from any number of partitions): the mean column and the mean row of all
+    their events, unrounded. It is fixed once all of them have arrived. If they
+    hold no event at all, the frames below twice as many are used, and so on.
+    Radii cannot be binned before the centre is known, so until then the events
+    of the frames received are kept in state (pixel index, per-frame offsets,
+    positions and numbers: about ``center_frames`` frames plus what arrives
+    before the last of them) and replayed once the centre is fixed; from then
+    on the state is O(annuli x scan positions). A scan that ends (complete or
+    timed out) first takes its centre from those of them that came, else from
+    all its frames. The centre is fixed once per scan: it does not move as more
+    frames arrive, so progressive and final images are consistent.
 
 Emission, completion, late frames and redeliveries are
 :mod:`beamops.scan_reduce`'s, as for com_reduce: a scan is
@@ -161,8 +163,8 @@ class _AnnulusParams(OperatorParams):
         ge=1,
         title="Centering frames",
         description=(
-            "Without center_x/_y: how many first frames of a scan define the centre; their events are kept "
-            "in state until then and replayed."
+            "Without center_x/_y: the frames numbered below this define the centre (by frame number, not "
+            "arrival order); the frames that come before the centre is fixed are kept in state and replayed."
         ),
     )
 
@@ -288,6 +290,7 @@ class _Chunk:
     events: np.ndarray
     offsets: np.ndarray
     positions: np.ndarray
+    numbers: np.ndarray
 
 
 @dataclass
@@ -301,7 +304,8 @@ class VirtualImageAccumulator(ScanProgress):
     frames_per_position: np.ndarray
     center: tuple[float, float] | None
     center_frames: int
-    # while the centre is unknown: integer sums over the centering frames, and their frames
+    # while the centre is unknown: integer sums over the frames numbered below center_frames (which
+    # doubles while they hold no event), how many of them came, and every frame received
     center_frames_used: int = 0
     center_events: int = 0
     center_sum_col: int = 0
@@ -341,12 +345,15 @@ class VirtualImageAccumulator(ScanProgress):
         new_positions = _register_frames(batch.scan_positions, accepted, self.frames_per_position)
         self.count(n, new_positions, duplicates)
         events, offsets, positions = batch.events, np.asarray(batch.offsets, np.int64), batch.scan_positions
+        numbers = batch.frame_numbers
         if duplicates:
-            events, offsets, positions = _select_frames(events, offsets, positions, accepted)
+            events, offsets, positions, numbers = _select_frames(events, offsets, positions, numbers, accepted)
         if self.center is not None:
             self._count(events, offsets, positions)
         else:
-            self._centering(events, offsets, positions)
+            self._centering(
+                _Chunk(np.array(events, np.uint32), np.array(offsets, np.int64), np.array(positions), np.array(numbers))
+            )
         return duplicates
 
     def _count(self, events: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> None:
@@ -355,20 +362,30 @@ class VirtualImageAccumulator(ScanProgress):
             events, offsets, positions, self.header.frame_shape[1], cx, cy, self.inner2, self.outer2, self.counts
         )
 
-    def _centering(self, events: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> None:
+    def _centering(self, chunk: _Chunk) -> None:
         """Sum the events of the frames that define the centre; keep all frames until it is fixed."""
-        n = len(positions)
-        needed = max(self.center_frames - self.center_frames_used, 0)
-        cut = min(needed, n)
-        if self.center_events + int(offsets[cut] - offsets[0]) == 0:
-            # no event yet: extend to the first frame that has one (or the whole batch)
-            with_events = np.flatnonzero(np.diff(offsets) > 0)
-            cut = int(with_events[0]) + 1 if len(with_events) else n
-        self._add_center_events(events[offsets[0] : offsets[cut]])
-        self.center_frames_used += cut
-        self.pending.append(_Chunk(np.array(events, np.uint32), np.array(offsets, np.int64), np.array(positions)))
-        if self.center_frames_used >= self.center_frames and self.center_events > 0:
-            self.fix_center()
+        self.pending.append(chunk)
+        self._add_center_frames(chunk, 0, self.center_frames)
+        total = self.header.total_frames
+        while self.center_frames_used >= min(self.center_frames, total or self.center_frames):
+            if self.center_events > 0:
+                self.fix_center()
+                return
+            if total is not None and self.center_frames >= total:
+                return  # no event in the whole scan: no centre, the images stay NaN/0
+            # no event in those frames: the frames below twice as many define it
+            low, self.center_frames = self.center_frames, 2 * self.center_frames
+            for kept in self.pending:
+                self._add_center_frames(kept, low, self.center_frames)
+
+    def _add_center_frames(self, chunk: _Chunk, low: int, high: int) -> None:
+        """Add the events of the frames of ``chunk`` numbered in [low, high) to the centering sums."""
+        chosen = (chunk.numbers >= low) & (chunk.numbers < high)
+        if not chosen.any():
+            return
+        events, _, _, _ = _select_frames(chunk.events, chunk.offsets, chunk.positions, chunk.numbers, chosen)
+        self._add_center_events(events)
+        self.center_frames_used += int(chosen.sum())
 
     def _add_center_events(self, events: np.ndarray) -> None:
         rows, cols = np.divmod(events.astype(np.int64), self.header.frame_shape[1])
@@ -377,9 +394,15 @@ class VirtualImageAccumulator(ScanProgress):
         self.center_sum_row += int(rows.sum())
 
     def fix_center(self) -> None:
-        """Fix the centre from the centering sums (if any event) and replay the kept frames."""
-        if self.center is not None or self.center_events == 0:
+        """Fix the centre from the centering sums, else (the scan ended first, with no event in the
+        frames that came of them) from every frame received; then replay the kept frames."""
+        if self.center is not None:
             return
+        if self.center_events == 0:
+            for kept in self.pending:
+                self._add_center_events(kept.events[kept.offsets[0] : kept.offsets[-1]])
+            if self.center_events == 0:
+                return
         self.center = (self.center_sum_col / self.center_events, self.center_sum_row / self.center_events)
         log.info(
             "scan %d: centre (x=%.4f, y=%.4f) px from %d frames, %d events",
@@ -418,13 +441,13 @@ class VirtualImageAccumulator(ScanProgress):
 
 
 def _select_frames(
-    events: np.ndarray, offsets: np.ndarray, positions: np.ndarray, keep: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CSR of the kept frames only."""
+    events: np.ndarray, offsets: np.ndarray, positions: np.ndarray, numbers: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR, positions and frame numbers of the kept frames only."""
     lengths = np.diff(offsets)
     new_offsets = np.zeros(int(keep.sum()) + 1, np.int64)
     np.cumsum(lengths[keep], out=new_offsets[1:])
-    return events[offsets[0] :][np.repeat(keep, lengths)], new_offsets, positions[keep]
+    return events[offsets[0] :][np.repeat(keep, lengths)], new_offsets, positions[keep], numbers[keep]
 
 
 # --- the keyed DoFn -------------------------------------------------------------------------
