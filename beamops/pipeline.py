@@ -79,6 +79,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from beamops.deadletter import DeadLetter
+from beamops.frames import FrameHeader
 from beamops.io.kafka_config import KafkaClientConfig, is_secret
 from beamops.operator import (
     DEAD_LETTER,
@@ -692,22 +693,30 @@ class _Checker:
         )
 
     def check_planned_scans(self, instances: Mapping[str, Instance]) -> None:
-        """A per-scan reduction refuses, before anything runs, the scans its source plans (a simulator) when
-        they need more state than its max_state_mb: else every frame would be made first, for hours.
+        """A source that plans its scans (a simulator, a file) is asked for them before anything runs: a file
+        it cannot read is an error now, not a dead letter and exit 0. A per-scan reduction refuses those scans
+        when they need more state than its max_state_mb: else every frame would be made first, for hours.
 
         The planned header is the source's: no operator of the catalog changes a scan's shape or frame
         count, which most of the state follows (bin_frames shrinks the frames, so diffraction_sum after it
         needs less than this checks)."""
+        planned: dict[str, FrameHeader] = {}
+        for inst in instances.values():
+            if inst.input is None and issubclass(inst.operator, PlansItsScans):
+                try:  # a file it cannot read, say: one line now rather than a dead letter and exit 0
+                    planned[inst.id] = inst.operator(inst.params).planned_scan()
+                except (OSError, ValueError) as exc:
+                    self.error(("operators", inst.id, "params"), f"{inst.id}: {exc}")
         for inst in instances.values():
             if not issubclass(inst.operator, ScanReduceOperator):
                 continue
             root = inst
             while root.input is not None:
                 root = instances[root.input[0]]
-            if not issubclass(root.operator, PlansItsScans):
+            if root.id not in planned:
                 continue
             try:
-                inst.operator(inst.params).check_fits(root.operator(root.params).planned_scan())
+                inst.operator(inst.params).check_fits(planned[root.id])
             except ScanTooLargeError as exc:
                 self.error(("operators", root.id, "params"), f"{inst.id}: {root.id}'s {exc}")
 

@@ -477,7 +477,8 @@ def _scan_key(batch: Any) -> tuple[int, Any]:
 
 @runtime_checkable
 class PlansItsScans(Protocol):
-    """A source that knows the header of the scans it will emit before it runs (a simulator)."""
+    """A source that knows the header of the scans it will emit before it runs (a simulator, a file);
+    ``planned_scan`` raises OSError or ValueError when it cannot tell (a file it cannot read)."""
 
     def planned_scan(self) -> FrameHeader: ...
 

@@ -502,3 +502,31 @@ def test_a_simulated_scan_too_large_for_a_reduction_is_refused_before_any_frame_
     assert beamops_main(["pipeline", "run", str(path), *(a for s in huge for a in ("--set", s))]) == 2
     assert "max_state_mb=4096" in capsys.readouterr().err
     assert load_pipeline(path, (*huge, f"{reduction}.max_state_mb=1000000"))  # the user's call
+
+
+def test_a_file_source_the_pipeline_cannot_read_or_reduce_is_refused_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the run went on: a dead letter naming the file, and exit 0.
+    from beamops.io.hdf5 import write_stempy_hdf5
+    from beamops.testing import ScanSimulation
+
+    monkeypatch.chdir(tmp_path)
+    sim = ScanSimulation(scan_shape=(4, 6), frame_shape=(64, 64), disc_radius=8, shift_amplitude=2, scan_number=3)
+    write_stempy_hdf5(tmp_path / "scan.h5", sim.batches(8))
+    (tmp_path / "notes.h5").write_text("not HDF5")
+    text = (
+        "name: offline\noperators:\n  source: {{operator: read_hdf5_frames, params: {{path: {path}}}}}\n"
+        "  partial: {{operator: com_partial, input: source.frames}}\n"
+        "  reduce: {{operator: com_reduce, input: partial, params: {{max_state_mb: {mb}}}}}\n"
+    )
+    assert parse_pipeline(text.format(path="scan.h5", mb=4096), "offline.yaml").instances["source"]
+    for path, mb, says in [
+        ("missing.h5", 4096, f"source: missing.h5: no such file (looked for in {tmp_path})"),
+        ("notes.h5", 4096, "source: notes.h5: not a stempy electron-counted HDF5 file"),
+        ("scan.h5", 1e-6, "reduce: source's scan 3: scan_shape (4, 6)"),
+    ]:
+        with pytest.raises(PipelineDefinitionError) as info:
+            parse_pipeline(text.format(path=path, mb=mb), "offline.yaml")
+        (error,) = info.value.errors
+        assert str(error).startswith(f"offline.yaml:3: {says}"), str(error)

@@ -9,14 +9,15 @@ event-time operators (timeouts) behave as in a live run.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.transforms.window import TimestampedValue
 from pydantic import Field
 
-from beamops import DEAD_LETTER, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.io.hdf5 import read_stempy_hdf5
+from beamops import DEAD_LETTER, FrameHeader, Operator, OperatorParams, Port, SparseFrameBatch
+from beamops.io.hdf5 import read_stempy_hdf5, stempy_header
 from beamops.operator import OperatorMetrics
 from beamops.spec import Mount
 
@@ -55,6 +56,17 @@ class read_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase li
     description = "Streams a recorded scan (stempy's electron-counted HDF5 layout) as sparse frame batches."
     Params = ReadHdf5Params
     outputs = {"frames": Port(SparseFrameBatch, "Counted frames, in file order")}
+
+    def planned_scan(self) -> FrameHeader:
+        """The header its batches will carry, from the file: a pipeline definition refuses, before it runs,
+        a file it cannot read and a scan too large for a reduction downstream."""
+        path = Path(self.params.path)
+        try:
+            return stempy_header(path, self.params.scan_number)[1]
+        except FileNotFoundError as exc:
+            if path.is_absolute():
+                raise
+            raise FileNotFoundError(f"{exc} (looked for in {Path.cwd()})") from None
 
     def build(self, root: pvalue.PBegin) -> Mapping[str, pvalue.PCollection]:
         results = (

@@ -242,6 +242,15 @@ def read_stempy_hdf5(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    info, header = stempy_header(path, scan_number, detector=detector)
+    return _batches(info, header, batch_size)
+
+
+def stempy_header(
+    path: str | os.PathLike[str], scan_number: int | None = None, *, detector: str | None = None
+) -> tuple[StempyFileInfo, FrameHeader]:
+    """The file's description and the header :func:`read_stempy_hdf5` gives its batches (same defaults);
+    :class:`StempyFormatError` or FileNotFoundError for a file it cannot read."""
     info = inspect_stempy_hdf5(path)
     if scan_number is None:
         scan_number = info.scan_number if info.scan_number is not None else 1
@@ -256,7 +265,7 @@ def read_stempy_hdf5(
         header.validate()
     except FrameDecodeError as exc:
         raise ValueError(str(exc)) from None
-    return _batches(info, header, batch_size)
+    return info, header
 
 
 def _batches(info: StempyFileInfo, header: FrameHeader, batch_size: int) -> Iterator[SparseFrameBatch]:
