@@ -353,8 +353,32 @@ def test_the_picture_of_a_map_says_how_many_positions_are_blank() -> None:
     empty = final_map(crop_radius=0.0, init_center_x=5.0, init_center_y=5.0)  # far from the disc: nothing kept
     assert np.isnan(empty.x).all()
     assert (
-        com_png_title(empty) == "Scan 1: center of mass (final; 30 frames, 30/30 positions; 30 without events, blank)"
+        com_png_title(empty) == "Scan 1: center of mass (final; 30 frames, 30/30 positions; 30 without events, hatched)"
     )
+
+
+def test_cells_without_data_are_hatched_not_white_and_counted_in_the_title() -> None:
+    # Before, NaN cells were transparent over a white figure: the brightest grey, read as data.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transforms._pictures import draw_map
+    from transforms.write_image import image_png_title
+
+    header = ScanSimulation(scan_shape=(2, 2), frame_shape=(64, 64), disc_radius=8, shift_amplitude=2).header
+    data = np.array([[1.0, np.nan], [0.0, 0.5]], np.float32)
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    ax.set_position((0, 0, 1, 1))
+    draw_map(ax, data, "gray")
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    plt.close(fig)
+    brightest, blank = pixels[25, 25], pixels[25, 75]  # cells (0, 0) and (0, 1), rows down
+    assert tuple(brightest) == (255, 255, 255) and tuple(blank) != (255, 255, 255)
+    image = Image(header, "bf", data, final=True, complete=False, frames_seen=3)
+    assert image_png_title(image) == "Scan 1: bf (final, INCOMPLETE, 3 frames; 1 without frames, hatched)"
 
 
 def test_an_image_names_its_axes_in_scan_or_detector_space() -> None:

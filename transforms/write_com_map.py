@@ -27,6 +27,7 @@ from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
 from beamops.results import output_state
 from beamops.spec import Mount
+from transforms._pictures import blank_cells, draw_map
 
 _previews = PreviewThrottle()
 
@@ -48,9 +49,9 @@ class WriteComMapParams(OperatorParams):
 def com_png_title(com: ComMap) -> str:
     """The PNG's title: scan number, state, frames and positions seen, and how many positions are blank."""
     state = output_state(com.final, com.complete)
-    # A position without kept events is NaN, drawn blank: the title says how many, so a blank map is explained.
-    empty = int(np.count_nonzero(np.isnan(com.x) | np.isnan(com.y)))
-    blank = f"; {empty} without events, blank" if empty else ""
+    # A position without kept events is NaN, drawn hatched: the title says how many, so a blank map is explained.
+    empty = blank_cells(com.x + com.y)
+    blank = f"; {empty} without events, hatched" if empty else ""
     return (
         f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
         f"{com.positions_seen}/{com.header.n_positions} positions{blank})"
@@ -67,7 +68,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
     for ax, data, label in zip(axes, (com.x, com.y), ("x (column)", "y (row)"), strict=True):
-        image = ax.imshow(data, cmap=colormap, interpolation="nearest")
+        image = draw_map(ax, data, colormap)
         ax.set_title(f"COM {label}")
         ax.set_xlabel("scan column")
         ax.set_ylabel("scan row")

@@ -20,6 +20,7 @@ from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.results import output_state
 from beamops.spec import Mount
+from transforms._pictures import blank_cells, draw_map
 
 _previews = PreviewThrottle()
 
@@ -44,6 +45,14 @@ def axis_labels(image: Image) -> tuple[str, str]:
     return f"{space}column", f"{space}row"
 
 
+def image_png_title(image: Image) -> str:
+    """The PNG's title: scan number, image name, state, frames seen, and how many cells had no frame."""
+    blank = blank_cells(image.data)
+    hatched = f"; {blank} without frames, hatched" if blank else ""
+    state = output_state(image.final, image.complete)
+    return f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames{hatched})"
+
+
 def render_png(image: Image, path: Path, colormap: str) -> None:
     """The image (row down, column across, axes named by :func:`axis_labels`) with a colour bar; scan
     number, name and state in the title."""
@@ -53,12 +62,11 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5), constrained_layout=True)
-    shown = ax.imshow(image.data, cmap=colormap, interpolation="nearest")
+    shown = draw_map(ax, image.data, colormap)
     xlabel, ylabel = axis_labels(image)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(shown, ax=ax, label=image.units or None)
-    state = output_state(image.final, image.complete)
-    ax.set_title(f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames)")
+    ax.set_title(image_png_title(image))
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 
