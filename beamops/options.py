@@ -79,8 +79,18 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> list[str]:
     )
     if live:
         group.add_argument("--group_id", help=fields["group_id"].description)
-    group.add_argument("--start", help=fields["start"].description)
-    group.add_argument("--stop", help=fields["stop"].description)
+    if live:
+        group.add_argument("--start", help=fields["start"].description)
+        group.add_argument("--stop", help=fields["stop"].description)
+    else:  # no group to start from, and a range that ends
+        group.add_argument(
+            "--start",
+            help="Inclusive start (required): earliest | latest | offset:N | offset:P=N,... | timestamp:T (ms, or "
+            "ISO-8601: UTC if no zone).",
+        )
+        group.add_argument(
+            "--stop", help="Exclusive end: latest | offset:N | offset:P=N,... | timestamp:T (a time that has passed)."
+        )
     group.add_argument(
         "--create_topics",
         action="store_true",

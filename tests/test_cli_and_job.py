@@ -606,3 +606,14 @@ def test_a_live_read_on_an_in_process_runner_is_refused_before_anything_runs(
             "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
             "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with --stop latest"
         )
+
+
+def test_the_replay_offers_only_the_positions_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs import replay
+
+    with pytest.raises(SystemExit):
+        replay.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.split("--start START ")[1].split(" --stop")[0]
+    stop = text.split("--stop STOP ")[1].split(" --create_topics")[0]
+    assert "committed" not in start and "never" not in stop and "timestamp:T" in start and "latest" in stop
