@@ -359,7 +359,8 @@ class _ResolvePartitionsFn(beam.DoFn):
             if end is not None and end < begin and (start.kind == stop.kind == "offset" or low <= begin <= high):
                 raise ValueError(f"Kafka topic {topic!r} partition {q}: the stop ({end}) is before the start ({begin})")
             begin = _start_in_log(topic, q, begin, end, low, high)
-            log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, end, low, high)
+            until = "(no end)" if end is None else end
+            log.info("kafka read %s[%d]: offsets %d..%s (log %d..%d)", topic, q, begin, until, low, high)
             if end is not None and end > max(begin, high):
                 if not p.wait_past_end:
                     raise ValueError(
