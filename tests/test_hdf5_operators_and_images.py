@@ -309,6 +309,22 @@ def test_a_bad_file_is_a_dead_letter_naming_it(tmp_path: Path) -> None:
     assert letter.operator == "read_hdf5_frames" and str(bad) in letter.error
 
 
+def test_a_bad_row_sends_its_batch_to_dead_letters_and_the_rest_of_the_file_is_read(tmp_path: Path) -> None:
+    # Before, the read stopped at the bad row: every frame after its batch was dropped.
+    import h5py
+
+    sim = SIMS[0]  # 96 frames
+    path = tmp_path / "scan.h5"
+    write_stempy_hdf5(path, sim.batches(16))
+    with h5py.File(path, "r+") as f:
+        f["electron_events/frames"][10] = np.array([64 * 80 + 5], np.uint32)  # past the last pixel
+    result = run_operator(lambda root: root.pipeline | read_hdf5_frames(path=str(path), batch_size=4), [])
+    (letter,) = result.dead_letters
+    assert "rows 8..11 hold pixel index 5125, outside frame (64, 80)" in letter.error and str(path) in letter.error
+    numbers = np.sort(np.concatenate([b.frame_numbers for b in result.outputs]))
+    np.testing.assert_array_equal(numbers, [n for n in range(96) if not 8 <= n <= 11])
+
+
 def _image(final: bool, frames: int) -> Image:
     header = FrameHeader(scan_number=7, scan_shape=(12, 16), frame_shape=(64, 64))
     data = np.arange(12 * 16, dtype=np.float32).reshape(12, 16)

@@ -17,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 from pydantic import Field
 
 from beamops import DEAD_LETTER, FrameHeader, Operator, OperatorParams, Port, SparseFrameBatch
-from beamops.io.hdf5 import read_stempy_hdf5, stempy_header
+from beamops.io.hdf5 import StempyFormatError, read_stempy_hdf5, stempy_header
 from beamops.operator import OperatorMetrics
 from beamops.spec import Mount
 
@@ -39,13 +39,22 @@ class _ReadFileFn(beam.DoFn):
     def process(self, path: str) -> Iterator[object]:
         p = self._params
         frames_before = 0
+        bad_rows: list[StempyFormatError] = []  # rows that do not decode: dead letters, the rest of the file goes on
         try:
-            for batch in read_stempy_hdf5(path, p.batch_size, p.scan_number):
+            for batch in read_stempy_hdf5(path, p.batch_size, p.scan_number, on_bad_rows=bad_rows.append):
+                yield from self._dead_letters(path, bad_rows)
                 self._metrics.frames_out.inc(batch.n_frames)
                 yield TimestampedValue(batch.with_origin({"file": path}), frames_before / p.frame_rate_hz)
                 frames_before += batch.n_frames
+            yield from self._dead_letters(path, bad_rows)
         except (OSError, ValueError) as exc:  # a bad file is a dead letter naming it; the pipeline goes on
             yield self._metrics.to_dead_letters(path.encode(), exc)
+
+    def _dead_letters(self, path: str, bad_rows: list[StempyFormatError]) -> Iterator[object]:
+        """One dead letter per batch of rows that did not decode; its error names the file and the rows."""
+        for exc in bad_rows:
+            yield self._metrics.to_dead_letters(path.encode(), exc)
+        bad_rows.clear()
 
 
 class read_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase like the decorated operators

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,7 @@ def read_stempy_hdf5(
     scan_number: int | None = None,
     *,
     detector: str | None = None,
+    on_bad_rows: Callable[[StempyFormatError], None] | None = None,
 ) -> Iterator[SparseFrameBatch]:
     """Stream a stempy electron-counted file as batches of ``batch_size`` frames, in file order.
 
@@ -238,12 +239,13 @@ def read_stempy_hdf5(
     a version-3 row ``k`` is at scan position ``k // frames_per_position``.
 
     The file is checked before this returns (:class:`StempyFormatError`); a row whose pixel
-    index or scan position is out of range raises the same error when its batch is read.
+    index or scan position is out of range raises the same error when its batch is read, or,
+    with ``on_bad_rows``, is handed to it and the rest of the file is read.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info, header = stempy_header(path, scan_number, detector=detector)
-    return _batches(info, header, batch_size)
+    return _batches(info, header, batch_size, on_bad_rows)
 
 
 def stempy_header(
@@ -268,51 +270,67 @@ def stempy_header(
     return info, header
 
 
-def _batches(info: StempyFileInfo, header: FrameHeader, batch_size: int) -> Iterator[SparseFrameBatch]:
+def _batches(
+    info: StempyFileInfo,
+    header: FrameHeader,
+    batch_size: int,
+    on_bad_rows: Callable[[StempyFormatError], None] | None = None,
+) -> Iterator[SparseFrameBatch]:
     with _open(info.path) as f:
         frames, positions = f[FRAMES], f[SCAN_POSITIONS]
         numbers = f[FRAME_NUMBERS] if info.has_frame_numbers else None
         for start in range(0, info.n_frames, batch_size):
             stop = min(start + batch_size, info.n_frames)
-            rows = frames[start:stop]
-            lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-            offsets = np.zeros(len(rows) + 1, np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            raw = np.concatenate(rows) if offsets[-1] else np.zeros(0, np.int64)
-            if len(raw) and (int(raw.min()) < 0 or int(raw.max()) >= header.n_pixels):
-                bad = int(raw.min()) if int(raw.min()) < 0 else int(raw.max())
-                raise StempyFormatError(
-                    info.path, f"rows {start}..{stop - 1} hold pixel index {bad}, outside frame {info.frame_shape}"
-                )
-            if info.frames_per_position is not None:
-                scan_positions = (np.arange(start, stop) // info.frames_per_position).astype(np.uint32)
-            else:
-                raw_positions = positions[start:stop]
-                if len(raw_positions) and (
-                    int(raw_positions.min()) < 0 or int(raw_positions.max()) >= header.n_positions
-                ):
-                    raise StempyFormatError(
-                        info.path,
-                        f"rows {start}..{stop - 1} have scan positions {int(raw_positions.min())}.."
-                        f"{int(raw_positions.max())}, outside scan {info.scan_shape}",
-                    )
-                scan_positions = raw_positions.astype(np.uint32)
-            frame_numbers = (
-                np.arange(start, stop, dtype=np.uint64) if numbers is None else numbers[start:stop].astype(np.uint64)
-            )
-            batch = SparseFrameBatch(
-                header,
-                raw.astype(np.uint32, copy=False),
-                offsets,
-                scan_positions,
-                frame_numbers,
-                origin={"source": "hdf5", "path": info.path, "rows": (start, stop)},
-            )
             try:
-                batch.validate()
-            except FrameDecodeError as exc:
-                raise StempyFormatError(info.path, f"rows {start}..{stop - 1}: {exc}") from exc
-            yield batch
+                yield _batch(info, header, frames, positions, numbers, start, stop)
+            except StempyFormatError as exc:
+                if on_bad_rows is None:
+                    raise
+                on_bad_rows(exc)  # those rows only: the file goes on
+
+
+def _batch(
+    info: StempyFileInfo, header: FrameHeader, frames: Any, positions: Any, numbers: Any, start: int, stop: int
+) -> SparseFrameBatch:
+    """Rows ``start``..``stop - 1`` as a checked batch (StempyFormatError naming them if they are not valid)."""
+    rows = frames[start:stop]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    raw = np.concatenate(rows) if offsets[-1] else np.zeros(0, np.int64)
+    if len(raw) and (int(raw.min()) < 0 or int(raw.max()) >= header.n_pixels):
+        bad = int(raw.min()) if int(raw.min()) < 0 else int(raw.max())
+        raise StempyFormatError(
+            info.path, f"rows {start}..{stop - 1} hold pixel index {bad}, outside frame {info.frame_shape}"
+        )
+    if info.frames_per_position is not None:
+        scan_positions = (np.arange(start, stop) // info.frames_per_position).astype(np.uint32)
+    else:
+        raw_positions = positions[start:stop]
+        if len(raw_positions) and (int(raw_positions.min()) < 0 or int(raw_positions.max()) >= header.n_positions):
+            raise StempyFormatError(
+                info.path,
+                f"rows {start}..{stop - 1} have scan positions {int(raw_positions.min())}.."
+                f"{int(raw_positions.max())}, outside scan {info.scan_shape}",
+            )
+        scan_positions = raw_positions.astype(np.uint32)
+    if numbers is None:
+        frame_numbers = np.arange(start, stop, dtype=np.uint64)
+    else:
+        frame_numbers = numbers[start:stop].astype(np.uint64)
+    batch = SparseFrameBatch(
+        header,
+        raw.astype(np.uint32, copy=False),
+        offsets,
+        scan_positions,
+        frame_numbers,
+        origin={"source": "hdf5", "path": info.path, "rows": (start, stop)},
+    )
+    try:
+        batch.validate()
+    except FrameDecodeError as exc:
+        raise StempyFormatError(info.path, f"rows {start}..{stop - 1}: {exc}") from exc
+    return batch
 
 
 def write_stempy_hdf5(
