@@ -48,6 +48,7 @@ class _ReadFileFn(beam.DoFn):
                 frames_before += batch.n_frames
             yield from self._dead_letters(path, bad_rows)
         except (OSError, ValueError) as exc:  # a bad file is a dead letter naming it; the pipeline goes on
+            yield from self._dead_letters(path, bad_rows)  # rows found bad before the file failed
             yield self._metrics.to_dead_letters(path.encode(), exc)
 
     def _dead_letters(self, path: str, bad_rows: list[StempyFormatError]) -> Iterator[object]:

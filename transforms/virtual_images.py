@@ -150,7 +150,7 @@ class _AnnulusParams(OperatorParams):
         title="Center X (column)",
         description=(
             "Annulus centre, detector column in px (beamops x = column; stempy create_stem_images center[0]). "
-            "Unset: the centre of mass of the summed pattern of the scan's first center_frames frames."
+            "Unset: the centre of mass of the summed pattern of the scan's frames numbered below center_frames."
         ),
     )
     center_y: float | None = Field(
@@ -383,8 +383,8 @@ class VirtualImageAccumulator(ScanProgress):
         chosen = (chunk.numbers >= low) & (chunk.numbers < high)
         if not chosen.any():
             return
-        events, _, _, _ = _select_frames(chunk.events, chunk.offsets, chunk.positions, chunk.numbers, chosen)
-        self._add_center_events(events)
+        frame_events = chunk.events[chunk.offsets[0] : chunk.offsets[-1]]
+        self._add_center_events(frame_events[np.repeat(chosen, np.diff(chunk.offsets))])
         self.center_frames_used += int(chosen.sum())
 
     def _add_center_events(self, events: np.ndarray) -> None:
@@ -401,6 +401,7 @@ class VirtualImageAccumulator(ScanProgress):
         if self.center_events == 0:
             for kept in self.pending:
                 self._add_center_events(kept.events[kept.offsets[0] : kept.offsets[-1]])
+            self.center_frames_used = sum(len(kept.numbers) for kept in self.pending)
             if self.center_events == 0:
                 return
         self.center = (self.center_sum_col / self.center_events, self.center_sum_row / self.center_events)

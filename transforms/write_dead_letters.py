@@ -12,8 +12,9 @@ dropped: a job can be rerun on the payloads once the cause is fixed.
 
 A Kafka source's message also keeps its ``key`` and ``headers`` (``[name,
 value]`` pairs, in order), to publish it again as it was. Bytes are written as
-``{"text": ...}`` when they are UTF-8, else as ``{"base64": ...}``; no key, no
-headers or a header without a value are ``null``.
+``{"text": ...}`` when they are UTF-8, else as ``{"base64": ...}``; no key or a
+header without a value is ``null``, a message without headers has ``[]``, and
+``headers`` is ``null`` only for a letter an operator made (not a source).
 """
 
 from __future__ import annotations
