@@ -596,9 +596,9 @@ class _ResultShape:
         optional = type(None) in typing.get_args(annotation) and len(args) == 1
         if optional:
             annotation = args[0]
-        many = typing.get_origin(annotation) in _MANY
-        if many:
-            annotation = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
+        many = typing.get_origin(annotation) in _MANY and bool(typing.get_args(annotation))
+        if many:  # a bare Iterator is left as it is: the spec refuses it as a port type
+            annotation = typing.get_args(annotation)[0]
         return cls(annotation, many, optional, written, port)
 
     def items(self, result: Any) -> list[Any]:
@@ -610,13 +610,13 @@ class _ResultShape:
                 f"returned None, but its annotation is -> {self.annotation}: return a result, or "
                 f"annotate -> {self.annotation} | None to emit nothing for some batches"
             )
+        # self.type is a class: the operator's spec accepts only registered port types
         items = list(result) if self.many and not isinstance(result, self.type) else [result]
-        kind = typing.get_origin(self.type) or self.type
         for item in items:
-            if not isinstance(item, kind):
+            if not isinstance(item, self.type):
                 hint = "; annotate -> Iterator[...] to emit several" if isinstance(item, list | tuple) else ""
                 raise TypeError(
                     f"returned a {type(item).__name__} for port {self.port!r}, which carries "
-                    f"{kind.__name__} (-> {self.annotation}){hint}"
+                    f"{self.type.__name__} (-> {self.annotation}){hint}"
                 )
         return items

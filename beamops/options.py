@@ -79,10 +79,9 @@ def add_kafka_arguments(parser: Any, *, live: bool) -> list[str]:
     )
     if live:
         group.add_argument("--group_id", help=fields["group_id"].description)
-    if live:
         group.add_argument("--start", help=fields["start"].description)
         group.add_argument("--stop", help=fields["stop"].description)
-    else:  # no group to start from, and a range that ends
+    else:  # no group to start from, and a range that ends: ReadFromKafkaParams' texts less those positions
         group.add_argument(
             "--start",
             help="Inclusive start (required): earliest | latest | offset:N | offset:P=N,... | timestamp:T (ms, or "

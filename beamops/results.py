@@ -45,13 +45,6 @@ def _decode_errors() -> Iterator[None]:
         raise FrameDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def output_state(final: bool, complete: bool) -> str:
-    """A scan's output as a picture's title names it: progressive, final, or final but incomplete."""
-    if not final:
-        return "progressive"
-    return "final" if complete else "final, INCOMPLETE"
-
-
 @dataclass(frozen=True, eq=False)
 class ComPartial:
     """Per-frame center-of-mass sums, small enough to shuffle.

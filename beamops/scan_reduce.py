@@ -33,7 +33,6 @@ says how many bytes it takes and turns it into outputs, and a
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -503,16 +502,17 @@ class ScanReduceOperator(Operator):
         """Key by scan number, then the stateful ParDo ``step``."""
         ((output, _),) = self.outputs.items()
         ((_, port),) = self.inputs.items()
+        fn = _with_own_timer(self.Fn, self.label)(self.name, self.params, self.label)
         results = (
             main
             | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, port.type])
-            | self.step >> beam.ParDo(_with_own_timer(self.reduce_fn())).with_outputs(DEAD_LETTER, main=output)
+            | self.step >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main=output)
         )
         return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
 
 
-def _with_own_timer(fn: ScanReduceFn) -> ScanReduceFn:
-    """``fn`` as the DoFn Beam runs: ``process`` and a timeout timer named for ``fn.instance``.
+def _with_own_timer(base: type[ScanReduceFn], instance: str) -> type[ScanReduceFn]:
+    """``base`` as the DoFn class Beam runs for ``instance``: ``process`` and a timeout timer named for it.
 
     One timer name for every reduction lost timeouts: Beam's in-process runner (FnApiRunner) buffers
     the timers a fused stage sets by timer name, not by transform (apache/beam#21995), so of two
@@ -521,8 +521,7 @@ def _with_own_timer(fn: ScanReduceFn) -> ScanReduceFn:
     defaults of a class's methods, so each instance gets a class of its own. The name, from the
     instance's label, stays the same when the job is built again (a restore from a savepoint).
     """
-    base = type(fn)
-    timer = TimerSpec(f"timeout-{fn.instance}", TimeDomain.WATERMARK)
+    timer = TimerSpec(f"timeout-{instance}", TimeDomain.WATERMARK)
     state = ScanReduceFn.STATE
 
     class InstanceFn(base):
@@ -546,7 +545,5 @@ def _with_own_timer(fn: ScanReduceFn) -> ScanReduceFn:
             return self.on_timeout(key, fired_at, state_cell, timeout)
 
     InstanceFn.__module__ = base.__module__  # its log lines go to the operator's logger
-    InstanceFn.__name__ = InstanceFn.__qualname__ = f"{base.__name__}[{fn.instance}]"
-    own = copy.copy(fn)
-    own.__class__ = InstanceFn
-    return own
+    InstanceFn.__name__ = InstanceFn.__qualname__ = f"{base.__name__}[{instance}]"
+    return InstanceFn

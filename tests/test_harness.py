@@ -80,7 +80,7 @@ class _NoWeakReferences:
 
 def test_beam_gets_the_same_state_and_timer_specs_it_would_inspect_itself() -> None:
     beams_own = userstate.get_dofn_specs.__wrapped__
-    stateful, plain = _with_own_timer(_ComReduceFn("com_reduce", ComReduceParams(), "reduce")), _Plain()
+    stateful, plain = _with_own_timer(_ComReduceFn, "reduce")("com_reduce", ComReduceParams(), "reduce"), _Plain()
     for fn in (stateful, plain, stateful, plain):
         assert userstate.get_dofn_specs(fn) == beams_own(fn)
     states, timers = userstate.get_dofn_specs(stateful)

@@ -22,3 +22,10 @@ def draw_map(ax: Any, data: np.ndarray, colormap: str) -> Any:
 def blank_cells(data: np.ndarray) -> int:
     """How many cells of ``data`` are NaN (drawn hatched by :func:`draw_map`)."""
     return int(np.count_nonzero(np.isnan(data)))
+
+
+def output_state(final: bool, complete: bool) -> str:
+    """A scan's output as a picture's title names it: progressive, final, or final but incomplete."""
+    if not final:
+        return "progressive"
+    return "final" if complete else "final, INCOMPLETE"

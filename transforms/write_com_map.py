@@ -25,9 +25,8 @@ from pydantic import Field
 from beamops import ComMap, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
-from beamops.results import output_state
 from beamops.spec import Mount
-from transforms._pictures import blank_cells, draw_map
+from transforms._pictures import blank_cells, draw_map, output_state
 
 _previews = PreviewThrottle()
 

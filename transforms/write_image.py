@@ -18,9 +18,8 @@ from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
-from beamops.results import output_state
 from beamops.spec import Mount
-from transforms._pictures import blank_cells, draw_map
+from transforms._pictures import blank_cells, draw_map, output_state
 
 _previews = PreviewThrottle()
 
