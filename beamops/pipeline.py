@@ -425,24 +425,25 @@ class PipelineDefinition:
     def _create_topics(self) -> None:
         from beamops.io.kafka import ensure_topic
 
+        assert self.kafka is not None  # create_topics is a setting of the kafka section
         for inst, topic in self._kafka_topics():
-            if inst.operator.inputs and self.kafka is not None:  # a sink's
+            if inst.operator.inputs:  # a sink's
                 ensure_topic(self.kafka, topic)
 
     def _require_topics(self) -> None:
         """OperatorParameterError naming the instance whose topic Kafka does not have: else a source fails
         in a worker with a traceback, and a sink after the input was read. KafkaUnavailableError if Kafka
         does not answer. Only for a pipeline that runs here: a cluster's workers may see other brokers."""
-        from beamops.io.kafka import missing_topics, no_such_topics
+        from beamops.io.kafka import refuse_missing_topics
 
         assert self.kafka is not None
-        # the sinks' topics were just made when create_topics is set
-        used = [(i, t) for i, t in self._kafka_topics() if not (self.create_topics and i.operator.inputs)]
-        missing = missing_topics(self.kafka, [topic for _, topic in used])
-        for inst, topic in used:
-            if topic in missing:
-                hint = "; set create_topics: true in the kafka section to create it" if inst.operator.inputs else ""
-                raise OperatorParameterError(f"{self.source}: {inst.id}: {no_such_topics(self.kafka, [topic])}{hint}")
+        create = "; set create_topics: true in the kafka section to create it"
+        checks = [
+            ([topic], f"{self.source}: {inst.id}: ", create if inst.operator.inputs else "")
+            for inst, topic in self._kafka_topics()
+            if not (self.create_topics and inst.operator.inputs)  # the sinks' topics were just made
+        ]
+        refuse_missing_topics(self.kafka, checks)
 
     def summary(self) -> str:
         sources = [i.id for i in self.instances.values() if i.input is None]

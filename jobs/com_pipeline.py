@@ -32,9 +32,8 @@ from beamops import OperatorParameterError
 from beamops.io.files import writable_dir
 from beamops.io.kafka import (
     ensure_topic,
-    missing_topics,
-    no_such_topics,
     read_kafka_frames,
+    refuse_missing_topics,
     write_com_maps_kafka,
     write_dead_letters_kafka,
 )
@@ -77,20 +76,15 @@ def check_topics(pipeline: beam.Pipeline, client: KafkaClientConfig, input_topic
     """Refuse, before the job runs, ``outputs`` Kafka does not have (else they fail after the input was read;
     none to check when --create_topics made them) and an input topic it does not have (else the running
     job fails with a worker's traceback)."""
+    checks = [(outputs, "", "; pass --create_topics to create the job's output topics"),
+              ([input_topic], "", "; check --input_topic (the topic the frames are published to)")]  # fmt: skip
     try:
-        missing = missing_topics(client, [*outputs, input_topic])
+        refuse_missing_topics(client, checks)
     except KafkaUnavailableError as exc:
         if runs_here(pipeline):
             raise
         # A cluster's workers may reach brokers this machine cannot.
         log.warning("could not check the topics from here: %s", exc)
-        return
-    hints = ((outputs, "pass --create_topics to create the job's output topics"),
-             ([input_topic], "check --input_topic (the topic the frames are published to)"))  # fmt: skip
-    for topics, hint in hints:
-        absent = [t for t in topics if t in missing]
-        if absent:
-            raise OperatorParameterError(f"{no_such_topics(client, absent)}; {hint}")
 
 
 def warn_earlier_maps(folder: Path) -> None:

@@ -905,8 +905,19 @@ def missing_topics(client: KafkaClientConfig, topics: Iterable[str]) -> list[str
     return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
 
 
-def no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
-    """What to say of ``missing`` topics (from :func:`missing_topics`)."""
+def refuse_missing_topics(client: KafkaClientConfig, checks: Iterable[tuple[list[str], str, str]]) -> None:
+    """Before a job runs: OperatorParameterError for the first of ``checks`` (topics, what the message
+    starts with, what it ends with) whose topics Kafka does not all have, naming those it lacks; one
+    metadata request. KafkaUnavailableError if Kafka does not answer."""
+    checks = list(checks)
+    missing = missing_topics(client, [t for topics, _, _ in checks for t in topics])
+    for topics, prefix, hint in checks:
+        absent = [t for t in topics if t in missing]
+        if absent:
+            raise OperatorParameterError(f"{prefix}{_no_such_topics(client, absent)}{hint}")
+
+
+def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
     names = ", ".join(repr(t) for t in missing)
     verb = "do not exist" if len(missing) > 1 else "does not exist"
     return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
