@@ -12,9 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from beamops.frames import SparseFrameBatch
 from beamops.services._local import stop_process_group
 
 T = TypeVar("T")
@@ -121,3 +123,18 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Messag
         return sorted(messages, key=lambda m: (m.partition(), m.offset()))
     finally:
         consumer.close()
+
+
+def concat(batches: list[SparseFrameBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Events, frame lengths, scan positions and frame numbers of ``batches``, back to back."""
+    events = np.concatenate([b.events for b in batches])
+    lengths = np.concatenate([np.diff(b.offsets) for b in batches])
+    positions = np.concatenate([b.scan_positions for b in batches])
+    numbers = np.concatenate([b.frame_numbers for b in batches])
+    return events, lengths, positions, numbers
+
+
+def assert_same_frames(got: list[SparseFrameBatch], want: list[SparseFrameBatch]) -> None:
+    """The same frames in the same order: events, lengths, scan positions and frame numbers."""
+    for g, w in zip(concat(got), concat(want), strict=True):
+        np.testing.assert_array_equal(g, w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from helpers import assert_same_frames, concat
 from stempy.io import SparseArray, load_electron_counts
 
 from beamops.frames import FrameHeader, SparseFrameBatch
@@ -22,19 +23,6 @@ SIM = ScanSimulation(
     seed=3,
     scan_number=42,
 )
-
-
-def concat(batches: list[SparseFrameBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    events = np.concatenate([b.events for b in batches])
-    lengths = np.concatenate([np.diff(b.offsets) for b in batches])
-    positions = np.concatenate([b.scan_positions for b in batches])
-    numbers = np.concatenate([b.frame_numbers for b in batches])
-    return events, lengths, positions, numbers
-
-
-def assert_same_frames(got: list[SparseFrameBatch], want: list[SparseFrameBatch]) -> None:
-    for g, w in zip(concat(got), concat(want), strict=True):
-        np.testing.assert_array_equal(g, w)
 
 
 def test_round_trip_gives_the_same_batches(tmp_path):

@@ -8,14 +8,10 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.metrics import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # alias: not a pytest class
 from apache_beam.testing.test_stream import TestStream as BeamTestStream  # alias: not a pytest class
-from apache_beam.testing.util import assert_that, equal_to
+from helpers import assert_same_frames
 from stempy.io import load_electron_counts
 
 from beamops import ComMap, FrameHeader, Image, OperatorParameterError, SparseFrameBatch
@@ -65,16 +61,7 @@ def test_a_saved_scan_holds_each_frame_once_in_frame_number_order(tmp_path: Path
     assert result.dead_letters == []
     assert result.counter("duplicate_frames") == 24
     (saved,) = read_stempy_hdf5(result.outputs[0], batch_size=1000)
-    whole = SparseFrameBatch.from_frames(
-        sim.header,
-        [h.frame(i) for h in halves for i in range(48)],
-        np.concatenate([h.scan_positions for h in halves]),
-        np.concatenate([h.frame_numbers for h in halves]),
-    )
-    np.testing.assert_array_equal(saved.frame_numbers, whole.frame_numbers)
-    np.testing.assert_array_equal(saved.scan_positions, whole.scan_positions)
-    np.testing.assert_array_equal(saved.offsets, whole.offsets)
-    np.testing.assert_array_equal(saved.events, whole.events)
+    assert_same_frames([saved], halves)
 
 
 def test_the_writer_says_how_many_redelivered_frames_it_skipped(
@@ -159,17 +146,13 @@ def _paused_scan_stream(sim: ScanSimulation, gap_s: float) -> BeamTestStream:
 
 def _run_paused_scan(sim: ScanSimulation, out_dir: Path, **params: object) -> int:
     """Write a paused scan (two sessions); the number of frames counted as duplicates."""
-    pipeline = BeamTestPipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner"]))
-    out = (
-        pipeline | _paused_scan_stream(sim, gap_s=10.0) | write_hdf5_frames(out_dir=str(out_dir), gap_s=10.0, **params)
-    )
+    write = write_hdf5_frames(out_dir=str(out_dir), gap_s=10.0, **params)
+    stream = _paused_scan_stream(sim, gap_s=10.0)
+    result = run_operator(lambda root: root.pipeline | stream | write, [], runner="BundleBasedDirectRunner")
     name = f"scan_{sim.scan_number:06d}.h5"
-    assert_that(out.path | beam.Map(lambda p: Path(p).name), equal_to([name, name]))  # one write per session
-    assert_that(out.dead_letter, equal_to([]), label="NoDeadLetters")
-    result = pipeline.run()
-    result.wait_until_finish()
-    found = result.metrics().query(MetricsFilter().with_namespace("beamops").with_name("duplicate_frames"))
-    return sum(c.committed for c in found["counters"])
+    assert [Path(p).name for p in result.outputs] == [name, name]  # one write per session
+    assert result.dead_letters == []
+    return result.counter("duplicate_frames")
 
 
 def _assert_holds_the_whole_scan_once_in_order(sim: ScanSimulation, path: Path) -> None:
@@ -183,9 +166,7 @@ def _assert_holds_the_whole_scan_once_in_order(sim: ScanSimulation, path: Path) 
     )
     assert saved.header == whole.header
     np.testing.assert_array_equal(saved.frame_numbers, np.arange(sim.n_frames))
-    np.testing.assert_array_equal(saved.scan_positions, whole.scan_positions)
-    np.testing.assert_array_equal(saved.offsets, whole.offsets)
-    np.testing.assert_array_equal(saved.events, whole.events)
+    assert_same_frames([saved], [whole])
     array = load_electron_counts(str(path))  # stempy reads it too: every position has all its frames
     assert array.data.shape == (sim.n_positions, sim.frames_per_position)
     for i in range(whole.n_frames):
@@ -228,14 +209,7 @@ def test_frames_merge_into_earlier_ones_in_order_each_once(monkeypatch: pytest.M
     merged = list(module._each_frame_once_in_order(Path("scan.h5"), new, earlier))
     assert [b.n_frames for b in merged[:3]] == [4, 4, 2]  # 0..9
     assert max(b.n_frames for b in merged[-5:]) == 4  # 79..95
-    back = SparseFrameBatch.from_frames(
-        whole.header,
-        [b.frame(i) for b in merged for i in range(b.n_frames)],
-        np.concatenate([b.scan_positions for b in merged]),
-        np.concatenate([b.frame_numbers for b in merged]),
-    )
-    for name in ("frame_numbers", "scan_positions", "offsets", "events"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(whole, name), err_msg=name)
+    assert_same_frames(merged, [whole])
 
 
 def test_a_job_built_again_with_the_same_run_id_merges_into_its_files(tmp_path: Path) -> None:
