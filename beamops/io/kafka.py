@@ -163,9 +163,19 @@ class ReadFromKafkaParams(OperatorParams):
             "written, an unbounded one as the runner finalizes its bundles (on Flink: after each checkpoint)."
         ),
     )
-    poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for one message (s).")
+    poll_timeout_s: float = Field(
+        0.2,
+        gt=0,
+        description=(
+            "Longest wait for one message (s). An unbounded read that has read all of its partition and finds "
+            "nothing new in this long yields to the runner, so that the partitions it shares a worker with are read."
+        ),
+    )
     max_read_s: float = Field(
-        2.0, gt=0, description="An unbounded read yields to the runner after this long (s); bounded reads ignore it."
+        2.0,
+        gt=0,
+        description="An unbounded read yields to the runner after this long (s) even if messages keep coming; "
+        "bounded reads ignore it.",
     )
     idle_watermark_lag_s: float = Field(
         30.0,
@@ -524,7 +534,8 @@ class _ReadPartitionFn(beam.DoFn):
         unbounded: bool,
         state: _ReadState,
     ) -> Iterator[Any]:
-        """Claim and decode messages until the restriction is done (or, unbounded, ``max_read_s`` passed)."""
+        """Claim and decode messages until the restriction is done; unbounded, until ``max_read_s`` passed or
+        the partition is read to its end and a poll finds nothing new."""
         from confluent_kafka import KafkaError
 
         restriction = tracker.current_restriction()
@@ -538,7 +549,11 @@ class _ReadPartitionFn(beam.DoFn):
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
                 if unbounded and state.caught_up:
+                    # Idle: the runner reads the partitions this worker shares in turn, and a message on one
+                    # of them waits for every other's turn to end.
                     self._advance_idle_watermark(watermark, state)
+                    tracker.defer_remainder(Duration(seconds=0.05))
+                    return
                 continue
             if msg.topic() is not None and (msg.topic(), msg.partition()) != (read.topic, read.partition):
                 continue  # an event of the consumer's previous read (consumers are reused), not an error of it

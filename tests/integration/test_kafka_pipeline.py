@@ -809,6 +809,40 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
     assert before - lag <= watermark.current_watermark() <= after - lag
 
 
+def test_a_live_read_that_has_read_all_of_its_partition_yields_as_soon_as_a_poll_finds_nothing(
+    kafka_broker, numbered_topic
+):
+    """Not after max_read_s: the runner reads the partitions a worker shares in turn, so an idle partition
+    that kept its turn would delay the messages of every other by that long (live latency)."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+
+    from beamops.io.kafka import UNBOUNDED_STOP, PartitionRead, ReadFromKafkaParams, _ReadPartitionFn
+
+    params = ReadFromKafkaParams(topic=numbered_topic, stop="never", max_read_s=30, poll_timeout_s=0.2)
+    reader = _ReadPartitionFn("read_kafka_frames", client_of(kafka_broker), params)
+    reader.setup()
+    threadsafe = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(0, UNBOUNDED_STOP)))
+    try:
+        started = time.monotonic()
+        out = list(
+            reader.process(
+                PartitionRead(numbered_topic, 0, 0, None),
+                None,
+                RestrictionTrackerView(threadsafe),
+                ManualWatermarkEstimator(None),
+            )
+        )
+        took = time.monotonic() - started
+    finally:
+        reader.teardown()
+    assert len(out) == 6  # partition 0's messages, then its end, then one empty poll
+    assert took < 5, f"the read kept its turn for {took:.1f} s with nothing to read"
+    residual, _ = threadsafe.deferred_status()
+    assert (residual.start, residual.stop) == (6, UNBOUNDED_STOP)  # the next read goes on after offset 5
+
+
 def test_a_live_read_says_when_its_topic_gained_partitions_it_does_not_read(kafka_broker, monkeypatch):
     from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
     from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
