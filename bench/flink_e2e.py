@@ -108,7 +108,7 @@ def run_flink(
         sys.executable, "-m", "jobs.com_pipeline", "--runner=FlinkRunner", *cluster.beam_args(),
         "--environment_type=LOOPBACK", f"--parallelism={parallelism}",
         "--bootstrap_servers", broker.bootstrap_servers, "--input_topic", topic, "--output_topic", out,
-        "--start", "earliest", "--stop", "never", "--emit_every", str(args.emit_every),
+        "--start", "earliest", "--stop", "never", "--emit_every", str(args.emit_every), *args.flink_arg,
     ]  # fmt: skip
     consumer = map_consumer(broker.bootstrap_servers, out)
     maps = Maps()
@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=None, help="latency probe scans (default 3, quick 2)")
     parser.add_argument("--emit-every", type=int, default=10_000, help="com_reduce emit_every (library default)")
     parser.add_argument("--timeout", type=float, default=240.0, help="longest wait for a scan's final map (s)")
+    parser.add_argument(
+        "--flink-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more option for the Flink jobs, e.g. --flink-arg=--max_bundle_time_mills=200 (repeatable)",
+    )
     args = parser.parse_args(argv)
     args.scans = args.scans or (4 if args.quick else 8)
     args.probes = args.probes or (2 if args.quick else 3)
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             f"topic: {args.scans} scans of {args.scan}x{args.scan}, Poisson {args.events:g} events/frame, "
             f"{frames} frames in messages of {args.batch_size}, 2 partitions; broker {broker.bootstrap_servers}, "
             f"Flink {cluster.rest_url} (1 TaskManager, 2 slots)"
+            + (f"; Flink jobs also given {' '.join(args.flink_arg)}" if args.flink_arg else "")
         )
 
         # DirectRunner: the reference maps and the batch engine's rate

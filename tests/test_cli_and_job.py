@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -134,6 +135,9 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     assert "--flink_version=1.20" in args and "--flink_master=localhost:8081" in args
     assert "--checkpointing_interval=10000" in args and "--streaming" in args
     assert "--finish_bundle_before_checkpointing" in args
+    assert "--max_bundle_time_mills=100" in args  # latency: Flink's default holds a stage's results up to 1 s
+    given = ["--runner=FlinkRunner", "--max_bundle_time_mills=1000"]
+    assert [a for a in flink_defaults(given) if "max_bundle_time" in a] == [given[1]]
     assert "--environment_type=EXTERNAL" in args and "--environment_type=LOOPBACK" not in args
     assert not any(a.startswith("--shutdown_sources_after_idle_ms") for a in args)
     # A bounded job ends: Beam keeps a checkpointing streaming job's sources up unless told otherwise.
@@ -365,6 +369,31 @@ def test_the_simulate_job_names_the_option_it_refuses(extra: list[str], says: st
         simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", *extra])
     assert exited.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_the_simulator_progress_counts_delivered_frames_and_shows_the_queued_ones() -> None:
+    from beamops.io.publish import PublishStats
+
+    def stats(frames: int, delivered: int) -> PublishStats:
+        return PublishStats(
+            frames=frames, batches=frames // 40, messages=frames // 40, bytes=frames * 100,
+            delivered_frames=delivered, delivered_messages=delivered // 40, delivered_bytes=delivered * 100,
+            failed_messages=0, queued_messages=(frames - delivered) // 40, elapsed_s=1.0, throttled_s=0.0,
+            late_frames=0,
+        )  # fmt: skip
+
+    out = io.StringIO()
+    progress = simulate.Progress(160, stream=out, mode="bar", clock=iter(range(100)).__next__)  # 1 s per reading
+    progress.update(stats(120, 0))  # the broker is away: three messages queued, none acknowledged
+    progress.update(stats(160, 40))
+    progress.close(stats(160, 160))
+    lines = out.getvalue().strip("\n").split("\r")[1:]
+    assert [line.split("]")[1].split("  ETA")[0].strip() for line in lines] == [
+        "0/160 frames delivered   0.0%  120 queued  0 frames/s  0.0 MB/s",
+        "40/160 frames delivered  25.0%  120 queued  20 frames/s  0.0 MB/s",
+        "160/160 frames delivered 100.0%  0 queued  53 frames/s  0.0 MB/s",
+    ]
+    assert lines[-1].startswith("[##############################]")
 
 
 def test_the_simulate_job_refuses_a_kafka_setting_librdkafka_does_not_know(capsys) -> None:
