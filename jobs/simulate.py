@@ -29,7 +29,7 @@ from beamops.frames import SparseFrameBatch
 from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
 from beamops.io.kafka import ensure_topic
 from beamops.io.kafka_config import KafkaClientConfig
-from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, TopicNotFoundError
+from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
 from beamops.options import add_kafka_client_arguments
 from beamops.simulate import ScanSimulation
 
@@ -40,7 +40,11 @@ _UNSET = object()  # marks a simulated-scan option the command line did not give
 
 
 class Progress:
-    """A one-line progress bar redrawn with \\r on a terminal; periodic log lines otherwise."""
+    """A one-line progress bar redrawn with \\r on a terminal; periodic log lines otherwise.
+
+    It counts the frames the broker acknowledged, and shows those still queued: while the broker is
+    away, the publisher keeps queueing (up to librdkafka's local limit) and the count stops.
+    """
 
     def __init__(
         self,
@@ -60,13 +64,11 @@ class Progress:
         self._clock = clock
         self._start = clock()
         self._last = self._start
-        self.frames = 0
-        self.bytes = 0
+        self._stats: PublishStats | None = None
         self._width = 0
 
-    def update(self, frames: int, nbytes: int) -> None:
-        self.frames += frames
-        self.bytes += nbytes
+    def update(self, stats: PublishStats) -> None:
+        self._stats = stats
         now = self._clock()
         if now - self._last >= self.every_s:
             self._last = now
@@ -74,19 +76,23 @@ class Progress:
 
     def _line(self, now: float) -> str:
         elapsed = max(now - self._start, 1e-9)
-        rate = self.frames / elapsed
-        fraction = self.frames / self.total if self.total else 1.0
-        eta = (self.total - self.frames) / rate if rate > 0 else float("inf")
+        delivered = self._stats.delivered_frames if self._stats else 0
+        queued = self._stats.frames - delivered if self._stats else 0
+        delivered_bytes = self._stats.delivered_bytes if self._stats else 0
+        rate = delivered / elapsed
+        fraction = delivered / self.total if self.total else 1.0
+        eta = (self.total - delivered) / rate if rate > 0 else float("inf")
         eta_text = "--:--" if eta == float("inf") else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
         return (
-            f"{self.frames:,}/{self.total:,} frames {fraction:6.1%}  {rate:,.0f} frames/s  "
-            f"{self.bytes / 1e6 / elapsed:.1f} MB/s  ETA {eta_text}"
+            f"{delivered:,}/{self.total:,} frames delivered {fraction:6.1%}  {queued:,} queued  "
+            f"{rate:,.0f} frames/s  {delivered_bytes / 1e6 / elapsed:.1f} MB/s  ETA {eta_text}"
         )
 
     def _show(self, now: float) -> None:
         if self.mode == "bar":
             width = 30
-            filled = int(width * min(self.frames / self.total, 1.0)) if self.total else width
+            done = self._stats.delivered_frames if self._stats else 0
+            filled = int(width * min(done / self.total, 1.0)) if self.total else width
             bar = "#" * filled + "." * (width - filled)
             line = f"[{bar}] {self._line(now)}"
             self.stream.write(f"\r{line:<{self._width}}")
@@ -95,7 +101,10 @@ class Progress:
         elif self.mode == "log":
             log.info("published %s", self._line(now))
 
-    def close(self) -> None:
+    def close(self, stats: PublishStats | None = None) -> None:
+        """The last line, with ``stats`` once every message is delivered (or the run stopped)."""
+        if stats is not None:
+            self._stats = stats
         if self.mode == "bar":
             self._show(self._clock())
             self.stream.write("\n")
@@ -268,24 +277,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.rate:,.0f} frames/s" if args.rate else "as fast as possible",
             )
             for batch in batches:
-                before = publisher.stats().bytes
                 publisher.publish(batch)
-                progress.update(batch.n_frames, publisher.stats().bytes - before)
+                progress.update(publisher.stats())
     except KeyboardInterrupt:
-        progress.close()
+        progress.close(publisher.stats() if publisher is not None else None)
         if publisher is not None:
             log.error("interrupted after %s", publisher.stats().describe())
         return 130
     except PublishError as exc:
-        progress.close()
+        progress.close(publisher.stats() if publisher is not None else None)
         hint = "; create it or pass --create_topic" if isinstance(exc, TopicNotFoundError) else ""
         return _error(f"{exc}{hint}", 1)
     except StempyFormatError as exc:
-        progress.close()
+        progress.close(publisher.stats() if publisher is not None else None)
         return _error(str(exc), 2)
-    progress.close()
     assert publisher is not None
     stats = publisher.stats()
+    progress.close(stats)
     print(
         f"published {stats.frames} frames in {stats.batches} batches to {args.topic!r}: "
         f"{stats.bytes / 1e6:.1f} MB in {stats.elapsed_s:.2f} s, {stats.frames_per_s:,.0f} frames/s"

@@ -26,6 +26,7 @@ failures, so nothing is dropped silently. A fatal producer error also fails the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -108,10 +109,11 @@ class RateLimiter:
 class PublishStats:
     """Counters of a FramePublisher. Rates are over ``elapsed_s``, first publish to last activity."""
 
-    frames: int
+    frames: int  # queued for delivery, delivered or not
     batches: int
     messages: int
     bytes: int
+    delivered_frames: int  # acknowledged by the broker
     delivered_messages: int
     delivered_bytes: int
     failed_messages: int
@@ -130,7 +132,8 @@ class PublishStats:
 
     def describe(self) -> str:
         return (
-            f"{self.frames} frames in {self.batches} batches, {self.bytes / 1e6:.1f} MB, {self.elapsed_s:.2f} s, "
+            f"{self.frames} frames in {self.batches} batches ({self.delivered_frames} delivered), "
+            f"{self.bytes / 1e6:.1f} MB, {self.elapsed_s:.2f} s, "
             f"{self.frames_per_s:,.0f} frames/s, {self.mb_per_s:.1f} MB/s"
         )
 
@@ -189,7 +192,7 @@ class FramePublisher:
         self._failures: list[tuple[str, str]] = []
         self._last_warning: dict[str, float] = {}
         self._frames = self._batches = self._messages = self._bytes = 0
-        self._delivered_messages = self._delivered_bytes = self._failed = 0
+        self._delivered_frames = self._delivered_messages = self._delivered_bytes = self._failed = 0
         self._started: float | None = None
         self._last_activity: float | None = None
         self._next = 0
@@ -234,13 +237,14 @@ class FramePublisher:
                 err.str(),
             )
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
+    def _on_delivery(self, frames: int, err: Any, msg: Any) -> None:
         if err is not None:
             self._failed += 1
             key = msg.key()
             where = f"{msg.topic()}[{msg.partition()}] key={key.decode(errors='replace') if key else None}"
             self._failures.append((err.str(), where))
         else:
+            self._delivered_frames += frames
             self._delivered_messages += 1
             self._delivered_bytes += len(msg.value() or b"")
 
@@ -253,10 +257,13 @@ class FramePublisher:
         self._next += 1
         return partition
 
-    def _produce(self, value: bytes, key: bytes | None, headers: list[Header] | None, partition: int | None) -> None:
+    def _produce(
+        self, value: bytes, key: bytes | None, headers: list[Header] | None, partition: int | None, frames: int = 0
+    ) -> None:
         if self._fatal is not None:
             raise PublishError(f"the Kafka producer for {self.topic!r} failed: {self._fatal}")
-        kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers, "on_delivery": self._on_delivery}
+        on_delivery = functools.partial(self._on_delivery, frames)
+        kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers, "on_delivery": on_delivery}
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -281,7 +288,8 @@ class FramePublisher:
             (CONTENT_TYPE_HEADER, CONTENT_TYPE),
             (SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION)),
         ]
-        self._produce(batch.to_bytes(), str(batch.header.scan_number).encode(), headers, self._choose_partition())
+        key = str(batch.header.scan_number).encode()
+        self._produce(batch.to_bytes(), key, headers, self._choose_partition(), batch.n_frames)
         self._frames += batch.n_frames
         self._batches += 1
 
@@ -356,6 +364,7 @@ class FramePublisher:
             batches=self._batches,
             messages=self._messages,
             bytes=self._bytes,
+            delivered_frames=self._delivered_frames,
             delivered_messages=self._delivered_messages,
             delivered_bytes=self._delivered_bytes,
             failed_messages=self._failed,

@@ -260,3 +260,27 @@ def test_a_broker_restart_while_publishing_loses_and_duplicates_nothing(kafka_br
     assert len(messages) == sim.n_batches(20)
     frames = frames_by_number(decoded(messages))  # fails on a duplicate
     assert sorted(number for _, number in frames) == list(range(sim.n_frames))
+
+
+def test_frames_queued_while_the_broker_is_away_are_not_counted_as_delivered(kafka_broker):
+    """The simulator's progress counts acknowledged frames: queued ones would show a stalled run as progressing."""
+    if kafka_broker.external:
+        pytest.skip("stops only a broker the fixture started")
+    topic = kafka_broker.new_topic(partitions=2)
+    client = KafkaClientConfig.load(kafka_broker.bootstrap_servers, overrides=["linger.ms=1"])
+    batches = list(SIM.batches(20))  # 160 frames in 8 batches
+    with FramePublisher(client, topic) as publisher:
+        publisher.publish_all(batches[:4])
+        publisher.flush(30)
+        kafka_broker.stop()
+        try:
+            publisher.publish_all(batches[4:])
+            time.sleep(1.0)  # librdkafka would have sent them by now (linger 1 ms)
+            away = publisher.stats()
+        finally:
+            kafka_broker.start()
+    stats = publisher.stats()
+    assert (away.frames, away.delivered_frames) == (SIM.n_frames, 80)
+    assert "160 frames in 8 batches (80 delivered)" in away.describe()
+    assert stats.delivered_frames == SIM.n_frames and stats.delivered_messages == 8
+    assert len(read_topic(kafka_broker.bootstrap_servers, topic)) == 8
