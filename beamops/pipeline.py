@@ -46,8 +46,9 @@ the command line.
 keys (:class:`PipelineSpec`), each operator name, each instance's parameters
 (with the operator's own ``validate_params``), each input's instance and port,
 the port types at both ends of each connection (``beamops.ports``), cycles,
-sources with an input and other operators without one, and Kafka operators
-without ``kafka:``. It reports every error it finds, each as ``FILE:LINE:
+sources with an input and other operators without one, Kafka operators
+without ``kafka:``, and two writers of one kind whose files would overwrite each
+other's in one directory. It reports every error it finds, each as ``FILE:LINE:
 message``, in a :class:`PipelineDefinitionError`. :meth:`PipelineDefinition.build`
 then adds the operators to a Beam pipeline, each applied to its upstream's
 named output and labelled with its instance id.
@@ -92,6 +93,7 @@ from beamops.operator import (
 from beamops.ports import PortTypeError, check_connection, port_type
 from beamops.runner import runs_here
 from beamops.scan_reduce import PlansItsScans, ScanReduceOperator, ScanTooLargeError
+from beamops.spec import output_files
 
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
 DEFAULT_DEAD_LETTER_SINK = "write_dead_letters"
@@ -680,6 +682,7 @@ class _Checker:
             assert op is not None and p is not None
             instances[inst_id] = Instance(inst_id, op, p, inputs.get(inst_id))
         self.check_planned_scans(instances)
+        self.check_output_dirs(instances)
         if self.errors:
             raise PipelineDefinitionError(self.errors)
         return PipelineDefinition(
@@ -720,6 +723,25 @@ class _Checker:
                 inst.operator(inst.params).check_fits(planned[root.id])
             except ScanTooLargeError as exc:
                 self.error(("operators", root.id, "params"), f"{inst.id}: {root.id}'s {exc}")
+
+    def check_output_dirs(self, instances: Mapping[str, Instance]) -> None:
+        """Two writers of one kind into one directory would overwrite each other's files, silently: refused.
+        Writers whose file names follow their input (write_image: the image's name) collide only when
+        fed by the same kind of operator."""
+        writers: dict[tuple[Any, ...], str] = {}
+        for inst in instances.values():
+            for param, files in output_files(inst.operator.Params).items():
+                folder = Path(getattr(inst.params, param)).expanduser().resolve()
+                fed_by = None
+                if files.named_by_input and inst.input is not None:
+                    fed_by = instances[inst.input[0]].operator.name
+                first = writers.setdefault((inst.operator.name, param, folder, fed_by), inst.id)
+                if first != inst.id:
+                    self.error(
+                        ("operators", inst.id, "params", param),
+                        f"{inst.id}: writes {files.pattern} into {folder}, as {first} does: each would overwrite "
+                        f"the other's files; give one of them another {param}",
+                    )
 
     def check_kafka(self, kafka: KafkaSection | None) -> KafkaClientConfig | None:
         if kafka is None:

@@ -219,6 +219,32 @@ class _MountMarker:
 
 Mount = Annotated[str, _MountMarker()]
 
+
+class OutputFiles:
+    """Marks a Mount parameter as the directory an operator writes its files into, ``pattern`` naming them.
+
+    Two instances of one such operator that write into the same directory overwrite each other's files,
+    which a pipeline definition refuses. ``named_by_input``: the names come from what the input is (an
+    image's name), so instances fed by different operators do not collide.
+
+        out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5")] = Field("out")
+    """
+
+    def __init__(self, pattern: str, *, named_by_input: bool = False) -> None:
+        self.pattern = pattern
+        self.named_by_input = named_by_input
+
+
+def output_files(model: type[BaseModel]) -> dict[str, OutputFiles]:
+    """The parameters of ``model`` that are directories its operator writes files into."""
+    found = {}
+    for name, info in model.model_fields.items():
+        for marker in _metadata(info):
+            if isinstance(marker, OutputFiles):
+                found[name] = marker
+    return found
+
+
 _SCALARS: dict[Any, ParameterType] = {
     bool: ParameterType.BOOL,
     int: ParameterType.INT,

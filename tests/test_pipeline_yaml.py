@@ -157,6 +157,19 @@ ERROR_CASES = {
         _SOURCE + "  my.partial:  # <- error\n    operator: com_partial\n    input: source.frames\n",
         ["instance id 'my.partial'"],
     ),
+    "two writers overwriting each other's files": (
+        _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n"
+        "  cropped: {operator: com_partial, input: source.frames, params: {crop_radius: 3}}\n"
+        "  reduce: {operator: com_reduce, input: partial.com_partial}\n"
+        "  reduce_cropped: {operator: com_reduce, input: cropped.com_partial}\n"
+        "  maps: {operator: write_com_map, input: reduce.com_map, params: {out_dir: out}}\n"
+        "  maps_cropped:\n    operator: write_com_map\n    input: reduce_cropped.com_map\n"
+        "    params: {out_dir: ./out/}  # <- error\n",
+        [
+            "maps_cropped: writes scan_<N>_com.npz and .png into ",
+            "/out, as maps does: each would overwrite the other's files; give one of them another out_dir",
+        ],
+    ),
     "invalid YAML": (
         _SOURCE + "  partial: {operator: com_partial, input: [source.frames  # <- error\n",
         ["invalid YAML"],
@@ -478,6 +491,29 @@ def test_an_instance_id_that_is_not_a_name_is_one_error_at_its_line(written: str
     assert f"ids.yaml:6: {error}" in message
     assert "--set other.crop_radius=3: no instance 'other'; instances: " in message
     assert ".com_partial': no instance" not in message  # the id's own error says why
+
+
+def test_writers_of_one_kind_may_share_a_directory_when_their_file_names_differ(tmp_path: Path) -> None:
+    """Each into its own directory; and write_image names its files after the image, so images of two kinds
+    of operator may share one."""
+    text = (
+        _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n"
+        "  cropped: {operator: com_partial, input: source.frames, params: {crop_radius: 3}}\n"
+        "  reduce: {operator: com_reduce, input: partial.com_partial}\n"
+        "  reduce_cropped: {operator: com_reduce, input: cropped.com_partial}\n"
+        "  maps: {operator: write_com_map, input: reduce.com_map, params: {out_dir: out}}\n"
+        "  maps_cropped: {operator: write_com_map, input: reduce_cropped.com_map, params: {out_dir: out/cropped}}\n"
+        "  phase: {operator: dpc_phase, input: reduce.com_map}\n"
+        "  magnitude: {operator: com_magnitude, input: reduce.com_map}\n"
+        "  phase_png: {operator: write_image, input: phase.image, params: {out_dir: out}}\n"
+        "  magnitude_png: {operator: write_image, input: magnitude.image, params: {out_dir: out}}\n"
+    )
+    assert list(load_pipeline(_write(tmp_path, text)).instances)[-1] == "magnitude_png"
+    # Two phase images of one name, into one directory: refused.
+    text += "  phase2: {operator: dpc_phase, input: reduce_cropped.com_map}\n"
+    text += "  phase2_png: {operator: write_image, input: phase2.image, params: {out_dir: out}}\n"
+    (error,) = _errors(_write(tmp_path, text))
+    assert "phase2_png: writes <image name>_scan_<N>.png and .npy into " in error and "as phase_png does" in error
 
 
 def test_a_bool_given_for_a_number_is_an_error(tmp_path: Path) -> None:

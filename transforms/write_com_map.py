@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -25,14 +25,16 @@ from pydantic import Field
 from beamops import ComMap, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
-from beamops.spec import Mount
+from beamops.spec import Mount, OutputFiles
 from transforms._pictures import blank_cells, draw_map, output_state
 
 _previews = PreviewThrottle()
 
 
 class WriteComMapParams(OperatorParams):
-    out_dir: Mount = Field("out", title="Output directory", description="Directory for the .npz and .png files.")
+    out_dir: Annotated[Mount, OutputFiles("scan_<N>_com.npz and .png")] = Field(
+        "out", title="Output directory", description="Directory for the .npz and .png files."
+    )
     png: bool = Field(True, title="Write PNG", description="Also write a picture of each map.")
     write_progressive: bool = Field(
         False, title="Write progressive maps", description="Overwrite scan_<N>_com_latest.* with each progressive map."

@@ -30,6 +30,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Annotated
 
 import apache_beam as beam
 import numpy as np
@@ -41,11 +42,11 @@ from beamops import DEAD_LETTER, FrameHeader, Operator, OperatorParams, Port, Sp
 from beamops.io.files import fails_every_file, output_dir, unwritable
 from beamops.io.hdf5 import check_same_scan, inspect_stempy_hdf5, read_stempy_hdf5, write_stempy_hdf5
 from beamops.operator import LONGEST_DURATION_S, OperatorMetrics
-from beamops.spec import Mount
+from beamops.spec import Mount, OutputFiles
 
 
 class WriteHdf5Params(OperatorParams):
-    out_dir: Mount = Field("out", description="Directory for scan_<N>.h5 files.")
+    out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5")] = Field("out", description="Directory for scan_<N>.h5 files.")
     gap_s: float = Field(
         60.0,
         gt=0,

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
-from beamops.spec import Mount
+from beamops.spec import Mount, OutputFiles
 from transforms._pictures import blank_cells, draw_map, output_state
 
 _previews = PreviewThrottle()
 
 
 class WriteImageParams(OperatorParams):
-    out_dir: Mount = Field("out", title="Output directory", description="Directory for the PNG and .npy files.")
+    out_dir: Annotated[Mount, OutputFiles("<image name>_scan_<N>.png and .npy", named_by_input=True)] = Field(
+        "out", title="Output directory", description="Directory for the PNG and .npy files."
+    )
     colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
         "viridis", description="Matplotlib colour map."
     )
