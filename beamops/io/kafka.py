@@ -96,7 +96,6 @@ class ReadProgress:
 @dataclass
 class _ReadState:
     last_done: int | None = None  # the last offset claimed and handled
-    caught_up: bool = False  # the last poll reached the end of the partition's log
     watermark: Timestamp | None = None  # the estimator's watermark as this call last saw or set it
 
     def raise_watermark(self, estimator: ManualWatermarkEstimator, moment: Timestamp) -> None:
@@ -163,19 +162,12 @@ class ReadFromKafkaParams(OperatorParams):
             "written, an unbounded one as the runner finalizes its bundles (on Flink: after each checkpoint)."
         ),
     )
-    poll_timeout_s: float = Field(
-        0.2,
-        gt=0,
-        description=(
-            "Longest wait for one message (s). An unbounded read that has read all of its partition and finds "
-            "nothing new in this long yields to the runner, so that the partitions it shares a worker with are read."
-        ),
-    )
+    poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for one message (s).")
     max_read_s: float = Field(
         2.0,
         gt=0,
-        description="An unbounded read yields to the runner after this long (s) even if messages keep coming; "
-        "bounded reads ignore it.",
+        description="An unbounded read yields to the runner after this long (s) even if messages keep coming, and "
+        "as soon as it has read all of its partition; bounded reads ignore it.",
     )
     idle_watermark_lag_s: float = Field(
         30.0,
@@ -227,7 +219,7 @@ class ReadFromKafkaParams(OperatorParams):
         return never_stops(self.stop)
 
 
-def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> dict[str, Any]:
+def consumer_settings(client: KafkaClientConfig, group_id: str | None) -> dict[str, Any]:
     """The settings of the reader's consumers: throughput defaults, the user's settings over them, then
     what the reader relies on (manual assignment, no auto commit, end-of-partition events)."""
     # Throughput defaults (measured in bench/kafka_e2e.py); the user's settings win over them.
@@ -235,8 +227,9 @@ def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounde
         # librdkafka pauses up to 1 s once its local queue is full; a reader drains it at once.
         "fetch.queue.backoff.ms": 20,
         "max.partition.fetch.bytes": 16 * 1024 * 1024,
-        # A bounded read wants the tail of the range now; a live one can wait a little for more.
-        "fetch.wait.max.ms": 10 if bounded else 100,
+        # How long the broker holds a fetch that finds nothing new: a read that reached the end of its
+        # partition learns it that much later (a live read then yields to the partitions it shares a worker with).
+        "fetch.wait.max.ms": 10,
         # librdkafka drops the bootstrap connection once metadata names the broker, and connects to
         # the named one only after reconnect.backoff.ms / 2 (at least 11 ms): with the default 100 ms,
         # every new consumer's first request waits 50 ms (measured: list_topics 56 -> 16 ms).
@@ -262,10 +255,10 @@ def consumer_settings(client: KafkaClientConfig, group_id: str | None, *, bounde
 METADATA_TIMEOUT_S = 30.0  # how long a read waits for the broker to answer before it fails
 
 
-def _consumer(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
+def _consumer(client: KafkaClientConfig, group_id: str | None) -> Any:
     from confluent_kafka import Consumer
 
-    return Consumer(consumer_settings(client, group_id, bounded=bounded))
+    return Consumer(consumer_settings(client, group_id))
 
 
 def _utc(ms: int) -> str:
@@ -446,10 +439,10 @@ class _ReadPartitionFn(beam.DoFn):
         self.commits_wired = False  # read_kafka_frames.commit_after was called (bounded reads commit there)
 
     def setup(self) -> None:
-        # Consumers between reads, unassigned (key: bounded or not). Each read, finished or deferred,
-        # hands its consumer back, so the next read of this instance, of any partition, starts on a
-        # connected one: a new consumer's first fetch waits 10-70 ms for its connections.
-        self._idle: dict[bool, list[Any]] = {True: [], False: []}
+        # Consumers between reads, unassigned. Each read, finished or deferred, hands its consumer
+        # back, so the next read of this instance, of any partition, starts on a connected one: a new
+        # consumer's first fetch waits 10-70 ms for its connections.
+        self._idle: list[Any] = []
         self._committer: Any = None  # commits of unbounded reads, made when first needed
         p = self._params
         if not p.unbounded and p.group_id and p.commit_offsets and not self.commits_wired:
@@ -467,16 +460,15 @@ class _ReadPartitionFn(beam.DoFn):
         log.info("kafka reader for %r with %r", self._params.topic, self._client)
 
     def teardown(self) -> None:
-        for consumer in [*self._idle[True], *self._idle[False], self._committer]:
+        for consumer in [*self._idle, self._committer]:
             if consumer is not None:
                 with contextlib.suppress(Exception):  # close the others anyway
                     consumer.close()
 
-    def _take_consumer(self, bounded: bool) -> Any:
-        idle = self._idle[bounded]
-        return idle.pop() if idle else _consumer(self._client, self._params.group_id, bounded=bounded)
+    def _take_consumer(self) -> Any:
+        return self._idle.pop() if self._idle else _consumer(self._client, self._params.group_id)
 
-    def _give_back(self, consumer: Any, bounded: bool) -> None:
+    def _give_back(self, consumer: Any) -> None:
         """Unassign ``consumer`` (librdkafka stops prefetching, up to 64 MiB, for a read that may wait
         for a checkpoint) and keep it for the next read."""
         try:
@@ -485,7 +477,7 @@ class _ReadPartitionFn(beam.DoFn):
             with contextlib.suppress(Exception):  # the read itself went well
                 consumer.close()
         else:
-            self._idle[bounded].append(consumer)
+            self._idle.append(consumer)
 
     def process(
         self,
@@ -501,7 +493,7 @@ class _ReadPartitionFn(beam.DoFn):
         if restriction.start >= restriction.stop:
             return
         bounded = read.stop is not None
-        consumer = self._take_consumer(bounded)
+        consumer = self._take_consumer()
         state = _ReadState(watermark=watermark.current_watermark())
         try:
             consumer.assign([TopicPartition(read.topic, read.partition, restriction.start)])
@@ -512,7 +504,7 @@ class _ReadPartitionFn(beam.DoFn):
             with contextlib.suppress(Exception):  # never hide the exception the read is raising
                 consumer.close()
             raise
-        self._give_back(consumer, bounded)
+        self._give_back(consumer)
         if state.last_done is None:
             return
         p = self._params
@@ -520,7 +512,7 @@ class _ReadPartitionFn(beam.DoFn):
             yield pvalue.TaggedOutput(READ_PROGRESS, ReadProgress(read.topic, read.partition, state.last_done + 1))
         elif p.group_id and p.commit_offsets:  # when the runner finalizes the bundle (Flink: after its checkpoint)
             if self._committer is None:
-                self._committer = _consumer(self._client, p.group_id, bounded=False)
+                self._committer = _consumer(self._client, p.group_id)
             finalizer.register(
                 _Committer(self._committer, self._run, p.group_id, read.topic, read.partition, state.last_done + 1)
             )
@@ -535,7 +527,7 @@ class _ReadPartitionFn(beam.DoFn):
         state: _ReadState,
     ) -> Iterator[Any]:
         """Claim and decode messages until the restriction is done; unbounded, until ``max_read_s`` passed or
-        the partition is read to its end and a poll finds nothing new."""
+        the partition is read to its end."""
         from confluent_kafka import KafkaError
 
         restriction = tracker.current_restriction()
@@ -548,12 +540,6 @@ class _ReadPartitionFn(beam.DoFn):
                 return
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
-                if unbounded and state.caught_up:
-                    # Idle: the runner reads the partitions this worker shares in turn, and a message on one
-                    # of them waits for every other's turn to end.
-                    self._advance_idle_watermark(watermark, state)
-                    tracker.defer_remainder(Duration(seconds=0.05))
-                    return
                 continue
             if msg.topic() is not None and (msg.topic(), msg.partition()) != (read.topic, read.partition):
                 continue  # an event of the consumer's previous read (consumers are reused), not an error of it
@@ -567,9 +553,12 @@ class _ReadPartitionFn(beam.DoFn):
                         if tracker.try_claim(restriction.stop - 1):
                             state.last_done = restriction.stop - 1
                         return
-                    state.caught_up = True
                     if unbounded:
+                        # All read: the runner reads the partitions a worker shares in turn, so a message on
+                        # one of them waits until the turns of the others end.
                         self._advance_idle_watermark(watermark, state)
+                        tracker.defer_remainder(Duration(seconds=0.05))
+                        return
                     continue
                 if err.code() == KafkaError._AUTO_OFFSET_RESET:
                     self._resume_after_lost_offsets(consumer, read, msg.offset())
@@ -579,7 +568,6 @@ class _ReadPartitionFn(beam.DoFn):
                 log.warning("kafka %s[%d]: %s (retrying)", read.topic, read.partition, err)
                 continue
             offset = msg.offset()
-            state.caught_up = False
             if not tracker.try_claim(offset):
                 return
             yield from self._decode(msg, read, watermark, state)

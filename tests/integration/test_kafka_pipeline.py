@@ -648,12 +648,12 @@ def test_a_reader_reads_partition_after_partition_with_one_consumer(kafka_broker
     10-70 ms for its connections, which at 0.2 MB messages is a tenth of a partition's read."""
     from beamops.io import kafka
 
-    made: list[bool] = []
+    made: list[str | None] = []
     make_consumer = kafka._consumer
 
-    def counted(client: KafkaClientConfig, group_id: str | None, *, bounded: bool = True) -> Any:
-        made.append(bounded)
-        return make_consumer(client, group_id, bounded=bounded)
+    def counted(client: KafkaClientConfig, group_id: str | None) -> Any:
+        made.append(group_id)
+        return make_consumer(client, group_id)
 
     monkeypatch.setattr(kafka, "_consumer", counted)
     assert read_range(kafka_broker, numbered_topic, "earliest", "latest") == list(range(16))
@@ -800,7 +800,7 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
         out = list(reader.process(PartitionRead(topic, 0, 0, None), None, tracker, watermark))
         after = Timestamp.now()
         # Deferred: until this DoFn reads again (maybe after a checkpoint), its consumer fetches nothing.
-        (consumer,) = reader._idle[False]  # kept for the next read, of this partition or another
+        (consumer,) = reader._idle  # kept for the next read, of this partition or another
         assert consumer.assignment() == []
     finally:
         reader.teardown()
@@ -809,9 +809,7 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
     assert before - lag <= watermark.current_watermark() <= after - lag
 
 
-def test_a_live_read_that_has_read_all_of_its_partition_yields_as_soon_as_a_poll_finds_nothing(
-    kafka_broker, numbered_topic
-):
+def test_a_live_read_yields_as_soon_as_it_has_read_all_of_its_partition(kafka_broker, numbered_topic):
     """Not after max_read_s: the runner reads the partitions a worker shares in turn, so an idle partition
     that kept its turn would delay the messages of every other by that long (live latency)."""
     from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -820,7 +818,7 @@ def test_a_live_read_that_has_read_all_of_its_partition_yields_as_soon_as_a_poll
 
     from beamops.io.kafka import UNBOUNDED_STOP, PartitionRead, ReadFromKafkaParams, _ReadPartitionFn
 
-    params = ReadFromKafkaParams(topic=numbered_topic, stop="never", max_read_s=30, poll_timeout_s=0.2)
+    params = ReadFromKafkaParams(topic=numbered_topic, stop="never", max_read_s=30)
     reader = _ReadPartitionFn("read_kafka_frames", client_of(kafka_broker), params)
     reader.setup()
     threadsafe = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(0, UNBOUNDED_STOP)))
@@ -837,8 +835,8 @@ def test_a_live_read_that_has_read_all_of_its_partition_yields_as_soon_as_a_poll
         took = time.monotonic() - started
     finally:
         reader.teardown()
-    assert len(out) == 6  # partition 0's messages, then its end, then one empty poll
-    assert took < 5, f"the read kept its turn for {took:.1f} s with nothing to read"
+    assert len(out) == 6  # partition 0's messages, then its end
+    assert took < 3, f"the read kept its turn for {took:.1f} s with nothing to read"
     residual, _ = threadsafe.deferred_status()
     assert (residual.start, residual.stop) == (6, UNBOUNDED_STOP)  # the next read goes on after offset 5
 
