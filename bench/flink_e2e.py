@@ -4,8 +4,8 @@
     python -m bench.flink_e2e --quick    # 4 scans, 2 latency probes
 
 The benchmark starts its own broker and Flink 1.20.5 cluster (1 TaskManager, 2 slots, full JIT)
-on free 127.0.0.1 ports and stops both at the end. It publishes the scans to a 2-partition topic,
-then runs:
+on free 127.0.0.1 ports and stops both at the end. It publishes the scans to a topic of 2
+partitions (``--partitions``), then runs:
 
 * **DirectRunner** (FnApiRunner, one in-process worker): ``jobs.com_pipeline`` in this process,
   bounded (earliest to latest). frames/s = frames / wall, start-up included.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def run_flink(
 ) -> dict[str, object]:
     """One streaming job on a fresh topic: warm up on ``probes[0]``, then time the scans, then probe latency."""
     topic, out = (f"{kind}-p{parallelism}-{uuid.uuid4().hex[:6]}" for kind in ("frames", "maps"))
-    broker.create_topic(topic, partitions=2)
+    broker.create_topic(topic, partitions=args.partitions)
     broker.create_topic(out, partitions=1)
     client = KafkaClientConfig(broker.bootstrap_servers)
     cmd = [
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", type=int, default=None, help="scans in the topic (default 8, quick 4)")
     parser.add_argument("--scan", type=int, default=128, help="each scan is SCAN x SCAN positions (default 128)")
     parser.add_argument("--events", type=float, default=50.0, help="mean events per frame (default 50)")
+    parser.add_argument("--partitions", type=int, default=2, help="partitions of the frames topics (default 2)")
     parser.add_argument("--batch-size", type=int, default=1000, help="frames per message (default 1000)")
     parser.add_argument("--probes", type=int, default=None, help="latency probe scans (default 3, quick 2)")
     parser.add_argument("--emit-every", type=int, default=10_000, help="com_reduce emit_every (library default)")
@@ -187,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.start()
         topic = f"frames-{uuid.uuid4().hex[:6]}"
-        broker.create_topic(topic, partitions=2)
+        broker.create_topic(topic, partitions=args.partitions)
         client = KafkaClientConfig(broker.bootstrap_servers)
         for s in sims:
             publish_scan(client, topic, s, args.batch_size)
         print(
             f"topic: {args.scans} scans of {args.scan}x{args.scan}, Poisson {args.events:g} events/frame, "
-            f"{frames} frames in messages of {args.batch_size}, 2 partitions; broker {broker.bootstrap_servers}, "
+            f"{frames} frames in messages of {args.batch_size}, {args.partitions} partitions; "
+            f"broker {broker.bootstrap_servers}, "
             f"Flink {cluster.rest_url} (1 TaskManager, 2 slots)"
             + (f"; Flink jobs also given {' '.join(args.flink_arg)}" if args.flink_arg else "")
         )
@@ -260,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
         broker.stop()
+    # Flink's state and logs take 300 MB a run: kept only when a job stalled, for its logs.
+    if any("no final map" in note for note in notes):
+        print(f"  kept {work} for the logs")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
