@@ -3,8 +3,11 @@
 ``read_kafka_frames`` reads a topic of encoded frame batches (one Arrow IPC
 stream per message, key = scan number) as a splittable DoFn with one
 restriction per partition: a partition is the unit of parallelism and the
-restriction's position, the next offset, is the resume state. What happens
-on resume: a runner that checkpoints (Flink) restarts each partition at the
+restriction's position, the next offset, is the resume state. An unbounded
+read hands its partition back to the runner (``defer_remainder``) as soon as it
+has read all of it, or after ``max_read_s`` of reading: a worker reads its
+partitions in turn, so a message waits at most for the others' turns. What
+happens on resume: a runner that checkpoints (Flink) restarts each partition at the
 offset after the last one whose output it committed; without a checkpoint, a
 read with ``start=committed`` resumes at the consumer group's committed offset.
 Offsets are committed to the group only for work whose results are safe: a
