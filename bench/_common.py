@@ -109,6 +109,25 @@ def machine_line() -> str:
     return f"machine: {os.cpu_count()} cores ({cpu}), shared and noisy; python {platform.python_version()}"
 
 
+def cpu_seconds(pids: Sequence[int] = (), groups: Sequence[int] = ()) -> float:
+    """CPU time (user + system, s) so far of the processes ``pids`` and of every process in the process
+    groups ``groups``, from /proc (a process that has exited no longer counts)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+        except OSError:
+            continue
+        # fields[2] is the process group, fields[11] and [12] utime and stime (proc(5), from field 3 on)
+        if int(entry) in pids or int(fields[2]) in groups:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table; floats are printed with 3 significant digits (or as given if str)."""
 

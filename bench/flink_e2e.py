@@ -16,7 +16,9 @@ partitions (``--partitions``), then runs:
     final map), from the output messages' timestamps;
   - *latency*: once the job has caught up, each probe scan is published as fast as possible, and
     the latency is its final map's timestamp minus the time its last frame was acknowledged by the
-    broker. Median of the probes.
+    broker. Median of the probes;
+  - *idle CPU*: then, with nothing to read, the CPU time of the job's processes (the SDK worker, Beam's
+    job server) and of the TaskManager over ``--idle-s``, as % of one core.
 
 Every final map, on both runners, must equal (byte for byte) the DirectRunner's. A Flink job that
 produces no map within ``--timeout`` is reported as stalled (apache/beam#20668, see
@@ -47,7 +49,7 @@ from beamops.services._local import stop_process_group
 from beamops.services.flink_cluster import FlinkCluster
 from beamops.services.kafka_broker import KafkaBroker
 from beamops.simulate import ScanSimulation
-from bench._common import machine_line, table
+from bench._common import cpu_seconds, machine_line, table
 from jobs import com_pipeline
 
 CAMERA_HZ = 87_000
@@ -135,12 +137,19 @@ def run_flink(
             if not read_until(consumer, maps, {probe.scan_number}, args.timeout):
                 return {"stalled": True, "maps": maps}
             latencies.append(maps.finals()[probe.scan_number][0] - published)
+        # What the job costs between scans: its own processes (the SDK worker and Beam's job server) and
+        # the TaskManagers, which run nothing else.
+        taskmanagers = [t.pid for t in cluster.taskmanagers]
+        before = cpu_seconds(taskmanagers, groups=[job.pid])
+        time.sleep(args.idle_s)
+        idle_cpu = (cpu_seconds(taskmanagers, groups=[job.pid]) - before) / args.idle_s
         return {
             "stalled": False,
             "maps": maps,
             "burst_s": last - started,
             "start_up_s": ready - submitted,
             "latencies": latencies,
+            "idle_cpu": idle_cpu,
         }
     finally:
         consumer.close()
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=None, help="latency probe scans (default 3, quick 2)")
     parser.add_argument("--emit-every", type=int, default=10_000, help="com_reduce emit_every (library default)")
     parser.add_argument("--timeout", type=float, default=240.0, help="longest wait for a scan's final map (s)")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="how long the idle job's CPU is measured (s)")
     parser.add_argument(
         "--flink-arg",
         action="append",
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         consumer.close()
         expected = {n: raw for n, (_, raw) in reference.finals().items()}
 
-        rows = [["DirectRunner (FnApiRunner), bounded replay", f"{frames / direct_wall:,.0f}", "", "", "", ""]]
+        rows = [["DirectRunner (FnApiRunner), bounded replay", f"{frames / direct_wall:,.0f}", "", "", "", "", ""]]
         notes = []
         probe_number = 1000
         for parallelism in (1, 2):
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_flink(cluster, broker, args, parallelism, sims, probes, log)
             name = f"Flink, parallelism {parallelism}, streaming"
             if result["stalled"]:
-                rows.append([name, "stalled", "", "", "", ""])
+                rows.append([name, "stalled", "", "", "", "", ""])
                 notes.append(f"  {name}: no final map of every scan within {args.timeout:g} s (job log {log})")
                 continue
             finals = result["maps"].finals()  # type: ignore[union-attr]
@@ -241,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(lat):.2f}",  # type: ignore[arg-type]
                 f"{min(lat):.2f}",  # type: ignore[type-var]
                 f"{max(lat):.2f}",  # type: ignore[type-var]
+                f"{100 * result['idle_cpu']:.0f}",  # type: ignore[operator]
             ])  # fmt: skip
             notes.append(f"  verified {name}: final maps of {len(expected)} scans identical to the DirectRunner's")
         print("\n".join(notes))
@@ -251,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             "latency s med",
             "min",
             "max",
+            "idle CPU %",
         ]
         print(table(headers, rows))
         print(
             f"  frames/s: DirectRunner = frames / wall of the bounded replay (start-up included); Flink = frames / "
             f"(first frame published -> last final map) for the {args.scans} scans published at once to the warm "
             f"job. Start-up: job submitted -> final map of a warm-up scan. Latency: last frame of a probe scan "
-            f"acknowledged -> its final map, {args.probes} probes of {sims[0].n_frames} frames. "
+            f"acknowledged -> its final map, {args.probes} probes of {sims[0].n_frames} frames. Idle CPU: "
+            f"the job's processes and the TaskManager over {args.idle_s:g} s after the probes, % of one core. "
             f"4D Camera: {CAMERA_HZ:,} frames/s."
         )
     finally:

@@ -99,7 +99,7 @@ class Progress:
             self._width = max(self._width, len(line))
             self.stream.flush()
         elif self.mode == "log":
-            log.info("published %s", self._line(now))
+            log.info("progress: %s", self._line(now))
 
     def close(self, stats: PublishStats | None = None) -> None:
         """The last line, with ``stats`` once every message is delivered (or the run stopped)."""

@@ -169,8 +169,8 @@ class ReadFromKafkaParams(OperatorParams):
     max_read_s: float = Field(
         2.0,
         gt=0,
-        description="An unbounded read yields to the runner after this long (s) even if messages keep coming, and "
-        "as soon as it has read all of its partition; bounded reads ignore it.",
+        description="The longest turn of an unbounded read (s): it yields to the runner after this long even if "
+        "messages keep coming (and at once when it has read all of its partition); bounded reads ignore it.",
     )
     idle_watermark_lag_s: float = Field(
         30.0,
