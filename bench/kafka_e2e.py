@@ -132,10 +132,10 @@ def start_broker(progress: Callable[[str], None] | None = None) -> Any:
 
 
 def consumer_settings(client: KafkaClientConfig) -> dict[str, Any]:
-    """The settings read_kafka_frames gives its consumers (a bounded read, a throw-away group)."""
+    """The settings read_kafka_frames gives its consumers (with a throw-away group)."""
     from beamops.io.kafka import consumer_settings as reader_settings
 
-    return reader_settings(client, f"bench-{uuid.uuid4().hex}", bounded=True)
+    return reader_settings(client, f"bench-{uuid.uuid4().hex}")
 
 
 def topic_ranges(client: KafkaClientConfig, topic: str) -> dict[int, tuple[int, int]]:
