@@ -56,7 +56,7 @@ import stempy.io
 from stempy import _image as stempy_cpp
 
 from beamops import ComMap, DenseFrameBatch, FrameHeader, SparseFrameBatch
-from beamops.scan_reduce import _mark_fresh
+from beamops.scan_reduce import _check_and_mark
 from beamops.simulate import ScanSimulation
 from bench._common import Timing, machine_line, measure_interleaved, table
 from transforms.bin_frames import bin_events_kernel, bin_frames
@@ -421,10 +421,10 @@ def bench_diffraction_sum(scan: SparseScan, args: argparse.Namespace) -> GroupRe
     sub_frames = scan.frames(n_sub)
 
     def kernel(events=scan.events, offsets=scan.offsets, positions=scan.positions, numbers=frame_numbers) -> np.ndarray:
-        # as the operator runs it for a scan with total_frames: with the redelivery bitset
+        # as the operator runs it for a scan with total_frames: the range check and the redelivery bitset
         pattern = np.zeros(pixels, np.int64)
-        fresh = np.ones(len(positions), np.bool_)
-        _mark_fresh(numbers, np.zeros(-(-len(positions) // 8), np.uint8), fresh)
+        fresh = np.empty(len(positions), np.bool_)
+        _check_and_mark(positions, numbers, p, p, np.zeros(-(-p // 8), np.uint8), fresh)
         sum_events_kernel(events, offsets, positions, fresh, np.zeros(len(positions), np.uint8), pattern)
         return pattern
 

@@ -138,3 +138,17 @@ def assert_same_frames(got: list[SparseFrameBatch], want: list[SparseFrameBatch]
     """The same frames in the same order: events, lengths, scan positions and frame numbers."""
     for g, w in zip(concat(got), concat(want), strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def run_bench(module: str, *args: str, timeout: float = 300.0) -> str:
+    """``python -m bench.<module> args`` from the repository root: its output; fails on a non-zero exit.
+
+    The benchmarks measure and always exit 0: a test of one checks only that it still runs to its end.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (
+        f"bench.{module} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout
