@@ -726,22 +726,31 @@ class _Checker:
 
     def check_output_dirs(self, instances: Mapping[str, Instance]) -> None:
         """Two writers of one kind into one directory would overwrite each other's files, silently: refused.
-        Writers whose file names follow their input (write_image: the image's name) collide only when
-        fed by the same kind of operator."""
-        writers: dict[tuple[Any, ...], str] = {}
+        Writers whose file names follow the input image's name (write_image) collide only when their
+        upstreams make images of a same name (their parameters' ``image_names``)."""
+        writers: dict[tuple[Any, ...], list[tuple[str, set[str] | None]]] = {}
         for inst in instances.values():
             for param, files in output_files(inst.operator.Params).items():
                 folder = Path(getattr(inst.params, param)).expanduser().resolve()
-                fed_by = None
-                if files.named_by_input and inst.input is not None:
-                    fed_by = instances[inst.input[0]].operator.name
-                first = writers.setdefault((inst.operator.name, param, folder, fed_by), inst.id)
-                if first != inst.id:
-                    self.error(
-                        ("operators", inst.id, "params", param),
-                        f"{inst.id}: writes {files.pattern} into {folder}, as {first} does: each would overwrite "
-                        f"the other's files; give one of them another {param}",
+                names: set[str] | None = None
+                if files.named_by_image and inst.input is not None:
+                    made = getattr(instances[inst.input[0]].params, "image_names", None)
+                    if made is None:
+                        continue  # names the check cannot know
+                    names = set(made)
+                earlier = writers.setdefault((inst.operator.name, param, folder), [])
+                for first, first_names in earlier:
+                    shared = (
+                        "" if names is None or first_names is None else f" ({', '.join(sorted(names & first_names))})"
                     )
+                    if names is None or first_names is None or names & first_names:
+                        self.error(
+                            ("operators", inst.id, "params", param),
+                            f"{inst.id}: writes {files.names}{shared} into {folder}, as {first} does: each would "
+                            f"overwrite the other's files; give one of them another {param}",
+                        )
+                        break
+                earlier.append((inst.id, names))
 
     def check_kafka(self, kafka: KafkaSection | None) -> KafkaClientConfig | None:
         if kafka is None:

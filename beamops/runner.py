@@ -60,9 +60,9 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     no output (7 of about 30 jobs here; none of 17 with it, none of 7 without checkpoints).
     ``--max_bundle_time_mills=100``: Flink's streaming default (1000) holds each stage's results up
     to a second before they go on (and the output topic's maps until its bundle ends); at 100 the
-    final map of a live scan came 0.25-0.4 s after its last frame instead of about 1 s, at the same or
-    more frames/s; an idle job costs a quarter of a core instead of an eighth (bench/flink_e2e.py,
-    docs/performance.md section 6.1).
+    final map of a live scan came 0.25-0.4 s after its last frame instead of 0.9-2.5 s, at frames/s
+    within the runs' noise (34,000-82,000 against 45,000-68,000); an idle job costs a quarter of a core
+    instead of an eighth (bench/flink_e2e.py, docs/performance.md section 6.1).
     ``bounded`` (the job's input ends): ``--shutdown_sources_after_idle_ms=1000``, without which
     the streaming job never finishes (Beam keeps its Impulse sources running for checkpoints,
     BEAM-3727; Flink 1.20 checkpoints after tasks finish). When the master is a cluster of

@@ -221,18 +221,20 @@ Mount = Annotated[str, _MountMarker()]
 
 
 class OutputFiles:
-    """Marks a Mount parameter as the directory an operator writes its files into, ``pattern`` naming them.
+    """Marks a Mount parameter as the directory an operator writes its files into; ``names`` says how they
+    are named, for people.
 
     Two instances of one such operator that write into the same directory overwrite each other's files,
-    which a pipeline definition refuses. ``named_by_input``: the names come from what the input is (an
-    image's name), so instances fed by different operators do not collide.
+    which a pipeline definition refuses. ``named_by_image``: the names follow the input image's name,
+    which the upstream operator's parameters give (an ``image_names`` attribute); writers fed images of
+    different names do not collide, and without ``image_names`` the check cannot tell and lets them be.
 
         out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5")] = Field("out")
     """
 
-    def __init__(self, pattern: str, *, named_by_input: bool = False) -> None:
-        self.pattern = pattern
-        self.named_by_input = named_by_input
+    def __init__(self, names: str, *, named_by_image: bool = False) -> None:
+        self.names = names
+        self.named_by_image = named_by_image
 
 
 def output_files(model: type[BaseModel]) -> dict[str, OutputFiles]:

@@ -424,7 +424,8 @@ def bench_diffraction_sum(scan: SparseScan, args: argparse.Namespace) -> GroupRe
         # as the operator runs it for a scan with total_frames: the range check and the redelivery bitset
         pattern = np.zeros(pixels, np.int64)
         fresh = np.empty(len(positions), np.bool_)
-        _check_and_mark(positions, numbers, p, p, np.zeros(-(-p // 8), np.uint8), fresh)
+        status, _ = _check_and_mark(positions, numbers, p, p, np.zeros(-(-p // 8), np.uint8), fresh)
+        assert status == 0, "positions or frame numbers out of range"
         sum_events_kernel(events, offsets, positions, fresh, np.zeros(len(positions), np.uint8), pattern)
         return pattern
 

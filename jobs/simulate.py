@@ -102,11 +102,11 @@ class Progress:
             log.info("progress: %s", self._line(now))
 
     def close(self, stats: PublishStats | None = None) -> None:
-        """The last line, with ``stats`` once every message is delivered (or the run stopped)."""
+        """The last line (bar or log), with ``stats`` once every message is delivered (or the run stopped)."""
         if stats is not None:
             self._stats = stats
+        self._show(self._clock())
         if self.mode == "bar":
-            self._show(self._clock())
             self.stream.write("\n")
             self.stream.flush()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from helpers import run_bench
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("module", "args", "last_words"),

@@ -494,8 +494,8 @@ def test_an_instance_id_that_is_not_a_name_is_one_error_at_its_line(written: str
 
 
 def test_writers_of_one_kind_may_share_a_directory_when_their_file_names_differ(tmp_path: Path) -> None:
-    """Each into its own directory; and write_image names its files after the image, so images of two kinds
-    of operator may share one."""
+    """Each into its own directory; and write_image names its files after the image, so images of different
+    names (the upstreams' image_names) may share one."""
     text = (
         _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n"
         "  cropped: {operator: com_partial, input: source.frames, params: {crop_radius: 3}}\n"
@@ -505,15 +505,36 @@ def test_writers_of_one_kind_may_share_a_directory_when_their_file_names_differ(
         "  maps_cropped: {operator: write_com_map, input: reduce_cropped.com_map, params: {out_dir: out/cropped}}\n"
         "  phase: {operator: dpc_phase, input: reduce.com_map}\n"
         "  magnitude: {operator: com_magnitude, input: reduce.com_map}\n"
+        "  angle: {operator: com_magnitude, input: reduce.com_map, params: {quantity: angle}}\n"
         "  phase_png: {operator: write_image, input: phase.image, params: {out_dir: out}}\n"
         "  magnitude_png: {operator: write_image, input: magnitude.image, params: {out_dir: out}}\n"
+        "  angle_png: {operator: write_image, input: angle.image, params: {out_dir: out}}\n"
     )
-    assert list(load_pipeline(_write(tmp_path, text)).instances)[-1] == "magnitude_png"
-    # Two phase images of one name, into one directory: refused.
+    assert list(load_pipeline(_write(tmp_path, text)).instances)[-1] == "angle_png"
+    # A second phase image, into the same directory: refused.
     text += "  phase2: {operator: dpc_phase, input: reduce_cropped.com_map}\n"
-    text += "  phase2_png: {operator: write_image, input: phase2.image, params: {out_dir: out}}\n"
+    text += "  phase2_png: {operator: write_image, input: phase2.image, params: {out_dir: ./out}}\n"
     (error,) = _errors(_write(tmp_path, text))
-    assert "phase2_png: writes <image name>_scan_<N>.png and .npy into " in error and "as phase_png does" in error
+    assert "phase2_png: writes <image name>_scan_<N>.png and .npy (phase) into " in error
+    assert "as phase_png does" in error
+
+
+def test_a_home_relative_output_directory_is_the_one_the_writers_write_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check and the writers read '~' alike: ~/out is $HOME/out for both (YAML does not expand it)."""
+    from beamops.io.files import output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert output_dir("~/maps") == tmp_path / "maps" and (tmp_path / "maps").is_dir()
+    text = (
+        _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n"
+        "  reduce: {operator: com_reduce, input: partial.com_partial}\n"
+        f"  a: {{operator: write_com_map, input: reduce.com_map, params: {{out_dir: {tmp_path}/maps}}}}\n"
+        "  b: {operator: write_com_map, input: reduce.com_map, params: {out_dir: ~/maps}}\n"
+    )
+    (error,) = _errors(_write(tmp_path, text))
+    assert f"b: writes scan_<N>_com.npz and .png into {tmp_path / 'maps'}, as a does" in error
 
 
 def test_a_bool_given_for_a_number_is_an_error(tmp_path: Path) -> None:

@@ -22,6 +22,10 @@ class ComMagnitudeParams(OperatorParams):
     center_x: float | None = Field(None, description="Reference column (px); unset: map mean.")
     center_y: float | None = Field(None, description="Reference row (px); unset: map mean.")
 
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        return (f"com_{self.quantity}",)
+
     @model_validator(mode="after")
     def _both_or_neither(self) -> ComMagnitudeParams:
         if (self.center_x is None) != (self.center_y is None):
@@ -43,5 +47,5 @@ def com_magnitude(com: ComMap, params: ComMagnitudeParams) -> Image:
     else:
         data, units = np.degrees(np.arctan2(dy, dx)), "deg"
     return Image(
-        com.header, f"com_{params.quantity}", data.astype(np.float32), units, com.frames_seen, com.final, com.complete
+        com.header, params.image_names[0], data.astype(np.float32), units, com.frames_seen, com.final, com.complete
     )

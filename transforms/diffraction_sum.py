@@ -46,6 +46,10 @@ class DiffractionSumParams(ScanReduceParams):
     final_output = "pattern"
     frames_verb = "summed"
 
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        return (IMAGE_NAME,)
+
 
 @njit(cache=True, nogil=True)
 def sum_events_kernel(

@@ -80,6 +80,10 @@ class DpcPhaseParams(OperatorParams):
         description="Added to the denominator 2*pi*i*k^2 of the Fourier integration, as in stempy; 0 = exact.",
     )
 
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        return ("phase",)
+
 
 def _finite_xy(com: ComMap) -> tuple[np.ndarray, np.ndarray]:
     """x and y as float64 with NaNs replaced by the mean of that axis's finite values."""
@@ -146,7 +150,7 @@ def dpc_phase(com: ComMap, params: DpcPhaseParams) -> Image:
     phase = phase_from_com(com, params.theta, params.flip, params.reg)
     return Image(
         header=com.header,
-        name="phase",
+        name=params.image_names[0],
         data=phase.astype(np.float32),
         units=PHASE_UNITS,
         frames_seen=com.frames_seen,

@@ -89,7 +89,7 @@ class _WriteScanFn(beam.DoFn):
     def process(self, element: tuple[int, Iterable[SparseFrameBatch]]) -> Iterator[object]:
         scan, batches = element
         batches = list(batches)
-        path = Path(self._params.out_dir) / f"scan_{scan:06d}.h5"
+        path = Path(self._params.out_dir).expanduser() / f"scan_{scan:06d}.h5"
         try:
             output_dir(path.parent)
             with _SCAN_LOCKS[scan % len(_SCAN_LOCKS)]:

@@ -25,7 +25,7 @@ _previews = PreviewThrottle()
 
 
 class WriteImageParams(OperatorParams):
-    out_dir: Annotated[Mount, OutputFiles("<image name>_scan_<N>.png and .npy", named_by_input=True)] = Field(
+    out_dir: Annotated[Mount, OutputFiles("<image name>_scan_<N>.png and .npy", named_by_image=True)] = Field(
         "out", title="Output directory", description="Directory for the PNG and .npy files."
     )
     colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(

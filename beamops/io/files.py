@@ -34,8 +34,8 @@ def unwritable(path: str | Path, exc: OSError) -> WorkerEnvironmentError:
 
 
 def output_dir(path: str | Path) -> Path:
-    """``path`` as a directory that exists (made with its parents if need be)."""
-    folder = Path(path)
+    """``path`` (``~`` expanded) as a directory that exists (made with its parents if need be)."""
+    folder = Path(path).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -112,6 +112,10 @@ class _ReadState:
             self.watermark = moment
 
 
+# When an unbounded read's next turn comes, at the earliest. Beam's Flink runner keeps only the whole
+# seconds of it (BundleCheckpointHandlers), so there the next turn comes as soon as the slot is free.
+_NEXT_TURN = Duration(seconds=0.05)
+
 # The read's input comes from Create (through Reshuffle), so every element it reads is in the global
 # window: its outputs carry that window directly instead of Beam assigning it per message.
 _IN_GLOBAL_WINDOW = (GlobalWindow(),)
@@ -539,7 +543,7 @@ class _ReadPartitionFn(beam.DoFn):
             _check_partition_count(consumer, read)
         while True:
             if unbounded and time.monotonic() > deadline:
-                tracker.defer_remainder(Duration(seconds=0.05))
+                tracker.defer_remainder(_NEXT_TURN)
                 return
             msg = consumer.poll(self._params.poll_timeout_s)
             if msg is None:
@@ -560,7 +564,7 @@ class _ReadPartitionFn(beam.DoFn):
                         # All read: the runner reads the partitions a worker shares in turn, so a message on
                         # one of them waits until the turns of the others end.
                         self._advance_idle_watermark(watermark, state)
-                        tracker.defer_remainder(Duration(seconds=0.05))
+                        tracker.defer_remainder(_NEXT_TURN)
                         return
                     continue
                 if err.code() == KafkaError._AUTO_OFFSET_RESET:

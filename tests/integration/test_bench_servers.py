@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from helpers import run_bench
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_kafka_benchmark_runs() -> None:

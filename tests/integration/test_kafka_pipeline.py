@@ -811,7 +811,8 @@ def test_a_live_read_that_has_read_all_of_a_partition_moves_its_watermark_to_now
 
 def test_a_live_read_yields_as_soon_as_it_has_read_all_of_its_partition(kafka_broker, numbered_topic):
     """Not after max_read_s: the runner reads the partitions a worker shares in turn, so an idle partition
-    that kept its turn would delay the messages of every other by that long (live latency)."""
+    that kept its turn would delay the messages of every other by that long (live latency). Its next turn,
+    on the same (reused) consumer, yields at once with nothing new, then reads what arrived since."""
     from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
     from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
     from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
@@ -821,24 +822,29 @@ def test_a_live_read_yields_as_soon_as_it_has_read_all_of_its_partition(kafka_br
     params = ReadFromKafkaParams(topic=numbered_topic, stop="never", max_read_s=30)
     reader = _ReadPartitionFn("read_kafka_frames", client_of(kafka_broker), params)
     reader.setup()
-    threadsafe = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(0, UNBOUNDED_STOP)))
-    try:
+
+    def turn(start: int) -> tuple[list[int], float, tuple[int, int]]:
+        """One process() call from ``start``: the offsets it read, how long it took, the deferred remainder."""
+        threadsafe = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(OffsetRange(start, UNBOUNDED_STOP)))
         started = time.monotonic()
-        out = list(
-            reader.process(
-                PartitionRead(numbered_topic, 0, 0, None),
-                None,
-                RestrictionTrackerView(threadsafe),
-                ManualWatermarkEstimator(None),
-            )
-        )
+        read = PartitionRead(numbered_topic, 0, start, None)
+        out = list(reader.process(read, None, RestrictionTrackerView(threadsafe), ManualWatermarkEstimator(None)))
         took = time.monotonic() - started
+        residual, _ = threadsafe.deferred_status()
+        return [wv.value.origin["offset"] for wv in out], took, (residual.start, residual.stop)
+
+    try:
+        offsets, took, rest = turn(0)
+        assert offsets == [0, 1, 2, 3, 4, 5] and rest == (6, UNBOUNDED_STOP)  # partition 0's messages, then its end
+        assert took < 3, f"the read kept its turn for {took:.1f} s with nothing to read"
+        offsets, took, rest = turn(6)
+        assert offsets == [] and rest == (6, UNBOUNDED_STOP) and took < 3, (offsets, took)
+        produce(kafka_broker, numbered_topic, [{"value": next(TINY.batches(1)).to_bytes(), "partition": 0}])
+        offsets, took, rest = turn(6)
+        assert offsets == [6] and rest == (7, UNBOUNDED_STOP) and took < 3, (offsets, took)
+        assert len(reader._idle) == 1  # one consumer served the three turns
     finally:
         reader.teardown()
-    assert len(out) == 6  # partition 0's messages, then its end
-    assert took < 3, f"the read kept its turn for {took:.1f} s with nothing to read"
-    residual, _ = threadsafe.deferred_status()
-    assert (residual.start, residual.stop) == (6, UNBOUNDED_STOP)  # the next read goes on after offset 5
 
 
 def test_a_live_read_says_when_its_topic_gained_partitions_it_does_not_read(kafka_broker, monkeypatch):

@@ -17,7 +17,7 @@ from stempy.io import SparseArray, load_electron_counts
 from beamops import FrameDecodeError, SparseFrameBatch, decode_batch
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION
 from beamops.io.kafka_config import KafkaClientConfig
-from beamops.io.publish import FramePublisher, RateLimiter, TopicNotFoundError
+from beamops.io.publish import FramePublisher, PublishError, RateLimiter, TopicNotFoundError
 from beamops.simulate import ScanSimulation
 from jobs import simulate
 
@@ -275,7 +275,8 @@ def test_frames_queued_while_the_broker_is_away_are_not_counted_as_delivered(kaf
         kafka_broker.stop()
         try:
             publisher.publish_all(batches[4:])
-            time.sleep(1.0)  # librdkafka would have sent them by now (linger 1 ms)
+            with pytest.raises(PublishError, match="4 messages still undelivered after 2 s"):
+                publisher.flush(2)  # serves the delivery callbacks, which would count what was delivered
             away = publisher.stats()
         finally:
             kafka_broker.start()
