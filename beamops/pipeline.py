@@ -738,15 +738,15 @@ class _Checker:
                     if made is None:
                         continue  # names the check cannot know
                     names = set(made)
+                # One operator per key: its writers all name their files by image (sets) or none do (None).
                 earlier = writers.setdefault((inst.operator.name, param, folder), [])
                 for first, first_names in earlier:
-                    shared = (
-                        "" if names is None or first_names is None else f" ({', '.join(sorted(names & first_names))})"
-                    )
-                    if names is None or first_names is None or names & first_names:
+                    shared = None if names is None or first_names is None else names & first_names
+                    if shared is None or shared:
+                        detail = f" ({', '.join(sorted(shared))})" if shared else ""
                         self.error(
                             ("operators", inst.id, "params", param),
-                            f"{inst.id}: writes {files.names}{shared} into {folder}, as {first} does: each would "
+                            f"{inst.id}: writes {files.names}{detail} into {folder}, as {first} does: each would "
                             f"overwrite the other's files; give one of them another {param}",
                         )
                         break

@@ -491,7 +491,8 @@ class ScanReduceOperator(Operator):
     step: ClassVar[str]
 
     def reduce_fn(self) -> ScanReduceFn:
-        return self.Fn(self.name, self.params, self.label)
+        """The DoFn of this instance: ``Fn`` with a timeout timer of its own (:func:`_with_own_timer`)."""
+        return _with_own_timer(self.Fn, self.label)(self.name, self.params, self.label)
 
     def check_fits(self, header: FrameHeader) -> None:
         """ScanTooLargeError if this operator would refuse a scan with ``header`` (more than max_state_mb):
@@ -502,11 +503,10 @@ class ScanReduceOperator(Operator):
         """Key by scan number, then the stateful ParDo ``step``."""
         ((output, _),) = self.outputs.items()
         ((_, port),) = self.inputs.items()
-        fn = _with_own_timer(self.Fn, self.label)(self.name, self.params, self.label)
         results = (
             main
             | "KeyByScan" >> beam.Map(_scan_key).with_output_types(tuple[int, port.type])
-            | self.step >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main=output)
+            | self.step >> beam.ParDo(self.reduce_fn()).with_outputs(DEAD_LETTER, main=output)
         )
         return {output: results[output], DEAD_LETTER: results[DEAD_LETTER]}
 

@@ -279,18 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for batch in batches:
                 publisher.publish(batch)
                 progress.update(publisher.stats())
-    except KeyboardInterrupt:
-        progress.close(publisher.stats() if publisher is not None else None)
-        if publisher is not None:
-            log.error("interrupted after %s", publisher.stats().describe())
-        return 130
-    except PublishError as exc:
-        progress.close(publisher.stats() if publisher is not None else None)
+    except (KeyboardInterrupt, PublishError, StempyFormatError) as exc:
+        stopped_at = publisher.stats() if publisher is not None else None
+        progress.close(stopped_at)
+        if isinstance(exc, KeyboardInterrupt):
+            if stopped_at is not None:
+                log.error("interrupted after %s", stopped_at.describe())
+            return 130
+        if isinstance(exc, StempyFormatError):
+            return _error(str(exc), 2)
         hint = "; create it or pass --create_topic" if isinstance(exc, TopicNotFoundError) else ""
         return _error(f"{exc}{hint}", 1)
-    except StempyFormatError as exc:
-        progress.close(publisher.stats() if publisher is not None else None)
-        return _error(str(exc), 2)
     assert publisher is not None
     stats = publisher.stats()
     progress.close(stats)
