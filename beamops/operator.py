@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 
 from beamops.deadletter import DeadLetter
 from beamops.ports import check_connection, port_type_name, register_port_type
+from beamops.provenance import Provenance, Step, stamp
 from beamops.spec import (
     OperatorSpec,
     ParallelConfig,
@@ -259,7 +260,8 @@ class Operator(beam.PTransform):
 
     and implement :meth:`build`, which receives the main input PCollection (or
     the pipeline root for a source) and returns a PCollection per output port
-    and one for ``dead_letter``.
+    and one for ``dead_letter``. While it builds, ``self.provenance`` is what made
+    the main input (:class:`~beamops.provenance.Provenance`): a sink writes it with its results.
     """
 
     name: ClassVar[str]
@@ -375,15 +377,21 @@ class Operator(beam.PTransform):
 
     def expand(self, pvalueish: Any) -> OperatorOutputs:
         main, upstream_dead = self._main_input(pvalueish)
+        self.provenance = self._provenance(main)
         built = dict(self.build(main))
         expected = {*self.outputs, DEAD_LETTER}
         if set(built) != expected:
             raise OperatorDefinitionError(
                 f"operator {self.name!r}: build() returned outputs {sorted(built)}, declared {sorted(expected)}"
             )
+        made_here = Provenance(
+            (*self.provenance.steps, Step(self.label, self.name, self.params.model_dump(mode="json"))),
+            self.provenance.traced,
+        )
         for port_name, port in self.outputs.items():
             built[port_name].element_type = port.type
             built[port_name].beamops_port = f"{self.label}.{port_name}"
+            stamp(built[port_name], made_here)
         # Here, not in each DoFn, so every operator's letters say which instance made them: most DoFns
         # know only the catalog name, shared by every instance of the operator.
         built[DEAD_LETTER] = built[DEAD_LETTER] | "NameInstance" >> beam.Map(_with_instance, self.label)
@@ -394,6 +402,10 @@ class Operator(beam.PTransform):
             # A dead-letter sink's own failures cannot go to a dead-letter sink: not checked.
             built[DEAD_LETTER].beamops_dead_letters_of = self.label  # see dead_letters_going_nowhere
         return OperatorOutputs(built)
+
+    def _provenance(self, main: pvalue.PValue) -> Provenance:
+        """What made the main input (nothing, for a source): see :mod:`beamops.provenance`."""
+        return Provenance.of(main) if self.inputs else Provenance()
 
     def _main_input(self, pvalueish: Any) -> tuple[pvalue.PValue, pvalue.PCollection | None]:
         if not self.inputs:
@@ -454,26 +466,32 @@ class BatchOperator(Operator):
     """An operator made by :func:`operator`: one batch in; one result, several or none out, as its
     return annotation says."""
 
-    fn: ClassVar[Callable[[Any, Any], Any]]
+    fn: ClassVar[Callable[..., Any]]
     #: What ``fn`` returns, from its annotation: several results (an iterable), and None allowed.
     result: ClassVar[_ResultShape]
+    #: ``fn`` takes a keyword-only ``provenance`` (a sink that writes it with its results).
+    takes_provenance: ClassVar[bool] = False
 
-    def process(self, batch: Any) -> Any:
-        """Run the kernel on one batch outside Beam (offline use, notebooks, tests)."""
-        return type(self).fn(batch, self.params)
+    def process(self, batch: Any, provenance: Provenance | None = None) -> Any:
+        """Run the kernel on one batch outside Beam (offline use, notebooks, tests); ``provenance``
+        for a kernel that takes it (default: an untraced one)."""
+        return type(self).fn(batch, self.params, **self._kernel_kwargs(provenance or Provenance(traced=False)))
+
+    def _kernel_kwargs(self, provenance: Provenance) -> dict[str, Any]:
+        return {"provenance": provenance} if self.takes_provenance else {}
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
         ((out_name, _),) = self.outputs.items()
-        results = main | "Process" >> beam.ParDo(_BatchFnDoFn(type(self), self.params)).with_outputs(
-            DEAD_LETTER, main=out_name
-        )
+        fn = _BatchFnDoFn(type(self), self.params, self._kernel_kwargs(self.provenance))
+        results = main | "Process" >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main=out_name)
         return {out_name: results[out_name], DEAD_LETTER: results[DEAD_LETTER]}
 
 
 class _BatchFnDoFn(beam.DoFn):
-    def __init__(self, operator_cls: type[BatchOperator], params: OperatorParams) -> None:
+    def __init__(self, operator_cls: type[BatchOperator], params: OperatorParams, kwargs: dict[str, Any]) -> None:
         self._operator_cls = operator_cls
         self._params = params
+        self._kwargs = kwargs
 
     def setup(self) -> None:
         self._fn = self._operator_cls.fn
@@ -485,7 +503,7 @@ class _BatchFnDoFn(beam.DoFn):
         started = time.perf_counter()
         try:
             # A generator runs only when iterated: drained here, its errors become dead letters too.
-            items = self._result.items(self._fn(element, self._params))
+            items = self._result.items(self._fn(element, self._params, **self._kwargs))
         except Exception as exc:  # the element goes to dead letters; the stream goes on
             yield self._metrics.to_dead_letters(element, exc)
             return
@@ -512,6 +530,9 @@ def operator(
 ) -> Any:
     """Make an operator class from ``fn(batch: In, params: P) -> Out | None``.
 
+    A sink may add a keyword-only ``provenance: Provenance``: it then gets what made its input
+    (operators and parameters, see :mod:`beamops.provenance`), to write next to its results.
+
     The input and output port types come from ``fn``'s annotations, the
     parameter model from the annotation of its second argument, the description
     from its docstring. ``-> Out`` emits one result per batch; ``-> Out | None``
@@ -527,9 +548,14 @@ def operator(
             raise OperatorDefinitionError(
                 f"{func.__qualname__}: cannot resolve its annotations ({exc}); define parameter models at module level"
             ) from exc
-        arg_names = list(inspect.signature(func).parameters)
+        signature = inspect.signature(func).parameters
+        takes_provenance = "provenance" in signature and signature["provenance"].kind is inspect.Parameter.KEYWORD_ONLY
+        arg_names = [a for a in signature if not (takes_provenance and a == "provenance")]
         if not 1 <= len(arg_names) <= 2:
-            raise OperatorDefinitionError(f"{func.__qualname__}: expected fn(batch, params) or fn(batch)")
+            raise OperatorDefinitionError(
+                f"{func.__qualname__}: expected fn(batch, params) or fn(batch), and optionally a keyword-only "
+                "provenance: Provenance"
+            )
         missing = [a for a in [*arg_names, "return"] if a not in hints]
         if missing:
             raise OperatorDefinitionError(f"{func.__qualname__}: annotate {missing} (port types come from them)")
@@ -548,8 +574,9 @@ def operator(
             "tags": tuple(tags),
             "parallel": ParallelType(parallel),
             "operator_id": operator_id,
-            "fn": staticmethod(func if len(arg_names) == 2 else lambda batch, _params: func(batch)),
+            "fn": staticmethod(func if len(arg_names) == 2 else lambda batch, _params, **kw: func(batch, **kw)),
             "result": result,
+            "takes_provenance": takes_provenance,
             "__module__": func.__module__,
             "__doc__": func.__doc__,
             "__qualname__": func.__qualname__,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from beamops.io.files import atomic_write
+from beamops.provenance import PROVENANCE_KEY, Provenance
 
 
 def draw_map(ax: Any, data: np.ndarray, colormap: str) -> Any:
@@ -29,3 +33,10 @@ def output_state(final: bool, complete: bool) -> str:
     if not final:
         return "progressive"
     return "final" if complete else "final, INCOMPLETE"
+
+
+def save_png(fig: Any, path: Path, provenance: Provenance | None) -> None:
+    """``fig`` as a PNG at ``path`` (written whole or not at all), ``provenance`` in its ``beamops-provenance``
+    text chunk (JSON, ASCII)."""
+    metadata = {PROVENANCE_KEY: provenance.to_json()} if provenance is not None else {}
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, metadata=metadata))

@@ -8,7 +8,9 @@ to a temporary name and renamed, so a reader never sees half a file.
 
 The ``.npz`` holds ``com`` (float32, ``[x, y]`` stacked, shape
 ``(2, scan_rows, scan_cols)``, x = column, the order of stempy's ``com``),
-``x``, ``y`` and the scan's counters. The PNG shows x and y side by side with
+``x``, ``y``, the scan's counters and ``provenance``: JSON of the operators
+and parameters that made the map (``beamops.provenance.Provenance.from_json``),
+which the PNG also holds, in its ``beamops-provenance`` text chunk. The PNG shows x and y side by side with
 colour bars, the scan number in the title, and how many positions are blank (NaN: no
 event kept there).
 """
@@ -25,8 +27,9 @@ from pydantic import Field
 from beamops import ComMap, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
+from beamops.provenance import Provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, draw_map, output_state
+from transforms._pictures import blank_cells, draw_map, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -59,9 +62,9 @@ def com_png_title(com: ComMap) -> str:
     )
 
 
-def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
+def render_com_png(com: ComMap, path: Path, colormap: str = "viridis", provenance: Provenance | None = None) -> None:
     """x and y maps (scan row down, scan column across) side by side with colour bars in detector px,
-    under :func:`com_png_title`."""
+    under :func:`com_png_title`; ``provenance`` goes into a text chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +78,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
         ax.set_ylabel("scan row")
         fig.colorbar(image, ax=ax, label="detector px")
     fig.suptitle(com_png_title(com))
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    save_png(fig, path, provenance)
     plt.close(fig)
 
 
@@ -85,8 +88,9 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis") -> None:
     input_description="Center-of-mass maps",
     output_description="Paths of the files written",
 )
-def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | None:
-    """Write each final ComMap (and optionally each progressive one) as .npz and PNG files."""
+def write_com_map(com: ComMap, params: WriteComMapParams, *, provenance: Provenance) -> Iterator[str] | None:
+    """Write each final ComMap (and optionally each progressive one) as .npz and PNG files, with the
+    operators and parameters that made it."""
     if not com.final:
         if not params.write_progressive:
             return None
@@ -107,11 +111,12 @@ def write_com_map(com: ComMap, params: WriteComMapParams) -> Iterator[str] | Non
             positions_seen=com.positions_seen,
             final=com.final,
             complete=com.complete,
+            provenance=provenance.to_json(),
         ),
     )
     written = [str(npz)]
     if params.png:
         png = out / f"{stem}.png"
-        render_com_png(com, png, params.colormap)
+        render_com_png(com, png, params.colormap, provenance)
         written.append(str(png))
     return iter(written)

@@ -21,6 +21,8 @@ again: give it the same ``run_id`` parameter to go on with its files. A
 replayed session (a restart after the file was written) merges into the file
 and changes nothing. Only the session's frames are in memory: the file is read
 one batch at a time. So a short ``gap_s`` costs rewrites of the file, not frames.
+The group's ``provenance`` attribute says what made the frames (JSON of the operators
+upstream and their parameters, see ``beamops.provenance``).
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ _SCAN_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 class _WriteScanFn(beam.DoFn):
-    def __init__(self, params: WriteHdf5Params, run_id: str) -> None:
+    def __init__(self, params: WriteHdf5Params, run_id: str, provenance: str) -> None:
         self._params = params
         self._run_id = run_id
+        self._provenance = provenance
 
     def setup(self) -> None:
         self._metrics = OperatorMetrics("write_hdf5_frames")
@@ -115,7 +118,8 @@ class _WriteScanFn(beam.DoFn):
         frames = _each_frame_once_in_order(path, batches, earlier)
         # Written under a temporary name and renamed: a merge leaves either the earlier sessions or all of them.
         overwrite = self._params.overwrite or before is not None
-        return write_stempy_hdf5(path, frames, overwrite=overwrite, run_id=self._run_id).n_frames - (before or 0)
+        written = write_stempy_hdf5(path, frames, overwrite=overwrite, run_id=self._run_id, provenance=self._provenance)
+        return written.n_frames - (before or 0)
 
     def _frames_written_by_this_run(self, path: Path) -> int | None:
         """How many frames the file at ``path`` holds if this run wrote it, else None."""
@@ -216,7 +220,7 @@ class write_hdf5_frames(Operator):  # noqa: N801 - catalog names are lowercase l
         # Drawn here, once, and pickled with the DoFn: every worker, and the job restarted from a
         # checkpoint, recognise this run's files by it; a job built again is another run, unless given.
         run_id = self.params.run_id or uuid.uuid4().hex
-        write = _WriteScanFn(self.params, run_id=run_id)
+        write = _WriteScanFn(self.params, run_id=run_id, provenance=self.provenance.to_json())
         results = (
             main
             | "KeyByScan" >> beam.Map(lambda b: (b.header.scan_number, b))

@@ -5,6 +5,8 @@ progressive image overwrites ``<name>_scan_<NNNNNN>_latest.png``, at most once
 every ``max_preview_interval_s`` seconds per image and scan in each worker,
 so a viewer can follow a scan without the writer slowing the stream. Files
 are written under a temporary name and renamed: a reader never sees half a file.
+The PNG's ``beamops-provenance`` text chunk holds the operators and parameters
+that made the image (JSON, see ``beamops.provenance``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pydantic import Field
 
 from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
+from beamops.provenance import Provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, draw_map, output_state
+from transforms._pictures import blank_cells, draw_map, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -54,9 +57,9 @@ def image_png_title(image: Image) -> str:
     return f"Scan {image.scan_number}: {image.name} ({state}, {image.frames_seen} frames{hatched})"
 
 
-def render_png(image: Image, path: Path, colormap: str) -> None:
+def render_png(image: Image, path: Path, colormap: str, provenance: Provenance | None = None) -> None:
     """The image (row down, column across, axes named by :func:`axis_labels`) with a colour bar; scan
-    number, name and state in the title."""
+    number, name and state in the title; ``provenance`` in a text chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +71,7 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(shown, ax=ax, label=image.units or None)
     ax.set_title(image_png_title(image))
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    save_png(fig, path, provenance)
     plt.close(fig)
 
 
@@ -78,8 +81,9 @@ def render_png(image: Image, path: Path, colormap: str) -> None:
     input_description="2-D results",
     output_description="Paths of the files written",
 )
-def write_image(image: Image, params: WriteImageParams) -> Iterator[str] | None:
-    """Write final images (and, if asked, rate-limited live previews) as PNG with a colour bar, plus .npy."""
+def write_image(image: Image, params: WriteImageParams, *, provenance: Provenance) -> Iterator[str] | None:
+    """Write final images (and, if asked, rate-limited live previews) as PNG with a colour bar, plus .npy;
+    the PNG holds the operators and parameters that made the image."""
     if not image.final:
         if not params.live_preview:
             return None
@@ -88,7 +92,7 @@ def write_image(image: Image, params: WriteImageParams) -> Iterator[str] | None:
     out = output_dir(params.out_dir)
     stem = f"{image.name}_scan_{image.scan_number:06d}" + ("" if image.final else "_latest")
     png = out / f"{stem}.png"
-    render_png(image, png, params.colormap)
+    render_png(image, png, params.colormap, provenance)
     npy = out / f"{stem}.npy"
     atomic_write(npy, lambda fh: np.save(fh, image.data))
     return iter([str(png), str(npy)])

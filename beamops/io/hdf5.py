@@ -28,7 +28,8 @@ twice; beamops keeps repeated indices as separate events in every version, like
 
 :func:`write_stempy_hdf5` writes version 2 because it can be streamed (no need to know each
 position's frame count up front), keeps frames in acquisition order and never pads. The
-beamops header (scan number, detector, total frame count) and the writer's ``run_id`` go to
+beamops header (scan number, detector, total frame count), the writer's ``run_id`` and the
+``provenance`` of the frames (JSON, see ``beamops.provenance``) go to
 the ``metadata/beamops`` group's attributes and the frame numbers to
 ``electron_events/frame_numbers``; stempy ignores the dataset and shows the group as
 ``SparseArray.metadata["beamops"]``.
@@ -88,6 +89,8 @@ class StempyFileInfo:
     has_frame_numbers: bool = False
     #: Who wrote the file: what write_stempy_hdf5 was given as ``run_id``, if anything.
     run_id: str | None = None
+    #: What made the frames (JSON of ``beamops.provenance.Provenance``), if the writer said.
+    provenance: str | None = None
 
     @property
     def n_positions(self) -> int:
@@ -187,6 +190,7 @@ def _inspect(path: str, f: Any) -> StempyFileInfo:
     total_frames = _optional_attr(meta, "total_frames")
     detector = _optional_attr(meta, "detector")
     run_id = _optional_attr(meta, "run_id")
+    provenance = _optional_attr(meta, "provenance")
     return StempyFileInfo(
         path=path,
         version=version,
@@ -199,6 +203,7 @@ def _inspect(path: str, f: Any) -> StempyFileInfo:
         total_frames=None if total_frames is None or int(total_frames) < 1 else int(total_frames),
         has_frame_numbers=has_frame_numbers,
         run_id=None if run_id is None else str(run_id),
+        provenance=None if provenance is None else str(provenance),
     )
 
 
@@ -339,6 +344,7 @@ def write_stempy_hdf5(
     *,
     overwrite: bool = False,
     run_id: str | None = None,
+    provenance: str | None = None,
 ) -> StempyFileInfo:
     """Write the frames of one scan to a new stempy file (version 2 layout), streaming.
 
@@ -348,7 +354,8 @@ def write_stempy_hdf5(
     an existing file unless ``overwrite``. The file is written under a temporary name beside
     ``path`` and renamed when complete, so a reader never opens half a file, and a failed
     write removes only its own temporary file. ``run_id``, if given, is stored so a later
-    writer can tell a file it wrote itself from another's (:attr:`StempyFileInfo.run_id`).
+    writer can tell a file it wrote itself from another's (:attr:`StempyFileInfo.run_id`);
+    ``provenance`` (JSON) says what made the frames (:attr:`StempyFileInfo.provenance`).
     """
     h5py = _h5py()
     path = os.fspath(path)
@@ -386,6 +393,8 @@ def write_stempy_hdf5(
                 meta.attrs["total_frames"] = header.total_frames
             if run_id is not None:
                 meta.attrs["run_id"] = run_id
+            if provenance is not None:
+                meta.attrs["provenance"] = provenance
 
             for batch in _chain(first, iterator):
                 if not isinstance(batch, SparseFrameBatch):
@@ -421,6 +430,7 @@ def write_stempy_hdf5(
         total_frames=header.total_frames,
         has_frame_numbers=True,
         run_id=run_id,
+        provenance=provenance,
     )
 
 

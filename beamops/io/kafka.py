@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -74,6 +74,7 @@ from beamops.operator import (
     OperatorParams,
     Port,
 )
+from beamops.provenance import PROVENANCE_KEY, Provenance
 from beamops.results import ComMap
 
 log = logging.getLogger(__name__)
@@ -933,6 +934,57 @@ def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
     return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
 
 
+def groups_writing_to(client: KafkaClientConfig, topic: str) -> set[str]:
+    """The consumer groups of the reads that made the newest message of each partition of ``topic``, from
+    their ``beamops-provenance`` headers: which group-reading (live) jobs write there. Empty for a topic
+    that does not exist or is empty, and for messages without provenance (not written by beamops' sinks).
+    Reads one message per partition, joins no group; KafkaUnavailableError if Kafka does not answer."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    consumer = _consumer(client, None)
+    try:
+        try:
+            meta = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+        except KafkaException as exc:
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
+            ) from exc
+        if meta is None or meta.error is not None:
+            return set()
+        newest = []
+        for partition in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
+            if high > low:
+                newest.append(TopicPartition(topic, partition, high - 1))
+        consumer.assign(newest)
+        waiting, groups = {tp.partition for tp in newest}, set()
+        deadline = time.monotonic() + METADATA_TIMEOUT_S
+        while waiting and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None or msg.partition() not in waiting:
+                continue
+            waiting.discard(msg.partition())
+            for key, value in msg.headers() or ():
+                if key == PROVENANCE_KEY and value:
+                    groups |= _read_groups(value)
+        return groups
+    finally:
+        consumer.close()
+
+
+def _read_groups(provenance: bytes) -> set[str]:
+    """The consumer groups of the Kafka reads a ``beamops-provenance`` header names (none if unreadable)."""
+    try:
+        steps = Provenance.from_json(provenance).steps
+    except (ValueError, KeyError, TypeError):
+        return set()
+    return {
+        str(step.params["group_id"])
+        for step in steps
+        if step.operator == read_kafka_frames.name and step.params and step.params.get("group_id")
+    }
+
+
 # --- sinks -------------------------------------------------------------------
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]
@@ -992,10 +1044,17 @@ class KafkaWriteParams(OperatorParams):
 
 
 class _WriteFn(beam.DoFn):
-    def __init__(self, client: KafkaClientConfig, params: KafkaWriteParams, encode: Callable[[Any], Record]) -> None:
+    def __init__(
+        self,
+        client: KafkaClientConfig,
+        params: KafkaWriteParams,
+        encode: Callable[[Any], Record],
+        extra_headers: list[tuple[str, bytes]],
+    ) -> None:
         self._client = client
         self._params = params
         self._encode = encode
+        self._extra_headers = extra_headers
 
     def setup(self) -> None:
         from confluent_kafka import Producer
@@ -1024,6 +1083,8 @@ class _WriteFn(beam.DoFn):
         self, element: Any, timestamp: Timestamp = beam.DoFn.TimestampParam, window: Any = beam.DoFn.WindowParam
     ) -> None:
         key, value, headers = self._encode(element)
+        if self._extra_headers:
+            headers = [*headers, *self._extra_headers]
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
@@ -1063,6 +1124,8 @@ class _WriteFn(beam.DoFn):
 class _KafkaSink(Operator):
     Params = KafkaWriteParams
     encode: Callable[[Any], Record]
+    #: Add a ``beamops-provenance`` header (the operators and parameters that made the element) to each message.
+    writes_provenance: ClassVar[bool] = False
 
     def __init__(
         self, params: OperatorParams | Mapping[str, Any] | None = None, /, *, client: KafkaClientConfig, **kwargs: Any
@@ -1071,14 +1134,16 @@ class _KafkaSink(Operator):
         self.client = client
 
     def build(self, main: pvalue.PCollection) -> Mapping[str, pvalue.PCollection]:
-        written = main | "Produce" >> beam.ParDo(_WriteFn(self.client, self.params, type(self).encode))
+        extra = [(PROVENANCE_KEY, self.provenance.to_json().encode())] if self.writes_provenance else []
+        written = main | "Produce" >> beam.ParDo(_WriteFn(self.client, self.params, type(self).encode, extra))
         # Delivery failures fail the bundle (Beam retries it), so nothing reaches dead letters here.
         nothing = main.pipeline | "NoDeadLetters" >> beam.Create([]).with_output_types(DeadLetter)
         return {"written": written, DEAD_LETTER: nothing}
 
 
 class write_com_maps_kafka(_KafkaSink):  # noqa: N801
-    """ComMaps (progressive and final) to a Kafka topic, key = scan number, value = Arrow IPC."""
+    """ComMaps (progressive and final) to a Kafka topic, key = scan number, value = Arrow IPC; the
+    ``beamops-provenance`` header holds the operators and parameters that made the maps (JSON)."""
 
     name = "write_com_maps_kafka"
     title = "Write COM maps to Kafka"
@@ -1086,6 +1151,7 @@ class write_com_maps_kafka(_KafkaSink):  # noqa: N801
     inputs = {"in": Port(ComMap, "Center-of-mass maps")}
     outputs = {"written": Port(str, "topic:partition:offset of each delivered message")}
     encode = staticmethod(com_map_record)
+    writes_provenance = True
 
 
 class write_dead_letters_kafka(_KafkaSink):  # noqa: N801

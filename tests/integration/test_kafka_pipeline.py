@@ -34,6 +34,7 @@ from beamops.io.kafka import read_kafka_frames
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
 from beamops.operator import OperatorOutputs
+from beamops.provenance import PROVENANCE_KEY, Provenance
 from beamops.results import ComMap
 from beamops.simulate import ScanSimulation
 from beamops.testing import RunResult, assert_com_close, run_operator
@@ -222,6 +223,12 @@ def com_maps(kafka_broker, topic: str) -> list[tuple[ComMap, bytes]]:
         assert msg.key() == str(com.scan_number).encode()
         found.append((com, msg.value()))
     return found
+
+
+def provenances(kafka_broker, topic: str) -> set[str]:
+    """The distinct ``beamops-provenance`` headers of the messages on ``topic`` (every one must have it)."""
+    messages = read_topic(kafka_broker.bootstrap_servers, topic)
+    return {dict(msg.headers() or [])[PROVENANCE_KEY].decode() for msg in messages}
 
 
 def final_maps(kafka_broker, topic: str) -> dict[int, tuple[ComMap, bytes]]:
@@ -906,7 +913,7 @@ def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
 # --- live runs, committed offsets and replays ----------------------------------------------------------
 
 
-def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka_broker):
+def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka_broker, capsys):
     partitions = 3
     topic = kafka_broker.new_topic(partitions=partitions)
     group = f"live-{uuid.uuid4().hex[:8]}"
@@ -927,6 +934,11 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     live_maps = final_maps(kafka_broker, topic_arg(live_1, "--output_topic"))
     assert sorted(live_maps) == [11]
     assert_same_map(live_maps[11][0], reference_maps((first,))[11])
+    # Each map says what made it: the read (topic, range, group) and the operators, with their parameters.
+    (live_made,) = map(Provenance.from_json, provenances(kafka_broker, topic_arg(live_1, "--output_topic")))
+    assert [s.operator for s in live_made.steps] == ["read_kafka_frames", "com_partial", "com_reduce"]
+    read = live_made.params_of("read_kafka_frames")
+    assert (read["topic"], read["group_id"], read["start"], read["stop"]) == (topic, group, "committed", "latest")
 
     # The detector goes on with the next scan, which the live job has not read yet.
     publish(kafka_broker, topic, list(second.batches(BATCH)))
@@ -941,6 +953,20 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     replay_maps = final_maps(kafka_broker, topic_arg(replayed, "--output_topic"))
     assert sorted(replay_maps) == [11]
     assert replay_maps[11][1] == live_maps[11][1], "the replay's ComMap is not byte-identical to the live one"
+    (replay_made,) = map(Provenance.from_json, provenances(kafka_broker, topic_arg(replayed, "--output_topic")))
+    read = replay_made.params_of("read_kafka_frames")
+    assert (read["group_id"], read["start"], read["stop"]) == (None, consumed[1], consumed[3])
+    assert replay_made.steps[1:] == live_made.steps[1:]  # the same operators and parameters
+    # A replay into the live job's output topic is refused before it reads anything: its maps would be
+    # mixed with the live ones. Into its own earlier output (no group) it may go again.
+    live_out = topic_arg(live_1, "--output_topic")
+    written_before = len(read_topic(kafka_broker.bootstrap_servers, live_out))
+    argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, *consumed]
+    refused = [*argv, "--input_topic", topic, "--output_topic", live_out]
+    assert call_bounded(lambda: replay.main(refused), what="replay into the live output") == 2
+    assert f"holds the maps of a job reading with consumer group {group!r}" in capsys.readouterr().err
+    assert len(read_topic(kafka_broker.bootstrap_servers, live_out)) == written_before
+    run_job(replay.main, kafka_broker, *replayed, *consumed)
     assert dead_letters(kafka_broker, topic_arg(replayed, "--dead_letter_topic")) == []
     # The replay neither moved the live group nor left a group of its own.
     assert committed_offsets(kafka_broker, group, topic) == ends_1
