@@ -9,12 +9,12 @@ The range is given by offsets (``offset:N`` or per partition ``offset:0=N,1=M``)
 or timestamps; the stop is exclusive and must be bounded. Operator parameters
 may differ from the live run's. A replay never joins, reads or moves a
 consumer group: it reads with a throw-away group and commits nothing, so the
-live job's position is untouched. Its output must be a directory, or a topic
-other than the input that no live job writes to (a topic whose newest maps name
-a consumer group in their ``beamops-provenance`` header is refused). On the
-same range with the same parameters, a replay writes byte-identical ComMaps to
-those of the live run: the reduction sums integers exactly, so the order in
-which partitions are read does not matter.
+live job's position is untouched. Its output must be a topic other than the
+input, or a directory, that no live job writes to: an output whose newest maps'
+provenance (``beamops-provenance`` header, ``.npz`` key) names a consumer group
+is refused. On the same range with the same parameters, a replay writes
+byte-identical ComMaps to those of the live run: the reduction sums integers
+exactly, so the order in which partitions are read does not matter.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 
 from beamops import OperatorParameterError
-from beamops.io.kafka import groups_writing_to
+from beamops.io.kafka import groups_writing_to, reading_groups
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError, never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments
 from beamops.runner import run, runs_here, setup_logging
 from jobs import com_pipeline
+from transforms.write_com_map import map_provenances
 
 PROG = "python -m jobs.replay"
 log = logging.getLogger("jobs.replay")
@@ -49,12 +51,14 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     if values.get("output_topic") == values["input_topic"]:
         raise OperatorParameterError("--output_topic must differ from --input_topic")
     if values.get("output_topic"):
-        refuse_a_live_jobs_output(pipeline, values["output_topic"], com_pipeline.kafka_client(values))
+        refuse_a_live_jobs_topic(pipeline, values["output_topic"], com_pipeline.kafka_client(values))
+    if values.get("out_dir"):
+        refuse_a_live_jobs_folder(Path(values["out_dir"]).expanduser())
     # A replay reads what the topic holds: it never waits for offsets to be written.
     com_pipeline.build(pipeline, {**values, "group_id": None, "wait_past_end": False})
 
 
-def refuse_a_live_jobs_output(pipeline: beam.Pipeline, topic: str, client: KafkaClientConfig) -> None:
+def refuse_a_live_jobs_topic(pipeline: beam.Pipeline, topic: str, client: KafkaClientConfig) -> None:
     """Refuse an output topic whose newest maps a job reading with a consumer group wrote (their
     provenance names the group): the replay's maps would be mixed with the live job's, two maps of one
     scan number from different reads, for every consumer of that topic."""
@@ -65,11 +69,25 @@ def refuse_a_live_jobs_output(pipeline: beam.Pipeline, topic: str, client: Kafka
             raise
         log.warning("could not check what writes to --output_topic %r from here: %s", topic, exc)
         return
+    _refuse_live_output(f"--output_topic {topic!r}", groups)
+
+
+def refuse_a_live_jobs_folder(folder: Path) -> None:
+    """Refuse an --out_dir whose newest maps a job reading with a consumer group wrote: the replay would
+    replace the live job's maps of the same scans (this machine's view of the folder: on a cluster, the
+    launcher's)."""
+    _refuse_live_output(
+        f"--out_dir {str(folder)!r}", {g for made in map_provenances(folder) for g in reading_groups(made)}
+    )
+
+
+def _refuse_live_output(output: str, groups: set[str]) -> None:
     if groups:
+        named = ", ".join(repr(g) for g in sorted(groups))
+        flag = output.split(" ", 1)[0]
         raise OperatorParameterError(
-            f"--output_topic {topic!r} holds the maps of a job reading with consumer group "
-            f"{', '.join(repr(g) for g in sorted(groups))} (a live job's output): a replay writes to a topic of its "
-            "own; give another --output_topic"
+            f"{output} holds the maps of a job reading with consumer group {named} (a live job's output): "
+            f"a replay writes to an output of its own; give another {flag}"
         )
 
 

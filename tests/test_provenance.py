@@ -13,7 +13,7 @@ from PIL import Image as PngFile
 
 from beamops import ComPartial, OperatorDefinitionError, SparseFrameBatch, operator
 from beamops.io.hdf5 import inspect_stempy_hdf5
-from beamops.io.kafka import read_kafka_frames
+from beamops.io.kafka import read_kafka_frames, reading_groups
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.provenance import PROVENANCE_KEY, Provenance, Step
 from beamops.testing import ScanSimulation, run_operator
@@ -21,7 +21,7 @@ from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.simulated_scan import simulated_scan
 from transforms.virtual_images import virtual_images
-from transforms.write_com_map import write_com_map
+from transforms.write_com_map import map_provenances, write_com_map
 from transforms.write_hdf5_frames import write_hdf5_frames
 from transforms.write_image import write_image
 
@@ -127,3 +127,14 @@ def test_hdf5_files_and_image_pictures_hold_the_provenance(tmp_path: Path) -> No
         drawn = Provenance.from_json(png.text[PROVENANCE_KEY])
     assert drawn.params_of("virtual_images")["annuli"] == "0:4,10:20"
     assert [s.instance for s in drawn.steps] == ["Inputs", "Images"]
+
+
+def test_the_newest_maps_of_a_folder_say_what_made_them_and_other_files_are_skipped(tmp_path: Path) -> None:
+    made = Provenance((Step("read", "read_kafka_frames", {"group_id": "live", "topic": "frames"}),))
+    np.savez(tmp_path / "scan_000001_com.npz", com=np.zeros((2, 1, 1)), provenance=made.to_json())
+    np.savez(tmp_path / "scan_000002_com.npz", com=np.zeros((2, 1, 1)))  # written before provenance existed
+    (tmp_path / "scan_000003_com.npz").write_bytes(b"not a zip")
+    (tmp_path / "notes.npz").write_bytes(b"")  # not a map
+    assert map_provenances(tmp_path) == [made]
+    assert reading_groups(made) == {"live"}
+    assert reading_groups(Provenance((Step("read", "read_kafka_frames", {"group_id": None}),))) == set()

@@ -17,6 +17,7 @@ event kept there).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
@@ -48,6 +49,24 @@ class WriteComMapParams(OperatorParams):
     colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
         "viridis", description="Matplotlib colour map of the PNG."
     )
+
+
+def map_provenances(folder: Path, newest: int = 16) -> list[Provenance]:
+    """The provenance of the ``newest`` maps (by modification time, final or progressive) this operator
+    wrote in ``folder``; files without one, or that cannot be read, are skipped."""
+    paths = sorted(folder.glob("scan_*_com*.npz"), key=_modified, reverse=True)[:newest]
+    found = []
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), np.load(path) as npz:
+            found.append(Provenance.from_json(str(npz["provenance"])))
+    return found
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return 0.0
 
 
 def com_png_title(com: ComMap) -> str:

@@ -966,21 +966,19 @@ def groups_writing_to(client: KafkaClientConfig, topic: str) -> set[str]:
             waiting.discard(msg.partition())
             for key, value in msg.headers() or ():
                 if key == PROVENANCE_KEY and value:
-                    groups |= _read_groups(value)
+                    with contextlib.suppress(ValueError, KeyError, TypeError):  # not ours to judge: skipped
+                        groups |= reading_groups(Provenance.from_json(value))
         return groups
     finally:
         consumer.close()
 
 
-def _read_groups(provenance: bytes) -> set[str]:
-    """The consumer groups of the Kafka reads a ``beamops-provenance`` header names (none if unreadable)."""
-    try:
-        steps = Provenance.from_json(provenance).steps
-    except (ValueError, KeyError, TypeError):
-        return set()
+def reading_groups(provenance: Provenance) -> set[str]:
+    """The consumer groups of the Kafka reads in ``provenance``: a result made by a group's read is a
+    live job's (a replay reads without one)."""
     return {
         str(step.params["group_id"])
-        for step in steps
+        for step in provenance.steps
         if step.operator == read_kafka_frames.name and step.params and step.params.get("group_id")
     }
 

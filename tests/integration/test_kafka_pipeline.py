@@ -913,7 +913,7 @@ def test_com_pipeline_time_range_selects_one_scan(kafka_broker):
 # --- live runs, committed offsets and replays ----------------------------------------------------------
 
 
-def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka_broker, capsys):
+def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka_broker, capsys, tmp_path):
     partitions = 3
     topic = kafka_broker.new_topic(partitions=partitions)
     group = f"live-{uuid.uuid4().hex[:8]}"
@@ -929,7 +929,8 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
 
     # Live run 1: nothing committed yet, so it reads from the start; it commits what it processed.
     live_1 = job_topics(kafka_broker, topic)
-    run_job(com_pipeline.main, kafka_broker, *live_1, *live)
+    live_dir = str(tmp_path / "live")
+    run_job(com_pipeline.main, kafka_broker, *live_1, *live, "--out_dir", live_dir)
     assert committed_offsets(kafka_broker, group, topic) == ends_1
     live_maps = final_maps(kafka_broker, topic_arg(live_1, "--output_topic"))
     assert sorted(live_maps) == [11]
@@ -966,6 +967,11 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     assert call_bounded(lambda: replay.main(refused), what="replay into the live output") == 2
     assert f"holds the maps of a job reading with consumer group {group!r}" in capsys.readouterr().err
     assert len(read_topic(kafka_broker.bootstrap_servers, live_out)) == written_before
+    refused = [*argv, "--input_topic", topic, "--out_dir", live_dir]
+    assert call_bounded(lambda: replay.main(refused), what="replay into the live job's directory") == 2
+    assert f"--out_dir '{live_dir}' holds the maps of a job reading with consumer group {group!r}" in (
+        capsys.readouterr().err
+    )
     run_job(replay.main, kafka_broker, *replayed, *consumed)
     assert dead_letters(kafka_broker, topic_arg(replayed, "--dead_letter_topic")) == []
     # The replay neither moved the live group nor left a group of its own.
