@@ -3,14 +3,16 @@
 Every operator stamps its output PCollections with the chain of steps that made them (while the
 pipeline is built, so it costs nothing per element): the operators upstream, each with its catalog
 name, instance label and parameters, and the label of any plain Beam transform between two of them.
-Sinks write it next to what they write (a Kafka header, a key of an ``.npz``, a PNG text chunk, an
-HDF5 attribute), so a map found later says how it was made: which topic range or simulated scan,
-which crop, which reduction.
+Sinks of results write it next to what they write (a Kafka header, a key of an ``.npz``, a PNG text
+chunk, an HDF5 attribute), so a map found later says how it was made: which simulated scan, HDF5 file
+or Kafka read (topic, start and stop as given, group), which crop, which reduction. The offsets a
+read actually consumed are not in it: a live read's start is ``committed`` and its stop ``latest``
+or ``never``.
 
 Parameters only: the Kafka client settings (brokers, credentials) are not operator parameters and
-never appear here. Nothing in it depends on when or where the job ran, so a replay with the same
-parameters writes the same provenance as any other run of them, except where the read's own
-parameters differ (its start and stop).
+never appear here. Nothing in it depends on when or where the job ran: two runs with the same
+parameters write the same provenance (a replay's read differs from the live run's in its start and
+stop, in having no group, and in wait_past_end).
 """
 
 from __future__ import annotations
@@ -83,33 +85,40 @@ class Provenance:
     @classmethod
     def of(cls, pcoll: pvalue.PValue) -> Provenance:
         """The chain that made ``pcoll``: the stamp of the nearest operator output upstream, plus the
-        plain transforms from there to ``pcoll``, each named by its outermost label (``Inputs``, not
-        ``Inputs/Map(decode)``). Followed through transforms of one input; one of none (``beam.Create``)
-        is a source, one of several (``beam.Flatten``) ends the trace (``traced`` False)."""
-        between: list[Step] = []
+        plain transforms from there to ``pcoll``, each named by its top-level label (``Inputs``, not
+        ``Inputs/Map(decode)``; consecutive steps of one composite are one step). Followed step by step
+        (into composites, so an operator inside one is found) through steps of one main input; a step of
+        none (``beam.Create``) is a source; one of several (``beam.Flatten``) ends the trace, and it and
+        side inputs make ``traced`` False."""
+        labels: list[str] = []  # nearest first
+        traced = True
         current: Any = pcoll
         while True:
             stamped = getattr(current, _LINEAGE_ATTR, None)
             if stamped is not None:
-                return cls((*stamped.steps, *reversed(between)), stamped.traced, stamped.beamops_version)
-            producer = _outermost_producer(current) if isinstance(current, pvalue.PCollection) else None
-            if producer is None:
-                return cls(tuple(reversed(between)), traced=False)
-            between.append(Step(producer.full_label))
-            inputs = [i for i in producer.main_inputs.values() if isinstance(i, pvalue.PCollection)]
+                steps = (*stamped.steps, *_plain_steps(labels))
+                return cls(steps, stamped.traced and traced, stamped.beamops_version)
+            step = current.producer if isinstance(current, pvalue.PCollection) else None
+            if step is None:
+                return cls(_plain_steps(labels), traced=False)
+            labels.append(_top_level(step).full_label)
+            traced = traced and not step.side_inputs
+            inputs = [i for i in step.main_inputs.values() if isinstance(i, pvalue.PCollection)]
             if len(inputs) != 1:
-                return cls(tuple(reversed(between)), traced=not inputs)
+                return cls(_plain_steps(labels), traced=traced and not inputs)
             current = inputs[0]
 
 
-def _outermost_producer(pcoll: pvalue.PCollection) -> Any:
-    """The outermost applied transform whose output ``pcoll`` is (a composite, not its last inner step)."""
-    producer = pcoll.producer
-    while producer is not None and producer.parent is not None and producer.parent.full_label:
-        if pcoll not in producer.parent.outputs.values():
-            break
-        producer = producer.parent
-    return producer
+def _top_level(applied: Any) -> Any:
+    """The transform applied to the pipeline itself that ``applied`` is part of (or is)."""
+    while applied.parent is not None and applied.parent.full_label:  # the root's label is ""
+        applied = applied.parent
+    return applied
+
+
+def _plain_steps(labels_nearest_first: list[str]) -> tuple[Step, ...]:
+    ordered = labels_nearest_first[::-1]
+    return tuple(Step(label) for k, label in enumerate(ordered) if k == 0 or ordered[k - 1] != label)
 
 
 def stamp(pcoll: pvalue.PCollection, provenance: Provenance) -> None:

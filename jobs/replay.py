@@ -11,8 +11,8 @@ may differ from the live run's. A replay never joins, reads or moves a
 consumer group: it reads with a throw-away group and commits nothing, so the
 live job's position is untouched. Its output must be a topic other than the
 input, or a directory, that no live job writes to: an output whose newest maps'
-provenance (``beamops-provenance`` header, ``.npz`` key) names a consumer group
-is refused. On the same range with the same parameters, a replay writes
+provenance (``beamops-provenance`` header, ``.npz`` key) names a read with a
+consumer group or one that never stops is refused. On the same range with the same parameters, a replay writes
 byte-identical ComMaps to those of the live run: the reduction sums integers
 exactly, so the order in which partitions are read does not matter.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import apache_beam as beam
 
 from beamops import OperatorParameterError
-from beamops.io.kafka import groups_writing_to, reading_groups
+from beamops.io.kafka import live_reads, live_writers_of
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError, never_stops
 from beamops.options import add_kafka_arguments, add_operator_arguments
 from beamops.runner import run, runs_here, setup_logging
@@ -59,35 +59,32 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
 
 
 def refuse_a_live_jobs_topic(pipeline: beam.Pipeline, topic: str, client: KafkaClientConfig) -> None:
-    """Refuse an output topic whose newest maps a job reading with a consumer group wrote (their
-    provenance names the group): the replay's maps would be mixed with the live job's, two maps of one
-    scan number from different reads, for every consumer of that topic."""
+    """Refuse an output topic whose newest maps a live job wrote (their provenance names a read with a
+    consumer group, or one that never stops): the replay's maps would be mixed with the live job's, two
+    maps of one scan number from different reads, for every consumer of that topic."""
     try:
-        groups = groups_writing_to(client, topic)
+        reads = live_writers_of(client, topic)
     except KafkaUnavailableError as exc:
         if runs_here(pipeline):
             raise
         log.warning("could not check what writes to --output_topic %r from here: %s", topic, exc)
         return
-    _refuse_live_output(f"--output_topic {topic!r}", groups)
+    _refuse_live_output(f"--output_topic {topic!r}", reads)
 
 
 def refuse_a_live_jobs_folder(folder: Path) -> None:
-    """Refuse an --out_dir whose newest maps a job reading with a consumer group wrote: the replay would
-    replace the live job's maps of the same scans (this machine's view of the folder: on a cluster, the
-    launcher's)."""
-    _refuse_live_output(
-        f"--out_dir {str(folder)!r}", {g for made in map_provenances(folder) for g in reading_groups(made)}
-    )
+    """Refuse an --out_dir whose newest maps a live job wrote: the replay would replace the live job's maps
+    of the same scans (this machine's view of the folder: on a cluster, the launcher's)."""
+    reads = {read for made in map_provenances(folder) for read in live_reads(made)}
+    _refuse_live_output(f"--out_dir {str(folder)!r}", reads)
 
 
-def _refuse_live_output(output: str, groups: set[str]) -> None:
-    if groups:
-        named = ", ".join(repr(g) for g in sorted(groups))
+def _refuse_live_output(output: str, live: set[str]) -> None:
+    if live:
         flag = output.split(" ", 1)[0]
         raise OperatorParameterError(
-            f"{output} holds the maps of a job reading with consumer group {named} (a live job's output): "
-            f"a replay writes to an output of its own; give another {flag}"
+            f"{output} holds the maps of a live job ({', '.join(sorted(live))}): a replay writes to an output "
+            f"of its own; give another {flag}"
         )
 
 

@@ -13,7 +13,7 @@ from PIL import Image as PngFile
 
 from beamops import ComPartial, OperatorDefinitionError, SparseFrameBatch, operator
 from beamops.io.hdf5 import inspect_stempy_hdf5
-from beamops.io.kafka import read_kafka_frames, reading_groups
+from beamops.io.kafka import live_reads, read_kafka_frames
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.provenance import PROVENANCE_KEY, Provenance, Step
 from beamops.testing import ScanSimulation, run_operator
@@ -66,6 +66,24 @@ def test_plain_beam_transforms_between_operators_are_named_by_their_label() -> N
     merged = (source, kept) | beam.Flatten()
     assert Provenance.of(merged).steps == (Step("Flatten"),)
     assert not Provenance.of(merged).traced  # several inputs: not followed
+
+
+def test_an_operator_inside_a_composite_is_found_and_side_inputs_end_the_trace() -> None:
+    class Job(beam.PTransform):
+        def expand(self, root: beam.pvalue.PBegin) -> beam.PCollection:
+            frames = root | "Scan" >> simulated_scan(scan_rows=2, scan_cols=3, seed=5)
+            return frames.frames | "KeepAll" >> beam.Filter(lambda b: True)
+
+    p = beam.Pipeline()
+    kept = p | "Job" >> Job()
+    provenance = Provenance.of(kept)
+    assert [s.to_dict().get("transform", s.instance) for s in provenance.steps] == ["Scan", "Job"]
+    assert provenance.params_of("simulated_scan")["seed"] == 5 and provenance.traced
+    side = p | "Side" >> beam.Create([1])
+    with_side = kept | "WithSide" >> beam.Map(lambda b, n: b, beam.pvalue.AsSingleton(side))
+    followed = Provenance.of(with_side)
+    assert [s.instance for s in followed.steps] == ["Scan", "Job", "WithSide"]
+    assert not followed.traced  # what came through the side input is not in it
 
 
 def test_provenance_round_trips_through_json_and_names_a_missing_operator() -> None:
@@ -136,5 +154,17 @@ def test_the_newest_maps_of_a_folder_say_what_made_them_and_other_files_are_skip
     (tmp_path / "scan_000003_com.npz").write_bytes(b"not a zip")
     (tmp_path / "notes.npz").write_bytes(b"")  # not a map
     assert map_provenances(tmp_path) == [made]
-    assert reading_groups(made) == {"live"}
-    assert reading_groups(Provenance((Step("read", "read_kafka_frames", {"group_id": None}),))) == set()
+
+
+@pytest.mark.parametrize(
+    ("params", "live"),
+    [
+        ({"group_id": "live", "topic": "frames", "stop": "latest"}, {"consumer group 'live'"}),
+        ({"group_id": None, "topic": "frames", "stop": "never"}, {"an unbounded read of 'frames'"}),
+        ({"group_id": None, "topic": "frames", "stop": "offset:9"}, set()),  # a replay's
+        (["not", "a", "dict"], set()),  # JSON from elsewhere: not judged
+    ],
+)
+def test_a_live_read_is_one_with_a_group_or_without_end(params: object, live: set[str]) -> None:
+    assert live_reads(Provenance((Step("r", "read_kafka_frames", params),))) == live  # type: ignore[arg-type]
+    assert live_reads(Provenance((Step("c", "com_partial", {"group_id": "x"}),))) == set()

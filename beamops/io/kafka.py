@@ -934,53 +934,70 @@ def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
     return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
 
 
-def groups_writing_to(client: KafkaClientConfig, topic: str) -> set[str]:
-    """The consumer groups of the reads that made the newest message of each partition of ``topic``, from
-    their ``beamops-provenance`` headers: which group-reading (live) jobs write there. Empty for a topic
-    that does not exist or is empty, and for messages without provenance (not written by beamops' sinks).
-    Reads one message per partition, joins no group; KafkaUnavailableError if Kafka does not answer."""
-    from confluent_kafka import KafkaException, TopicPartition
+def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
+    """The live reads (see :func:`live_reads`) that made the newest message of each partition of ``topic``,
+    from their ``beamops-provenance`` headers. Empty for a topic that does not exist or is empty, and for
+    messages without provenance (not written by beamops' sinks). Reads one message per partition and
+    joins no group; KafkaUnavailableError if Kafka does not answer."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
     consumer = _consumer(client, None)
     try:
         try:
             meta = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+            if meta is None or meta.error is not None:
+                return set()
+            newest = []
+            for partition in meta.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
+                if high > low:
+                    newest.append(TopicPartition(topic, partition, high - 1))
         except KafkaException as exc:
             raise KafkaUnavailableError(
                 f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
             ) from exc
-        if meta is None or meta.error is not None:
-            return set()
-        newest = []
-        for partition in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
-            if high > low:
-                newest.append(TopicPartition(topic, partition, high - 1))
         consumer.assign(newest)
-        waiting, groups = {tp.partition for tp in newest}, set()
+        waiting, found = {tp.partition for tp in newest}, set()
         deadline = time.monotonic() + METADATA_TIMEOUT_S
         while waiting and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None or msg.partition() not in waiting:
+            if msg is None or msg.partition() not in waiting:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:  # the last offset held no message (a marker)
+                    waiting.discard(msg.partition())
                 continue
             waiting.discard(msg.partition())
             for key, value in msg.headers() or ():
                 if key == PROVENANCE_KEY and value:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):  # not ours to judge: skipped
-                        groups |= reading_groups(Provenance.from_json(value))
-        return groups
+                    with contextlib.suppress(ValueError, KeyError, TypeError):  # not beamops' JSON: not a map of ours
+                        found |= live_reads(Provenance.from_json(value))
+        if waiting:
+            log.warning(
+                "could not read the newest message of %r partition(s) %s within %g s: what wrote them is not known",
+                topic,
+                sorted(waiting),
+                METADATA_TIMEOUT_S,
+            )
+        return found
     finally:
         consumer.close()
 
 
-def reading_groups(provenance: Provenance) -> set[str]:
-    """The consumer groups of the Kafka reads in ``provenance``: a result made by a group's read is a
-    live job's (a replay reads without one)."""
-    return {
-        str(step.params["group_id"])
-        for step in provenance.steps
-        if step.operator == read_kafka_frames.name and step.params and step.params.get("group_id")
-    }
+def live_reads(provenance: Provenance) -> set[str]:
+    """The Kafka reads in ``provenance`` that a live job makes, described for people: a read with a
+    consumer group (``consumer group 'g'``) or one that never stops (``an unbounded read of 't'``).
+    A replay's read is neither."""
+    reads = set()
+    for step in provenance.steps:
+        params = step.params
+        if step.operator != read_kafka_frames.name or not isinstance(params, dict):
+            continue
+        if params.get("group_id"):
+            reads.add(f"consumer group {str(params['group_id'])!r}")
+        elif isinstance(params.get("stop"), str) and never_stops(params["stop"]):
+            reads.add(f"an unbounded read of {str(params.get('topic'))!r}")
+    return reads
 
 
 # --- sinks -------------------------------------------------------------------

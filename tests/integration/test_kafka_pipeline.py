@@ -965,13 +965,11 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, *consumed]
     refused = [*argv, "--input_topic", topic, "--output_topic", live_out]
     assert call_bounded(lambda: replay.main(refused), what="replay into the live output") == 2
-    assert f"holds the maps of a job reading with consumer group {group!r}" in capsys.readouterr().err
+    assert f"holds the maps of a live job (consumer group {group!r})" in capsys.readouterr().err
     assert len(read_topic(kafka_broker.bootstrap_servers, live_out)) == written_before
     refused = [*argv, "--input_topic", topic, "--out_dir", live_dir]
     assert call_bounded(lambda: replay.main(refused), what="replay into the live job's directory") == 2
-    assert f"--out_dir '{live_dir}' holds the maps of a job reading with consumer group {group!r}" in (
-        capsys.readouterr().err
-    )
+    assert f"--out_dir '{live_dir}' holds the maps of a live job (consumer group {group!r})" in capsys.readouterr().err
     run_job(replay.main, kafka_broker, *replayed, *consumed)
     assert dead_letters(kafka_broker, topic_arg(replayed, "--dead_letter_topic")) == []
     # The replay neither moved the live group nor left a group of its own.
