@@ -6,6 +6,7 @@ beamops operators export DIR
 beamops operator new NAME [--dir DIR]
 beamops pipeline validate FILE [--set ID.PARAM=VALUE]...
 beamops pipeline run FILE [--set ID.PARAM=VALUE]... [BEAM_OPTION]...
+beamops provenance FILE... [--json]
 """
 
 from __future__ import annotations
@@ -206,6 +207,24 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return run({}, beam_args, lambda p, _: definition.build(p), prog="beamops pipeline run", bounded=bounded)
 
 
+def cmd_provenance(args: argparse.Namespace) -> int:
+    from beamops.provenance import read_provenance
+
+    status = 0
+    for number, path in enumerate(args.files):
+        try:
+            made = read_provenance(path)
+        except ValueError as exc:
+            print(f"beamops: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if args.json:
+            print(made.to_json())
+        else:
+            print(("\n" if number else "") + f"{path}: {made.describe()}")
+    return status
+
+
 def _pipeline_parser(sub: Any) -> None:
     """``beamops pipeline validate|run FILE``: pipeline definitions in YAML (see beamops.pipeline)."""
     actions = sub.add_parser("pipeline", help="pipeline definitions (YAML): check and run them").add_subparsers(
@@ -274,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir")
     export.set_defaults(func=cmd_export)
     _pipeline_parser(sub)
+    made = sub.add_parser(
+        "provenance", help="which operators, with which parameters, made a written result (.npz, .png, .h5)"
+    )
+    made.add_argument("files", nargs="+", metavar="FILE")
+    made.add_argument("--json", action="store_true", help="one line of JSON per file")
+    made.set_defaults(func=cmd_provenance)
 
     single = sub.add_parser("operator", help="write a new operator").add_subparsers(dest="action", required=True)
     new = single.add_parser("new", help="a working operator module, its operator.json and its test")

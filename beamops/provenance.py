@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from apache_beam import pvalue
@@ -73,6 +74,18 @@ class Provenance:
                 return dict(step.params or {})
         raise KeyError(f"no step ran operator {operator!r}; steps: {[s.instance for s in self.steps]}")
 
+    def describe(self) -> str:
+        """For people: one line per step, source first, with every parameter."""
+        lines = [f"made by beamops {self.beamops_version}" + ("" if self.traced else " (traced part of the way)")]
+        for number, step in enumerate(self.steps, 1):
+            if step.operator is None:
+                lines.append(f"{number:>3}. {step.instance} (Beam transform)")
+                continue
+            named = step.operator if step.instance == step.operator else f"{step.instance} ({step.operator})"
+            params = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted((step.params or {}).items()))
+            lines.append(f"{number:>3}. {named}: {params}" if params else f"{number:>3}. {named}")
+        return "\n".join(lines)
+
     @classmethod
     def from_json(cls, text: str | bytes) -> Provenance:
         raw = json.loads(text)
@@ -119,6 +132,38 @@ def _top_level(applied: Any) -> Any:
 def _plain_steps(labels_nearest_first: list[str]) -> tuple[Step, ...]:
     ordered = labels_nearest_first[::-1]
     return tuple(Step(label) for k, label in enumerate(ordered) if k == 0 or ordered[k - 1] != label)
+
+
+def read_provenance(path: str | Path) -> Provenance:
+    """The provenance a sink wrote into a file: a map's ``.npz`` (key ``provenance``), a PNG (text chunk
+    ``beamops-provenance``) or a stempy HDF5 file (``metadata/beamops`` attribute ``provenance``).
+    ValueError, naming the file, when it holds none or is none of those."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            import numpy as np
+
+            with np.load(path) as npz:
+                text = str(npz["provenance"]) if "provenance" in npz.files else None
+        elif suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as png:
+                text = png.text.get(PROVENANCE_KEY)
+        elif suffix in (".h5", ".hdf5"):
+            from beamops.io.hdf5 import inspect_stempy_hdf5
+
+            text = inspect_stempy_hdf5(path).provenance
+        elif suffix == ".npy":
+            raise ValueError(f"{path}: an .npy holds only its array; the .png written beside it holds the provenance")
+        else:
+            raise ValueError(f"{path}: not a file beamops writes provenance into (.npz, .png, .h5)")
+        if text is None:
+            raise ValueError(f"{path}: holds no beamops provenance (written by another program, or an older beamops)")
+        return Provenance.from_json(text)
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read its provenance: {exc}") from exc
 
 
 def stamp(pcoll: pvalue.PCollection, provenance: Provenance) -> None:

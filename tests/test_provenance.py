@@ -11,11 +11,11 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image as PngFile
 
-from beamops import ComPartial, OperatorDefinitionError, SparseFrameBatch, operator
+from beamops import ComPartial, OperatorDefinitionError, SparseFrameBatch, cli, operator
 from beamops.io.hdf5 import inspect_stempy_hdf5
 from beamops.io.kafka import live_reads, read_kafka_frames
 from beamops.io.kafka_config import KafkaClientConfig
-from beamops.provenance import PROVENANCE_KEY, Provenance, Step
+from beamops.provenance import PROVENANCE_KEY, Provenance, Step, read_provenance
 from beamops.testing import ScanSimulation, run_operator
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
@@ -47,6 +47,28 @@ def test_com_map_files_name_every_operator_and_parameter_that_made_them(tmp_path
     # the picture holds the same text, so a PNG mailed on its own still says how it was made
     with PngFile.open(tmp_path / "scan_000001_com.png") as png:
         assert Provenance.from_json(png.text[PROVENANCE_KEY]) == provenance
+    assert read_provenance(tmp_path / "scan_000001_com.png") == provenance
+
+
+def test_beamops_provenance_prints_what_made_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    made = Provenance((Step("Scan", "simulated_scan", {"seed": 3}), Step("Keep"), Step("c", "com_partial", {})))
+    np.savez(tmp_path / "scan_000001_com.npz", provenance=made.to_json())
+    np.savez(tmp_path / "other.npz", data=np.zeros(2))
+    np.save(tmp_path / "bf_scan_000001.npy", np.zeros(2))
+    assert cli.main(["provenance", str(tmp_path / "scan_000001_com.npz")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  1. Scan (simulated_scan): seed=3",
+        "  2. Keep (Beam transform)",
+        "  3. c (com_partial)",
+    ]
+    assert cli.main(["provenance", "--json", str(tmp_path / "scan_000001_com.npz")]) == 0
+    assert Provenance.from_json(capsys.readouterr().out) == made
+    files = [str(tmp_path / name) for name in ("other.npz", "bf_scan_000001.npy", "scan_000001_com.npz")]
+    assert cli.main(["provenance", *files]) == 2  # each file is still reported
+    out, err = capsys.readouterr()
+    assert "other.npz: holds no beamops provenance" in err
+    assert "bf_scan_000001.npy: an .npy holds only its array; the .png written beside it" in err
+    assert "scan_000001_com.npz: made by beamops" in out
 
 
 def test_plain_beam_transforms_between_operators_are_named_by_their_label() -> None:
