@@ -376,10 +376,11 @@ class PipelineDefinition:
 
     def build(self, pipeline: beam.Pipeline) -> dict[str, OperatorOutputs]:
         """Add every instance to ``pipeline``; returns each one's outputs by instance id (and 'dead_letters')."""
-        if self.create_topics:
-            self._create_topics()
+        # The sources' topics first: a mistyped one must not leave the sinks' topics behind.
         if self.kafka is not None and runs_here(pipeline):
             self._require_topics()
+        if self.create_topics:
+            self._create_topics()
         outputs: dict[str, OperatorOutputs] = {}
         sources = {}
         for inst in self.instances.values():
@@ -443,7 +444,7 @@ class PipelineDefinition:
         checks = [
             ([topic], f"{self.source}: {inst.id}: ", create if inst.operator.inputs else "")
             for inst, topic in self._kafka_topics()
-            if not (self.create_topics and inst.operator.inputs)  # the sinks' topics were just made
+            if not (self.create_topics and inst.operator.inputs)  # the sinks' topics are made next
         ]
         refuse_missing_topics(self.kafka, checks)
 

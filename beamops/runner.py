@@ -35,7 +35,8 @@ LIVE_READ_NEEDS_FLINK = (
     "a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
     "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
     "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
-    "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with --stop latest"
+    "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with a stop of latest "
+    "(--stop latest; in a pipeline file, stop: latest or --set <source id>.stop=latest)"
 )
 log = logging.getLogger("beamops.runner")
 

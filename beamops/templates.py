@@ -154,7 +154,8 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
     ``import_path`` is the package's import path (default: ``package_dir``
     with dots, without a leading ``src``: ``src/myops`` is ``myops``). Refuses a
     bad name, a name already in the catalog, a package that would hide
-    beamops' own ``transforms``, or files that exist.
+    beamops' own ``transforms``, or files that exist. A package directory that
+    does not exist yet is made (with an empty ``__init__.py``).
     """
     from beamops.registry import BUILTIN_DIR, BUILTIN_PACKAGE, discover
 
@@ -166,7 +167,7 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
         # The generated module and test would shadow one of their own names and fail.
         raise ValueError(f"operator name {name!r} is a name the generated code uses; choose another")
     package_dir, tests_dir = Path(package_dir), Path(tests_dir)
-    if not package_dir.is_dir():
+    if package_dir.exists() and not package_dir.is_dir():
         raise ValueError(f"{package_dir} is not a directory (a package of operators, e.g. src/myops/)")
     if import_path is None:
         try:
@@ -191,6 +192,9 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
     if existing:
         raise FileExistsError(f"refusing to overwrite {', '.join(existing)}")
 
+    if not package_dir.exists():  # a new package: made, with its __init__.py
+        package_dir.mkdir(parents=True)
+        (package_dir / "__init__.py").write_text("")
     class_name = "".join(part.capitalize() for part in name.split("_"))
     title = name.replace("_", " ").capitalize()
     out.module.write_text(_MODULE.format(name=name, class_name=class_name, title=title, json_name=out.spec.name))

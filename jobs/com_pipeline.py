@@ -137,15 +137,17 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
             raise OperatorParameterError(f"--input_topic {values['input_topic']!r} cannot also be an output topic")
         client = kafka_client(values)
         outputs = [t for t in (values.get("output_topic"), values.get("dead_letter_topic")) if t]
+        # The input first: a mistyped --input_topic must not leave output topics behind.
+        check_topics(pipeline, client, values["input_topic"], [] if values.get("create_topics") else outputs)
         if values.get("create_topics"):
             for topic in outputs:
                 ensure_topic(client, topic)
-        check_topics(pipeline, client, values["input_topic"], [] if values.get("create_topics") else outputs)
+        read_settings = ("start", "stop", "wait_past_end", "commit_offsets")
         source = read_kafka_frames(
             {
                 "topic": values["input_topic"],
                 "group_id": values.get("group_id"),
-                **{k: values[k] for k in ("start", "stop", "wait_past_end") if values.get(k) is not None},
+                **{k: values[k] for k in read_settings if values.get(k) is not None},
             },
             client=client,
         )

@@ -55,7 +55,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
     if values.get("out_dir"):
         refuse_a_live_jobs_folder(Path(values["out_dir"]).expanduser())
     # A replay reads what the topic holds: it never waits for offsets to be written.
-    com_pipeline.build(pipeline, {**values, "group_id": None, "wait_past_end": False})
+    com_pipeline.build(pipeline, {**values, "group_id": None, "wait_past_end": False, "commit_offsets": False})
 
 
 def refuse_a_live_jobs_topic(pipeline: beam.Pipeline, topic: str, client: KafkaClientConfig) -> None:

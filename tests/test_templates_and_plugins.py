@@ -36,11 +36,11 @@ def _run(args: list[str], cwd: Path, extra_path: Path | None = None) -> subproce
 
 
 def _new_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Generated:
-    """A new operator ``name`` in the package ``tmp_path/my_ops``, its test in ``tmp_path/tests``."""
-    (tmp_path / "my_ops").mkdir()
-    (tmp_path / "my_ops" / "__init__.py").write_text("")
+    """A new operator ``name`` in the new package ``tmp_path/my_ops``, its test in ``tmp_path/tests``."""
     monkeypatch.chdir(tmp_path)
-    return new_operator(name, Path("my_ops"), Path("tests"))
+    made = new_operator(name, Path("my_ops"), Path("tests"))
+    assert (tmp_path / "my_ops" / "__init__.py").read_text() == ""  # the package it made
+    return made
 
 
 def test_a_new_operator_passes_its_generated_test_and_ruff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,8 +106,9 @@ def test_new_operator_refuses_bad_names_existing_operators_and_files(
         new_operator("Bad-Name", Path("ops"), Path("tests"))
     with pytest.raises(ValueError, match="already exists in the catalog"):
         new_operator("com_partial", Path("ops"), Path("tests"))
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="not a directory"):
-        new_operator("fine_name", Path("missing"), Path("tests"))
+        new_operator("fine_name", Path("a_file"), Path("tests"))
     for shadowing in ("np", "pytest", "frames_to_keep", "sorted"):
         with pytest.raises(ValueError, match="a name the generated code uses"):
             new_operator(shadowing, Path("ops"), Path("tests"))

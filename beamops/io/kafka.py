@@ -73,6 +73,7 @@ from beamops.operator import (
     OperatorParameterError,
     OperatorParams,
     Port,
+    did_you_mean,
 )
 from beamops.provenance import PROVENANCE_KEY, Provenance
 from beamops.results import ComMap
@@ -894,38 +895,48 @@ def ensure_topic(client: KafkaClientConfig, topic: str, partitions: int = 1, rep
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise RuntimeError(f"cannot create topic {topic!r} on {client.bootstrap_servers}: {exc}") from exc
         return False
-    log.info("created topic %r with %d partitions", topic, partitions)
+    log.info("created topic %r with %d partition%s", topic, partitions, "" if partitions == 1 else "s")
     return True
 
 
 def missing_topics(client: KafkaClientConfig, topics: Iterable[str]) -> list[str]:
     """Those of ``topics`` Kafka does not have, from one metadata request; KafkaUnavailableError if
     Kafka does not answer."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
     topics = list(topics)
     if not topics:
         return []
+    existing = _topic_names(client)
+    return [t for t in topics if t not in existing]
+
+
+def _topic_names(client: KafkaClientConfig) -> set[str]:
+    """The topics Kafka has (without an error), from one metadata request."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
     try:
         meta = AdminClient(client.client()).list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
         ) from exc
-    return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+    return {name for name, topic in meta.topics.items() if topic.error is None}
 
 
 def refuse_missing_topics(client: KafkaClientConfig, checks: Iterable[tuple[list[str], str, str]]) -> None:
     """Before a job runs: OperatorParameterError for the first of ``checks`` (topics, what the message
-    starts with, what it ends with) whose topics Kafka does not all have, naming those it lacks; one
-    metadata request. KafkaUnavailableError if Kafka does not answer."""
-    checks = list(checks)
-    missing = missing_topics(client, [t for topics, _, _ in checks for t in topics])
+    starts with, what it ends with) whose topics Kafka does not all have, naming those it lacks (and a
+    topic it has of a close name); one metadata request. KafkaUnavailableError if Kafka does not answer."""
+    checks = [c for c in checks if c[0]]
+    if not checks:
+        return
+    existing = _topic_names(client)
     for topics, prefix, hint in checks:
-        absent = [t for t in topics if t in missing]
+        absent = [t for t in topics if t not in existing]
         if absent:
-            raise OperatorParameterError(f"{prefix}{_no_such_topics(client, absent)}{hint}")
+            public = [t for t in existing if not t.startswith("__")]  # not Kafka's own (__consumer_offsets)
+            close = "".join(did_you_mean(t, public) for t in absent)
+            raise OperatorParameterError(f"{prefix}{_no_such_topics(client, absent)}{close}{hint}")
 
 
 def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:

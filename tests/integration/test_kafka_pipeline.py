@@ -30,7 +30,7 @@ from confluent_kafka.admin import AdminClient
 from helpers import Background, call_bounded, new_consumer, read_topic
 
 from beamops.frames import FrameDecodeError, SparseFrameBatch, decode_batch
-from beamops.io.kafka import read_kafka_frames
+from beamops.io.kafka import missing_topics, read_kafka_frames
 from beamops.io.kafka_config import KafkaClientConfig
 from beamops.io.publish import FramePublisher
 from beamops.operator import OperatorOutputs
@@ -1089,6 +1089,15 @@ def test_a_pipeline_definition_with_a_missing_topic_is_refused_before_it_runs(
         f"beamops pipeline run: error: {definition}: {missing}: Kafka topic {topics[missing]!r} does not exist on "
         f"{kafka_broker.bootstrap_servers}{hint}"
     )
+    if missing == "source":  # with create_topics, the source's topic is checked before the sinks' are made
+        definition.write_text(definition.read_text().replace("kafka: {", "kafka: {create_topics: true, "))
+        assert beamops_main(["pipeline", "run", str(definition)]) == 2
+        assert f"{missing}: Kafka topic {topics[missing]!r} does not exist" in capsys.readouterr().err
+        assert missing_topics(client_of(kafka_broker), [topics["maps"]]) == []  # it existed already
+        made_here = f"com-{uuid.uuid4().hex[:8]}"
+        definition.write_text(definition.read_text().replace(f"topic: {topics['maps']}", f"topic: {made_here}"))
+        assert beamops_main(["pipeline", "run", str(definition)]) == 2
+        assert missing_topics(client_of(kafka_broker), [made_here]) == [made_here]  # not made
 
 
 def test_a_live_run_commits_up_to_the_end_of_a_transactional_topic(kafka_broker):
@@ -1292,13 +1301,18 @@ def test_a_broker_restart_while_reading_and_publishing_loses_nothing(kafka_broke
 def test_a_missing_input_topic_is_refused_before_the_job_runs(
     kafka_broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], job: ModuleType
 ) -> None:
-    """Else the running job failed in a worker, with a traceback and exit 1."""
-    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    """Else the running job failed in a worker, with a traceback and exit 1. Checked before the output
+    topics are made (they were left behind), with the topic of the closest name."""
+    meant = kafka_broker.new_topic()
+    missing = f"{meant}s"  # a typo
+    out = f"com-{uuid.uuid4().hex[:8]}"
     argv = ["--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", missing]
     argv += ["--start", "earliest", "--stop", "latest", "--out_dir", str(tmp_path)]
+    argv += ["--output_topic", out, "--create_topics"]
     assert job.main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        f"python -m {job.__name__}: error: Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}; "
-        "check --input_topic (the topic the frames are published to)"
+        f"python -m {job.__name__}: error: Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers} "
+        f"(did you mean {meant!r}?); check --input_topic (the topic the frames are published to)"
     ]
+    assert missing_topics(client_of(kafka_broker), [out]) == [out]  # not made
