@@ -633,7 +633,8 @@ def test_a_live_read_on_an_in_process_runner_is_refused_before_anything_runs(
             "error: a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
             "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
             "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
-            "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with --stop latest"
+            "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with a stop of latest "
+            "(--stop latest; in a pipeline file, stop: latest or --set <source id>.stop=latest)"
         )
 
 

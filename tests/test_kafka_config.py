@@ -15,7 +15,14 @@ import pytest
 
 from beamops.io import kafka
 from beamops.io.kafka import ReadFromKafkaParams, read_kafka_frames
-from beamops.io.kafka_config import RDKAFKA_LOGGER, CollapseRepeats, KafkaClientConfig, ReadPosition, redact
+from beamops.io.kafka_config import (
+    RDKAFKA_LOGGER,
+    CollapseRepeats,
+    KafkaClientConfig,
+    KafkaUnavailableError,
+    ReadPosition,
+    redact,
+)
 from beamops.operator import OperatorParameterError
 from jobs import com_pipeline
 
@@ -253,10 +260,14 @@ def test_creating_a_topic_without_an_answer_says_so_in_one_line(
     monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 1.0)
     servers = f"127.0.0.1:{refusing_port}"
     args = ["--bootstrap_servers", servers, "--input_topic", "frames", "--output_topic", "maps", "--create_topics"]
-    assert com_pipeline.main(args) == 1
+    assert com_pipeline.main(args) == 1  # the input topic is checked first
     assert capsys.readouterr().err.strip() == (
-        f"python -m jobs.com_pipeline: error: cannot create topic 'maps': no answer from Kafka at {servers} within 1 s"
+        f"python -m jobs.com_pipeline: error: cannot reach Kafka at {servers} within 1 s: Failed to get metadata: "
+        "Local: Broker transport failure"
     )
+    unanswered = f"^cannot create topic 'maps': no answer from Kafka at {servers} within 1 s$"
+    with pytest.raises(KafkaUnavailableError, match=unanswered):
+        kafka.ensure_topic(KafkaClientConfig(servers), "maps")
 
 
 def test_every_job_takes_kafka_settings_the_same_way() -> None:
