@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import textwrap
@@ -210,8 +211,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_provenance(args: argparse.Namespace) -> int:
     from beamops.provenance import read_provenance
 
-    status = 0
-    for number, path in enumerate(args.files):
+    status, shown = 0, 0
+    for path in args.files:
         try:
             made = read_provenance(path)
         except ValueError as exc:
@@ -219,9 +220,10 @@ def cmd_provenance(args: argparse.Namespace) -> int:
             status = 2
             continue
         if args.json:
-            print(made.to_json())
+            print(json.dumps({"path": path, "provenance": made.to_dict()}, sort_keys=True))
         else:
-            print(("\n" if number else "") + f"{path}: {made.describe()}")
+            print(("\n" if shown else "") + f"{path}: {made.describe()}")
+        shown += 1
     return status
 
 
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "provenance", help="which operators, with which parameters, made a written result (.npz, .png, .h5)"
     )
     made.add_argument("files", nargs="+", metavar="FILE")
-    made.add_argument("--json", action="store_true", help="one line of JSON per file")
+    made.add_argument("--json", action="store_true", help='one line of JSON per file: {"path": ..., "provenance": ...}')
     made.set_defaults(func=cmd_provenance)
 
     single = sub.add_parser("operator", help="write a new operator").add_subparsers(dest="action", required=True)

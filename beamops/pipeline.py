@@ -66,6 +66,7 @@ takes it as false; an instance may be called ``on``), a date stays text.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
 import types
@@ -81,6 +82,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from beamops.deadletter import DeadLetter
 from beamops.frames import FrameHeader
+from beamops.io.files import files_like
 from beamops.io.kafka_config import KafkaClientConfig, is_secret
 from beamops.operator import (
     DEAD_LETTER,
@@ -95,6 +97,7 @@ from beamops.runner import runs_here
 from beamops.scan_reduce import PlansItsScans, ScanReduceOperator, ScanTooLargeError
 from beamops.spec import output_files
 
+log = logging.getLogger("beamops.pipeline")
 DEAD_LETTERS = "dead_letters"  # the section, the --set target and the Beam label of the dead-letter sink
 DEFAULT_DEAD_LETTER_SINK = "write_dead_letters"
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -381,6 +384,8 @@ class PipelineDefinition:
             self._require_topics()
         if self.create_topics:
             self._create_topics()
+        if runs_here(pipeline):  # a cluster's workers write into their own file systems
+            self._warn_earlier_files()
         outputs: dict[str, OperatorOutputs] = {}
         sources = {}
         for inst in self.instances.values():
@@ -391,6 +396,8 @@ class PipelineDefinition:
             else:
                 upstream, port = inst.input
                 outputs[inst.id] = outputs[upstream][port] | inst.id >> op
+            if output_files(inst.operator.Params):
+                outputs[inst.id].main | f"{inst.id}.LogWritten" >> beam.Map(_log_written, inst.id)
         dead = tuple(out[DEAD_LETTER] for out in outputs.values())
         all_dead = dead | f"{DEAD_LETTERS}.all" >> beam.Flatten()
         all_dead.element_type = DeadLetter
@@ -399,6 +406,24 @@ class PipelineDefinition:
             if hasattr(source, "commit_after"):  # a source that commits its reads (Kafka) once they are written
                 source.commit_after(*self._results_of(name, outputs))
         return outputs
+
+    def _warn_earlier_files(self) -> None:
+        """Name the files an earlier run left where a writer writes: this run replaces those of the scans it
+        writes again (or, for a writer that does not replace files, sends those scans to dead letters)."""
+        for inst in self.instances.values():
+            for param, files in output_files(inst.operator.Params).items():
+                folder = Path(getattr(inst.params, param)).expanduser()
+                earlier = files_like(folder, files.glob)
+                if not earlier:
+                    continue
+                if getattr(inst.params, "overwrite", True):
+                    fate = "this run replaces those of the scans it writes again"
+                else:
+                    fate = f"a scan written again goes to dead letters (set {inst.id}.overwrite: true to replace it)"
+                log.warning(
+                    "%s: %s already holds files it writes (%s): %s; to keep them, give %s another %s",
+                    inst.id, folder, earlier, fate, inst.id, param,
+                )  # fmt: skip
 
     def _results_of(self, source: str, outputs: dict[str, OperatorOutputs]) -> list[beam.PCollection]:
         """What the sinks downstream of ``source`` wrote: the outputs of its branch no instance reads,
@@ -457,6 +482,10 @@ class PipelineDefinition:
             f"{_count(len(self.connections), 'connection')}; sources {', '.join(sources)}; "
             f"ends {', '.join(sinks)}; dead letters -> {self.dead_letters.operator.name}"
         )
+
+
+def _log_written(path: str, instance: str) -> None:
+    log.info("%s: wrote %s", instance, path)
 
 
 def _count(n: int, noun: str) -> str:

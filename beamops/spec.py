@@ -229,11 +229,14 @@ class OutputFiles:
     which the upstream operator's parameters give (an ``image_names`` attribute); writers fed images of
     different names do not collide, and without ``image_names`` the check cannot tell and lets them be.
 
-        out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5")] = Field("out")
+    ``glob`` matches its final files, so that a run can say first which ones an earlier run left there.
+
+        out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5", glob="scan_*.h5")] = Field("out")
     """
 
-    def __init__(self, names: str, *, named_by_image: bool = False) -> None:
+    def __init__(self, names: str, *, glob: str, named_by_image: bool = False) -> None:
         self.names = names
+        self.glob = glob
         self.named_by_image = named_by_image
 
 

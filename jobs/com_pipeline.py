@@ -29,7 +29,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beamops import OperatorParameterError
-from beamops.io.files import writable_dir
+from beamops.io.files import files_like, writable_dir
 from beamops.io.kafka import (
     ensure_topic,
     read_kafka_frames,
@@ -41,6 +41,7 @@ from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError, ne
 from beamops.options import add_kafka_arguments, add_operator_arguments, operator_params
 from beamops.runner import DEFAULT_RUNNER, run, runs_here, setup_logging
 from beamops.scan_reduce import ScanTooLargeError
+from beamops.spec import output_files
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
 from transforms.simulated_scan import simulated_scan
@@ -90,14 +91,13 @@ def check_topics(pipeline: beam.Pipeline, client: KafkaClientConfig, input_topic
 def warn_earlier_maps(folder: Path) -> None:
     """Name the final maps an earlier run left in ``folder``: this run's map of the same scan number replaces
     one, and a rerun with other parameters would otherwise lose the earlier result without a word."""
-    earlier = sorted(path.name for path in folder.glob("scan_*_com.npz"))
+    earlier = files_like(folder, output_files(write_com_map.Params)["out_dir"].glob)
     if earlier:
-        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
         log.warning(
             "%s already holds COM maps (%s): this run replaces those of the scans it writes again; "
             "give another --out_dir to keep them",
             folder,
-            shown,
+            earlier,
         )
 
 
@@ -121,7 +121,10 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         # Else the job would quietly run on the simulated scan, and its map could pass for real data.
         verb = "needs" if len(kafka_only) == 1 else "need"
         raise OperatorParameterError(f"{', '.join(kafka_only)} {verb} --bootstrap_servers (the Kafka brokers)")
+    # Every operator's parameters are checked before anything else is said or done.
+    partial = com_partial(operator_params(values, com_partial))
     reduce = com_reduce(operator_params(values, com_reduce))
+    file_writer = write_com_map(operator_params(values, write_com_map))
     if from_kafka:
         simulated = [f"--{name}" for name in operator_params(values, simulated_scan)]
         if simulated:
@@ -162,7 +165,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         if maps_to_files:
             warn_earlier_maps(folder)
     frames = pipeline | source
-    maps = frames | com_partial(operator_params(values, com_partial)) | reduce
+    maps = frames | partial | reduce
     dead_letters = [maps.dead_letter]
     results = []  # what the sinks wrote: a bounded read commits its offsets once all of it is complete
     if from_kafka and values.get("output_topic"):
@@ -170,7 +173,7 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         dead_letters.append(sent.dead_letter)
         results.append(sent.written)
     if maps_to_files:
-        written = maps.com_map | write_com_map(operator_params(values, write_com_map))
+        written = maps.com_map | file_writer
         written.main | "LogWritten" >> beam.Map(lambda path: log.info("wrote %s", path))
         dead_letters.append(written.dead_letter)
         results.append(written.main)

@@ -452,6 +452,9 @@ def test_a_rerun_into_the_same_out_dir_says_which_maps_it_replaces(
     with caplog.at_level(logging.WARNING, logger="jobs.com_pipeline"):
         assert com_pipeline.main([*SMALL_SCAN, "--out_dir", str(tmp_path)]) == 0
         assert not caplog.records  # nothing there yet
+        # a refused parameter is said alone: nothing is replaced, so no warning that it would be
+        assert com_pipeline.main([*SMALL_SCAN, "--crop_to_x", "5", "--out_dir", str(tmp_path)]) == 2
+        assert not caplog.records
         assert com_pipeline.main([*SMALL_SCAN, "--crop_radius", "5", "--out_dir", str(tmp_path)]) == 0
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{tmp_path} already holds COM maps (scan_000001_com.npz): this run replaces")

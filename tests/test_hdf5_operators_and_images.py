@@ -244,6 +244,9 @@ def test_an_earlier_runs_file_is_refused_without_overwrite_and_replaced_with_it(
     refused = run_operator(write_hdf5_frames(out_dir=str(tmp_path)), part)
     assert refused.outputs == []
     assert [d.error_type for d in refused.dead_letters] == ["FileExistsError"] * len(part)
+    assert refused.dead_letters[0].error == (
+        f"{path} was written before this run; set write_hdf5_frames' overwrite parameter to true to replace it"
+    )
     assert path.read_bytes() == saved
 
     replaced = run_operator(write_hdf5_frames(out_dir=str(tmp_path), overwrite=True), part)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -389,6 +390,51 @@ def test_the_com_example_gives_the_map_of_the_com_job(tmp_path: Path) -> None:
     assert np.array_equal(ours["com"], theirs["com"], equal_nan=True)
     assert (from_yaml / "phase_scan_000001.png").exists()
     assert not (from_yaml / "dead_letters").exists()
+
+
+def test_a_run_says_what_it_wrote_and_first_which_earlier_files_it_may_replace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    argv = ["pipeline", "run", str(COM_DPC), "--set", "source.scan_rows=4", "--set", "source.scan_cols=5"]
+    argv += [item for i in ("maps", "phase_png", "dead_letters") for item in ("--set", f"{i}.out_dir={out}")]
+    with caplog.at_level(logging.INFO, logger="beamops.pipeline"):
+        assert beamops_main(argv) == 0
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        assert beamops_main(argv) == 0
+        second = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert sorted(first) == sorted(
+        f"{i}: wrote {out / name}"
+        for i, name in [
+            ("maps", "scan_000001_com.npz"),
+            ("maps", "scan_000001_com.png"),
+            ("phase_png", "phase_scan_000001.png"),
+            ("phase_png", "phase_scan_000001.npy"),
+        ]
+    )
+    warnings = sorted(message for level, message in second if level == logging.WARNING)
+    assert warnings == [
+        f"maps: {out} already holds files it writes (scan_000001_com.npz): this run replaces those of the scans it "
+        "writes again; to keep them, give maps another out_dir",
+        f"phase_png: {out} already holds files it writes (phase_scan_000001.png): this run replaces those of the "
+        "scans it writes again; to keep them, give phase_png another out_dir",
+    ]
+
+
+def test_a_writer_that_does_not_replace_files_says_where_their_scans_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save = f"  save:\n    operator: write_hdf5_frames\n    input: source.frames\n    params: {{out_dir: {tmp_path}}}\n"
+    text = _SOURCE + save
+    (tmp_path / "scan_000001.h5").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="beamops.pipeline"):
+        load_pipeline(_write(tmp_path, text)).build(beam.Pipeline())
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning == (
+        f"save: {tmp_path} already holds files it writes (scan_000001.h5): a scan written again goes to dead letters "
+        "(set save.overwrite: true to replace it); to keep them, give save another out_dir"
+    )
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------------

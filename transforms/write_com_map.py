@@ -36,7 +36,7 @@ _previews = PreviewThrottle()
 
 
 class WriteComMapParams(OperatorParams):
-    out_dir: Annotated[Mount, OutputFiles("scan_<N>_com.npz and .png")] = Field(
+    out_dir: Annotated[Mount, OutputFiles("scan_<N>_com.npz and .png", glob="scan_*_com.npz")] = Field(
         "out", title="Output directory", description="Directory for the .npz and .png files."
     )
     png: bool = Field(True, title="Write PNG", description="Also write a picture of each map.")

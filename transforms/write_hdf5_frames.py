@@ -48,7 +48,9 @@ from beamops.spec import Mount, OutputFiles
 
 
 class WriteHdf5Params(OperatorParams):
-    out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5")] = Field("out", description="Directory for scan_<N>.h5 files.")
+    out_dir: Annotated[Mount, OutputFiles("scan_<N>.h5", glob="scan_*.h5")] = Field(
+        "out", description="Directory for scan_<N>.h5 files."
+    )
     gap_s: float = Field(
         60.0,
         gt=0,
@@ -118,7 +120,14 @@ class _WriteScanFn(beam.DoFn):
         frames = _each_frame_once_in_order(path, batches, earlier)
         # Written under a temporary name and renamed: a merge leaves either the earlier sessions or all of them.
         overwrite = self._params.overwrite or before is not None
-        written = write_stempy_hdf5(path, frames, overwrite=overwrite, run_id=self._run_id, provenance=self._provenance)
+        try:
+            written = write_stempy_hdf5(
+                path, frames, overwrite=overwrite, run_id=self._run_id, provenance=self._provenance
+            )
+        except FileExistsError as exc:
+            raise FileExistsError(
+                f"{path} was written before this run; set write_hdf5_frames' overwrite parameter to true to replace it"
+            ) from exc
         return written.n_frames - (before or 0)
 
     def _frames_written_by_this_run(self, path: Path) -> int | None:

@@ -28,9 +28,9 @@ _previews = PreviewThrottle()
 
 
 class WriteImageParams(OperatorParams):
-    out_dir: Annotated[Mount, OutputFiles("<image name>_scan_<N>.png and .npy", named_by_image=True)] = Field(
-        "out", title="Output directory", description="Directory for the PNG and .npy files."
-    )
+    out_dir: Annotated[
+        Mount, OutputFiles("<image name>_scan_<N>.png and .npy", glob="*_scan_*[0-9].png", named_by_image=True)
+    ] = Field("out", title="Output directory", description="Directory for the PNG and .npy files.")
     colormap: Literal["viridis", "plasma", "inferno", "magma", "cividis", "gray", "twilight"] = Field(
         "viridis", description="Matplotlib colour map."
     )

@@ -51,6 +51,13 @@ def writable_dir(path: str | Path) -> Path:
     return folder
 
 
+def files_like(folder: Path, pattern: str, shown: int = 3) -> str:
+    """The files of ``folder`` that match ``pattern``, named for a message ("a, b, c and 4 more"); "" if none."""
+    found = sorted(path.name for path in folder.glob(pattern))
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return ", ".join(found[:shown]) + more
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
