@@ -11,8 +11,8 @@ beamops.simulate.ScanSimulation and are numbered --first_scan_number onwards; --
 stempy electron-counted file instead (its shapes, and the scan number it stores unless
 --first_scan_number is given), once per scan number. Progress goes to stderr (a bar on a
 terminal, else a log line every few seconds); the summary goes to stdout. Exit status: 0 when
-every message was delivered, 1 when the topic is missing or delivery failed, 2 for bad arguments
-or a bad input file, 130 when interrupted.
+every message was delivered, 1 when delivery failed, 2 for bad arguments (a topic that does not
+exist among them) or a bad input file, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ from typing import Any, TextIO
 
 from beamops.frames import SparseFrameBatch
 from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
-from beamops.io.kafka import ensure_topic
-from beamops.io.kafka_config import KafkaClientConfig
+from beamops.io.kafka import ensure_topic, topic_names
+from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
+from beamops.operator import did_you_mean
 from beamops.options import add_kafka_client_arguments
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
 BEHIND = 0.5  # a run with more of its frames late than this says it could not keep up with --rate
+SLOW = 0.8  # a run whose frames went out slower than this part of --rate (the broker's doing) says so
 log = logging.getLogger("jobs.simulate")
 _UNSET = object()  # marks a simulated-scan option the command line did not give
 
@@ -75,7 +77,9 @@ class Progress:
             self._show(now)
 
     def _line(self, now: float) -> str:
-        elapsed = max(now - self._start, 1e-9)
+        # The publisher's own clock (first publish on), as the summary line's rate: not the set-up before it.
+        publishing = self._stats.elapsed_s if self._stats else 0.0
+        elapsed = max(publishing if publishing > 0 else now - self._start, 1e-9)
         delivered = self._stats.delivered_frames if self._stats else 0
         queued = self._stats.frames - delivered if self._stats else 0
         delivered_bytes = self._stats.delivered_bytes if self._stats else 0
@@ -176,7 +180,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     # Defaults of the simulated scan's options are filled in after parsing, so that one given with --hdf5 is
     # seen: else it would be dropped without a word and the user believe the file was published with it.
-    args = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in simulated}))
+    args, unknown = parser.parse_known_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in simulated}))
+    if unknown:  # as the jobs say it: a mistyped --scan-rows names --scan_rows
+        known = [option for action in parser._actions for option in action.option_strings]
+        named = [u + (did_you_mean(u.split("=", 1)[0], known) if u.startswith("--") else "") for u in unknown]
+        parser.error(f"unrecognized arguments: {' '.join(named)}")
     given = [a.option_strings[0] for a in simulated if getattr(args, a.dest) is not _UNSET]
     if args.hdf5 and given:
         parser.error(f"{', '.join(given)}: --hdf5 publishes the file's scan; the simulated scan's options do not apply")
@@ -239,6 +247,14 @@ def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
     return sum(s.n_frames for s in sims), (b for s in sims for b in s.batches(args.batch_size))
 
 
+def _closest_topic(client: KafkaClientConfig, topic: str) -> str:
+    """`` (did you mean 'x'?)`` for a topic Kafka has whose name is close to ``topic``, else ""."""
+    try:
+        return did_you_mean(topic, [t for t in topic_names(client) if not t.startswith("__")])
+    except KafkaUnavailableError:
+        return ""
+
+
 def _error(message: str, status: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
@@ -281,15 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress.update(publisher.stats())
     except (KeyboardInterrupt, PublishError, StempyFormatError) as exc:
         stopped_at = publisher.stats() if publisher is not None else None
-        progress.close(stopped_at)
+        if publisher is not None:  # else nothing was published: no progress to show
+            progress.close(stopped_at)
         if isinstance(exc, KeyboardInterrupt):
             if stopped_at is not None:
                 log.error("interrupted after %s", stopped_at.describe())
             return 130
         if isinstance(exc, StempyFormatError):
             return _error(str(exc), 2)
-        hint = "; create it or pass --create_topic" if isinstance(exc, TopicNotFoundError) else ""
-        return _error(f"{exc}{hint}", 1)
+        if isinstance(exc, TopicNotFoundError):  # a bad --topic, as for the jobs
+            return _error(f"{exc}{_closest_topic(client, args.topic)}; create it or pass --create_topic", 2)
+        return _error(str(exc), 1)
     assert publisher is not None
     stats = publisher.stats()
     progress.close(stats)
@@ -299,6 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{f' (target {args.rate:,.0f})' if args.rate else ''}",
         flush=True,
     )
+    if args.rate and stats.late_frames <= BEHIND * stats.frames and stats.frames_per_s < SLOW * args.rate:
+        log.warning(
+            "the frames went out at %s frames/s, below --rate %s: the broker acknowledged them more slowly "
+            "(a new broker's first publish also waits for its producer id)",
+            f"{stats.frames_per_s:,.0f}", f"{args.rate:,.0f}",
+        )  # fmt: skip
     if args.rate and stats.late_frames > BEHIND * stats.frames:
         log.warning(
             "%.0f%% of the frames were ready only after --rate %s frames/s had them due: this process could "

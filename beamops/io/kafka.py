@@ -905,11 +905,11 @@ def missing_topics(client: KafkaClientConfig, topics: Iterable[str]) -> list[str
     topics = list(topics)
     if not topics:
         return []
-    existing = _topic_names(client)
+    existing = topic_names(client)
     return [t for t in topics if t not in existing]
 
 
-def _topic_names(client: KafkaClientConfig) -> set[str]:
+def topic_names(client: KafkaClientConfig) -> set[str]:
     """The topics Kafka has (without an error), from one metadata request."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
@@ -930,7 +930,7 @@ def refuse_missing_topics(client: KafkaClientConfig, checks: Iterable[tuple[list
     checks = [c for c in checks if c[0]]
     if not checks:
         return
-    existing = _topic_names(client)
+    existing = topic_names(client)
     for topics, prefix, hint in checks:
         absent = [t for t in topics if t not in existing]
         if absent:

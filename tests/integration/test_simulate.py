@@ -192,10 +192,11 @@ def test_rate_limiter_schedule():
 
 def test_a_missing_topic_is_a_clear_error_and_is_not_created(kafka_broker, capsys):
     missing = f"missing-{uuid.uuid4().hex[:8]}"
-    assert run(kafka_broker, missing, *SIM_ARGS) == 1
+    assert run(kafka_broker, missing, *SIM_ARGS) == 2  # a bad --topic, as for the jobs
     err = capsys.readouterr().err
     assert f"Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}" in err
     assert "--create_topic" in err
+    assert "delivered" not in err  # no progress line: nothing was published
     consumer = Consumer({"bootstrap.servers": kafka_broker.bootstrap_servers, "group.id": "probe"})
     try:
         assert missing not in consumer.list_topics(timeout=10).topics
@@ -208,6 +209,37 @@ def test_a_missing_topic_is_a_clear_error_and_is_not_created(kafka_broker, capsy
         assert len(messages) == 16 and {m.partition() for m in messages} == {0, 1, 2}
     finally:
         kafka_broker.delete_topic(missing)
+
+
+def test_a_mistyped_topic_names_the_topic_of_the_closest_name(kafka_broker, capsys):
+    meant = kafka_broker.new_topic()
+    assert run(kafka_broker, f"{meant}z", *SIM_ARGS) == 2
+    assert f"does not exist on {kafka_broker.bootstrap_servers} (did you mean {meant!r}?); create it" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_mistyped_option_names_the_option_meant(capsys):
+    with pytest.raises(SystemExit) as exited:
+        simulate.parse_args(["--topic", "t", "--scan-rows", "8"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --scan-rows (did you mean '--scan_rows'?) 8" in capsys.readouterr().err
+
+
+def test_frames_the_broker_acknowledged_slower_than_the_rate_are_reported(kafka_broker, caplog, monkeypatch):
+    class SlowBroker(simulate.FramePublisher):
+        def stats(self):  # as if every acknowledgement had taken ten times as long
+            real = super().stats()
+            return replace(real, elapsed_s=real.elapsed_s * 10)
+
+    monkeypatch.setattr(simulate, "FramePublisher", SlowBroker)
+    topic = kafka_broker.new_topic(partitions=2)
+    args = [*SIM_ARGS, "--scan_rows=20", "--scan_cols=50", "--batch_size=100", "--rate=4000"]
+    with caplog.at_level(logging.WARNING, logger="jobs.simulate"):
+        assert run(kafka_broker, topic, *args) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "jobs.simulate"]
+    slow = r"the frames went out at [34]\d\d frames/s, below --rate 4,000: the broker acknowledged them more slowly .*"
+    assert re.fullmatch(slow, warning)
 
 
 def test_a_delivery_failure_fails_the_job(kafka_broker, capsys):
