@@ -201,7 +201,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.action == "validate":
         print(definition.summary())
         return 0
-    from beamops.runner import run, setup_logging
+    from beamops.runner import beam_option_names, run, setup_logging
+
+    for arg in beam_args:  # an operator's parameter given as a job's option: say how a pipeline file takes it
+        name, _, value = arg.removeprefix("--").partition("=")
+        owners = [i.id for i in definition.instances.values() if name in i.operator.Params.model_fields]
+        if arg.startswith("--") and owners and name not in beam_option_names():
+            print(
+                f"beamops pipeline run: error: {arg} is a parameter of {', '.join(owners)}: in a pipeline run, give "
+                f"it as --set {owners[0]}.{name}={value or 'VALUE'}",
+                file=sys.stderr,
+            )
+            return 2
 
     setup_logging()
     bounded = not any(getattr(inst.params, "unbounded", False) for inst in definition.instances.values())

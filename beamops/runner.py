@@ -239,6 +239,23 @@ def runs_here(pipeline: beam.Pipeline) -> bool:
     return _runner_key(name) in IN_PROCESS_RUNNERS
 
 
+def beam_option_names() -> set[str]:
+    """The names of Beam's own pipeline options (``runner``, ``streaming``...), without a job's."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes, found = [PipelineOptions], set()
+    while classes:
+        for cls in classes.pop().__subclasses__():
+            if cls not in found:
+                found.add(cls)
+                classes.append(cls)
+    for cls in found:
+        if cls.__module__.startswith("apache_beam."):
+            cls._add_argparse_args(parser)
+    return {option.lstrip("-") for action in parser._actions for option in action.option_strings}
+
+
 def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str]:
     """The arguments neither the job nor any Beam pipeline option knows, each with a close match if any.
 

@@ -374,19 +374,20 @@ def test_the_simulate_job_names_the_option_it_refuses(extra: list[str], says: st
 def test_the_simulator_progress_counts_delivered_frames_and_shows_the_queued_ones() -> None:
     from beamops.io.publish import PublishStats
 
-    def stats(frames: int, delivered: int) -> PublishStats:
+    def stats(frames: int, delivered: int, elapsed_s: float) -> PublishStats:
         return PublishStats(
             frames=frames, batches=frames // 40, messages=frames // 40, bytes=frames * 100,
             delivered_frames=delivered, delivered_messages=delivered // 40, delivered_bytes=delivered * 100,
-            failed_messages=0, queued_messages=(frames - delivered) // 40, elapsed_s=1.0, throttled_s=0.0,
+            failed_messages=0, queued_messages=(frames - delivered) // 40, elapsed_s=elapsed_s, throttled_s=0.0,
             late_frames=0,
         )  # fmt: skip
 
     out = io.StringIO()
-    progress = simulate.Progress(160, stream=out, mode="bar", clock=iter(range(100)).__next__)  # 1 s per reading
-    progress.update(stats(120, 0))  # the broker is away: three messages queued, none acknowledged
-    progress.update(stats(160, 40))
-    progress.close(stats(160, 160))
+    # Rates over the publisher's time (as the summary's), not the progress clock's (set-up before publishing).
+    progress = simulate.Progress(160, stream=out, mode="bar", clock=iter(range(0, 1000, 10)).__next__)
+    progress.update(stats(120, 0, 1.0))  # the broker is away: three messages queued, none acknowledged
+    progress.update(stats(160, 40, 2.0))
+    progress.close(stats(160, 160, 3.0))
     lines = out.getvalue().strip("\n").split("\r")[1:]
     assert [line.split("]")[1].split("  ETA")[0].strip() for line in lines] == [
         "0/160 frames delivered   0.0%  120 queued  0 frames/s  0.0 MB/s",

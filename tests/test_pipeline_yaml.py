@@ -461,6 +461,14 @@ def test_cli_run_of_an_invalid_pipeline_exits_2_before_running(
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_run_names_the_set_option_for_a_parameter_given_as_a_job_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert beamops_main(["pipeline", "run", str(COM_DPC), "--scan_rows=32"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "beamops pipeline run: error: --scan_rows=32 is a parameter of source: in a pipeline run, give it as "
+        "--set source.scan_rows=32"
+    )
+
+
 def test_cli_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert beamops_main(["pipeline", "validate", str(tmp_path / "nope.yaml")]) == 2
     assert f"{tmp_path / 'nope.yaml'}: cannot read" in capsys.readouterr().err

@@ -347,6 +347,7 @@ class _ResolvePartitionsFn(beam.DoFn):
                     f"the {what} position names partitions {sorted(named - set(partitions))} that Kafka topic "
                     f"{topic!r} does not have (it has {partitions[0]}..{partitions[-1]})"
                 )
+        to_read: int | None = 0  # offsets in the read's ranges; None: a range without end
         for q in partitions:
             low, high = ends[q]
             begin = {
@@ -385,7 +386,11 @@ class _ResolvePartitionsFn(beam.DoFn):
                     "the read waits for offsets up to it to be written",
                     topic, q, end, high,
                 )  # fmt: skip
+            to_read = None if end is None or to_read is None else to_read + max(end - begin, 0)
             yield PartitionRead(topic, q, begin, end, of=len(partitions))
+        if to_read == 0:  # else a rerun that finds nothing new ends with "done" and no word why
+            since = f" (group {p.group_id!r} has read up to there)" if start.kind == "committed" else ""
+            log.info("kafka read %s: nothing to read between start %s and stop %s%s", topic, p.start, p.stop, since)
 
 
 def _start_in_log(topic: str, partition: int, begin: int, end: int | None, low: int, high: int) -> int:

@@ -984,9 +984,13 @@ def test_live_runs_commit_what_they_processed_and_a_replay_reproduces_them(kafka
     assert_same_map(maps_2[12][0], reference_maps((second,))[12])
     assert committed_offsets(kafka_broker, group, topic) == ends_2
 
-    # Live run 3 has nothing new to read.
+    # Live run 3 has nothing new to read, and says so.
     live_3 = job_topics(kafka_broker, topic)
-    run_job(com_pipeline.main, kafka_broker, *live_3, *resume)
+    with log_records("beamops.io.kafka") as records:
+        run_job(com_pipeline.main, kafka_broker, *live_3, *resume)
+    assert f"kafka read {topic}: nothing to read between start committed and stop latest (group {group!r} has " in (
+        "\n".join(r.getMessage() for r in records)
+    )
     assert read_topic(kafka_broker.bootstrap_servers, topic_arg(live_3, "--output_topic")) == []
     assert read_topic(kafka_broker.bootstrap_servers, topic_arg(live_3, "--dead_letter_topic")) == []
     assert committed_offsets(kafka_broker, group, topic) == ends_2
