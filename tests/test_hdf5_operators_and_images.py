@@ -374,6 +374,21 @@ def test_cells_without_data_are_hatched_not_white_and_counted_in_the_title() -> 
     assert image_png_title(image) == "Scan 1: bf (final, INCOMPLETE, 3 frames; 1 without frames, hatched)"
 
 
+def test_a_map_without_a_single_value_says_no_data_instead_of_a_colour_bar() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transforms._pictures import colour_bar, draw_map
+
+    for data, bars, texts in [(np.full((2, 2), np.nan), 0, ["no data"]), (np.array([[np.nan, 1.0]]), 1, [])]:
+        fig, ax = plt.subplots()
+        colour_bar(fig, draw_map(ax, data, "gray"), ax, data, "px")
+        assert (len(fig.axes) - 1, [t.get_text() for t in ax.texts]) == (bars, texts)
+        plt.close(fig)
+
+
 def test_an_image_names_its_axes_in_scan_or_detector_space() -> None:
     header = ScanSimulation(scan_shape=(6, 5), frame_shape=(64, 72), disc_radius=8, shift_amplitude=2).header
     scan_image = Image(header, "bf", np.zeros((6, 5), np.float32))

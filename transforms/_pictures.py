@@ -23,6 +23,15 @@ def draw_map(ax: Any, data: np.ndarray, colormap: str) -> Any:
     return ax.imshow(data, cmap=colormap, interpolation="nearest")
 
 
+def colour_bar(fig: Any, image: Any, ax: Any, data: np.ndarray, label: str | None) -> None:
+    """A colour bar for ``image`` (drawn from ``data`` by :func:`draw_map`); for data without a single value,
+    "no data" written across ``ax`` instead (matplotlib would scale the bar to a meaningless -0.1..0.1)."""
+    if data.size and blank_cells(data) == data.size:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", backgroundcolor="white")
+        return
+    fig.colorbar(image, ax=ax, label=label)
+
+
 def blank_cells(data: np.ndarray) -> int:
     """How many cells of ``data`` are NaN (drawn hatched by :func:`draw_map`)."""
     return int(np.count_nonzero(np.isnan(data)))

@@ -30,7 +30,7 @@ from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
 from beamops.provenance import Provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, draw_map, output_state, save_png
+from transforms._pictures import blank_cells, colour_bar, draw_map, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -95,7 +95,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis", provenanc
         ax.set_title(f"COM {label}")
         ax.set_xlabel("scan column")
         ax.set_ylabel("scan row")
-        fig.colorbar(image, ax=ax, label="detector px")
+        colour_bar(fig, image, ax, data, "detector px")
     fig.suptitle(com_png_title(com))
     save_png(fig, path, provenance)
     plt.close(fig)

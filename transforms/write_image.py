@@ -22,7 +22,7 @@ from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.provenance import Provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, draw_map, output_state, save_png
+from transforms._pictures import blank_cells, colour_bar, draw_map, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -69,7 +69,7 @@ def render_png(image: Image, path: Path, colormap: str, provenance: Provenance |
     shown = draw_map(ax, image.data, colormap)
     xlabel, ylabel = axis_labels(image)
     ax.set(xlabel=xlabel, ylabel=ylabel)
-    fig.colorbar(shown, ax=ax, label=image.units or None)
+    colour_bar(fig, shown, ax, image.data, image.units or None)
     ax.set_title(image_png_title(image))
     save_png(fig, path, provenance)
     plt.close(fig)
