@@ -216,7 +216,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     setup_logging()
     bounded = not any(getattr(inst.params, "unbounded", False) for inst in definition.instances.values())
-    return run({}, beam_args, lambda p, _: definition.build(p), prog="beamops pipeline run", bounded=bounded)
+    prog = "beamops pipeline run"
+    return run({}, beam_args, lambda p, _: definition.build(p), prog=prog, bounded=bounded, name=definition.name)
 
 
 def cmd_provenance(args: argparse.Namespace) -> int:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -35,7 +38,8 @@ LIVE_READ_NEEDS_FLINK = (
     "a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
     "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
     "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
-    "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with a stop of latest "
+    "--runner=FlinkRunner (and --flink_master=host:port unless it is localhost:8081; README: Run on Flink), "
+    "or process what the topic holds with a stop of latest "
     "(--stop latest; in a pipeline file, stop: latest or --set <source id>.stop=latest)"
 )
 log = logging.getLogger("beamops.runner")
@@ -50,8 +54,11 @@ def _given(beam_args: list[str], name: str) -> str | None:
     return None
 
 
-def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
+def flink_defaults(beam_args: list[str], bounded: bool = False, name: str = "beamops") -> list[str]:
     """For --runner=FlinkRunner, add what a user should not have to type.
+
+    ``--job_name=<name>-<UTC time>-<6 hex digits>``: the Flink job's name, by which the client finds
+    its job on the cluster (to cancel it on Ctrl-C, to name its last checkpoint).
 
     ``--flink_version=1.20``, ``--flink_master=localhost:8081``, the cached job-server jar,
     ``--environment_type=LOOPBACK`` (development; production passes EXTERNAL with its worker
@@ -81,6 +88,7 @@ def flink_defaults(beam_args: list[str], bounded: bool = False) -> list[str]:
     # A jar the user gave still gets the master: without one, Beam's job server would start a Flink of its own.
     extra = flink_runner_args(master, conf_dir=conf_dir, jar=_given(beam_args, "flink_job_server_jar"))
     defaults = {
+        "job_name": f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}",
         "environment_type": "LOOPBACK",
         "checkpointing_interval": "10000",
         "finish_bundle_before_checkpointing": None,
@@ -104,11 +112,13 @@ def run(
     build_fn: Callable[[beam.Pipeline, dict[str, Any]], None],
     prog: str,
     bounded: bool = True,
+    name: str | None = None,
 ) -> int:
     """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
     anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it. ``prog``
     (``python -m jobs.com_pipeline``) starts the error lines; ``bounded``: the input ends (see
-    flink_defaults); a live read (not ``bounded``) is refused on an in-process runner."""
+    flink_defaults); a live read (not ``bounded``) is refused on an in-process runner. ``name`` starts a
+    Flink job's name (default: the job's module, ``com-pipeline``)."""
     runner = _given(beam_args, "runner")
     unknown = unknown_arguments(beam_args, forwarded=_runner_key(runner) not in IN_PROCESS_RUNNERS)
     if unknown:
@@ -120,9 +130,11 @@ def run(
     if runner is None:
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     started = time.monotonic()
+    flink: _FlinkJob | None = None
     try:
         if _runner_key(runner) == "flink":
-            beam_args = flink_defaults(beam_args, bounded)
+            beam_args = flink_defaults(beam_args, bounded, _job_name_of(name or prog.split()[-1]))
+            flink = _FlinkJob.of(beam_args)
             unreachable = _flink_unreachable(_given(beam_args, "flink_master") or "")
             if unreachable:  # else the job server retries for a minute, a stack trace a try
                 print(f"{prog}: error: {unreachable}", file=sys.stderr)
@@ -147,28 +159,118 @@ def run(
             result = pipeline.run()
             result.wait_until_finish()
         except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
-            return _interrupted(prog, started)
+            status = _interrupted(prog, started)
+            if flink is not None:
+                flink.after_interrupt(prog)
+            return status
         except Exception as exc:
             if interrupted():  # Ctrl-C inside a DoFn: Beam's in-process runners hand it back as a RuntimeError
                 return _interrupted(prog, started)
             log.debug("pipeline failed", exc_info=True)  # the worker's traceback is in the runner's log
             took = time.monotonic() - started
             if "JobCancellationException" in str(exc):  # Beam's Flink runner reports a cancel as FAILED
+                resume = flink.resume_hint("completed") if flink is not None else None
                 print(
                     f"{prog}: the job was cancelled on the Flink cluster after {took:.1f} s; to go on from where "
-                    "it stopped, submit it again with --savepoint_path=<its last checkpoint> (README: Run on Flink)",
+                    f"it stopped, submit it again with {resume or '--savepoint_path=<its last checkpoint>'} "
+                    "(README: Run on Flink)",
                     file=sys.stderr,
                 )
                 return 1
             print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
             return 1
     log.info("done in %.1f s", time.monotonic() - started)
+    if flink is not None and not bounded:  # a live job ends only when stopped, with a savepoint
+        resume = flink.resume_hint("savepoint", wait_s=10.0)
+        if resume:
+            print(
+                f"{prog}: the job was stopped with a savepoint; to go on, submit it again with {resume}",
+                file=sys.stderr,
+            )
     dead = dead_letter_counts(result)
     if dead:
         counts = ", ".join(f"{step} {n}" for step, n in sorted(dead.items()))
         total = sum(dead.values())
         log.warning("%d element%s went to dead letters (%s)", total, "" if total == 1 else "s", counts)
     return 0
+
+
+def _job_name_of(text: str) -> str:
+    """The start of a Flink job's name: ``jobs.com_pipeline`` -> ``com-pipeline``, ``COM dpc`` -> ``com-dpc``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.rsplit(".", 1)[-1].lower()).strip("-") or "beamops"
+
+
+@dataclass(frozen=True)
+class _FlinkJob:
+    """The Flink job a run submits, found on the cluster by its name (flink_defaults gives every run one)."""
+
+    rest_url: str
+    name: str
+    loopback: bool  # its SDK workers run in this process: it cannot go on without it
+
+    @classmethod
+    def of(cls, beam_args: list[str]) -> _FlinkJob:
+        from beamops.services.flink_cluster import rest_base
+
+        environment = (_given(beam_args, "environment_type") or "LOOPBACK").upper()
+        master = _given(beam_args, "flink_master") or "localhost:8081"
+        return cls(rest_base(master), _given(beam_args, "job_name") or "", environment == "LOOPBACK")
+
+    def _job_id(self) -> str | None:
+        from beamops.services.flink_cluster import FlinkClusterError, job_named
+
+        try:
+            job = job_named(self.rest_url, self.name)
+        except (OSError, FlinkClusterError, KeyError, ValueError):
+            return None
+        return job["jid"] if job else None
+
+    def resume_hint(self, kind: str, wait_s: float = 0.0) -> str | None:
+        """``--savepoint_path=<path>`` of the job's latest ``kind`` snapshot, if the cluster names one
+        (within ``wait_s``: the JobManager's statistics name a snapshot a moment after it completed)."""
+        from beamops.services.flink_cluster import FlinkClusterError, latest_snapshot
+
+        job_id = self._job_id()
+        deadline = time.monotonic() + wait_s
+        while job_id is not None:
+            try:
+                path = latest_snapshot(self.rest_url, job_id, kind)
+            except (OSError, FlinkClusterError, KeyError, ValueError):
+                return None
+            if path is not None:
+                return f"--savepoint_path={path}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+        return None
+
+    def after_interrupt(self, prog: str) -> None:
+        """Ctrl-C: a LOOPBACK job's workers were this process, so it is cancelled (else Flink restarts it
+        for ever); any other job goes on by itself on the cluster, which is said, with how to stop it."""
+        from beamops.services.flink_cluster import FlinkClusterError, cancel_job
+
+        job_id = self._job_id()
+        if job_id is None:
+            return
+        if not self.loopback:
+            print(
+                f"{prog}: the Flink job {self.name} ({job_id}) goes on running on the cluster; to stop it: "
+                f"curl -X PATCH '{self.rest_url}/jobs/{job_id}?mode=cancel'",
+                file=sys.stderr,
+            )
+            return
+        resume = self.resume_hint("completed")
+        try:
+            cancel_job(self.rest_url, job_id)
+        except (OSError, FlinkClusterError) as exc:
+            print(f"{prog}: could not cancel the Flink job {self.name} ({job_id}): {exc}", file=sys.stderr)
+            return
+        again = f"; to go on from where it stopped, submit it again with {resume}" if resume else ""
+        print(
+            f"{prog}: cancelled the Flink job {self.name} ({job_id}): its workers ran in this process "
+            f"(--environment_type=LOOPBACK){again}",
+            file=sys.stderr,
+        )
 
 
 def _interrupted(prog: str, started: float) -> int:
@@ -224,7 +326,10 @@ def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:
     try:
         rest_get(f"{url}/overview", timeout)
     except (OSError, FlinkClusterError) as exc:
-        return f"cannot reach Flink at {master} within {timeout:g} s ({exc}); is it running (`beamops flink up`)?"
+        return (
+            f"cannot reach Flink at {master} within {timeout:g} s ({exc}); is it running (`beamops flink up`), "
+            "and is --flink_master its host:port?"
+        )
     return None
 
 

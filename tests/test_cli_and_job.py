@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,6 +139,12 @@ def test_flink_runner_gets_its_defaults_and_the_cached_job_server_jar(
     assert "--max_bundle_time_mills=100" in args  # latency: Flink's default holds a stage's results up to 1 s
     given = ["--runner=FlinkRunner", "--max_bundle_time_mills=1000"]
     assert [a for a in flink_defaults(given) if "max_bundle_time" in a] == [given[1]]
+    # a name to find the job by on the cluster (to cancel it on Ctrl-C, to name its last checkpoint)
+    (named,) = [a for a in flink_defaults(["--runner=FlinkRunner"], name="com-pipeline") if "--job_name" in a]
+    assert re.fullmatch(r"--job_name=com-pipeline-\d{8}-\d{6}-[0-9a-f]{6}", named), named
+    assert [a for a in flink_defaults(["--runner=FlinkRunner", "--job_name=mine"]) if "job_name" in a] == [
+        "--job_name=mine"
+    ]
     assert "--environment_type=EXTERNAL" in args and "--environment_type=LOOPBACK" not in args
     assert not any(a.startswith("--shutdown_sources_after_idle_ms") for a in args)
     # A bounded job ends: Beam keeps a checkpointing streaming job's sources up unless told otherwise.
@@ -422,6 +429,7 @@ def test_an_unreachable_flink_master_is_one_line_within_seconds(
     assert status == 1 and time.monotonic() - started < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"python -m jobs.com_pipeline: error: cannot reach Flink at {master} within 5 s")
+    assert err[-1].endswith("is it running (`beamops flink up`), and is --flink_master its host:port?")
     assert "beamops flink up" in err[-1]
 
 
@@ -637,7 +645,8 @@ def test_a_live_read_on_an_in_process_runner_is_refused_before_anything_runs(
             "error: a live read (stop never) runs on Flink: Beam's in-process runner has no event-time watermark "
             "(apache/beam#35168), so each scan would be flushed incomplete at once and split into several final "
             "maps, and dead letters would never be written; start a cluster with `beamops flink up` and add "
-            "--runner=FlinkRunner (README: Run on Flink), or process what the topic holds with a stop of latest "
+            "--runner=FlinkRunner (and --flink_master=host:port unless it is localhost:8081; README: Run on Flink), "
+            "or process what the topic holds with a stop of latest "
             "(--stop latest; in a pipeline file, stop: latest or --set <source id>.stop=latest)"
         )
 

@@ -336,6 +336,39 @@ def rest_get(url: str, timeout: float = 5.0) -> Any:
         raise FlinkClusterError(f"GET {url}: HTTP {exc.code}: {body}") from exc
 
 
+def rest_base(master: str) -> str:
+    """The REST URL of a Flink master given as Beam's --flink_master takes it (host:port or a URL)."""
+    return (master if "://" in master else f"http://{master}").rstrip("/")
+
+
+def job_named(rest_url: str, name: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The newest job called ``name`` (GET /jobs/overview: jid, name, state, ...), or None."""
+    jobs = [j for j in rest_get(f"{rest_url}/jobs/overview", timeout)["jobs"] if j.get("name") == name]
+    return max(jobs, key=lambda j: j.get("start-time", 0)) if jobs else None
+
+
+def cancel_job(rest_url: str, job_id: str, timeout: float = 30.0) -> None:
+    """PATCH /jobs/<id>?mode=cancel, then wait until the job is CANCELED (or otherwise over)."""
+    req = urllib.request.Request(f"{rest_url}/jobs/{job_id}?mode=cancel", method="PATCH")
+    try:
+        urllib.request.urlopen(req, timeout=5).close()
+    except urllib.error.HTTPError as exc:
+        raise FlinkClusterError(f"cancel {job_id}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
+    deadline = time.monotonic() + timeout
+    while (state := rest_get(f"{rest_url}/jobs/{job_id}")["state"]) not in ("CANCELED", "FAILED", "FINISHED"):
+        if time.monotonic() > deadline:
+            raise FlinkClusterError(f"job {job_id} still {state} {timeout:g} s after cancel")
+        time.sleep(0.25)
+
+
+def latest_snapshot(rest_url: str, job_id: str, kind: str = "completed", timeout: float = 5.0) -> str | None:
+    """Where the job's latest ``kind`` ("completed": a checkpoint or savepoint; "savepoint") snapshot is
+    (GET /jobs/<id>/checkpoints), as a path to give --savepoint_path; None if it has none."""
+    latest = (rest_get(f"{rest_url}/jobs/{job_id}/checkpoints", timeout).get("latest") or {}).get(kind) or {}
+    path = latest.get("external_path")
+    return path if path and path != "<checkpoint-not-externally-addressable>" else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # The cluster
 
@@ -452,6 +485,11 @@ class FlinkCluster(LocalServer):
         return self.state_dir / "checkpoints"
 
     @property
+    def tmp_dir(self) -> Path:
+        """The processes' temporary files (``io.tmp.dirs``): removed when the cluster stops or starts."""
+        return self.state_dir / "tmp"
+
+    @property
     def savepoint_dir(self) -> Path:
         return self.state_dir / "savepoints"
 
@@ -517,16 +555,7 @@ class FlinkCluster(LocalServer):
 
     def cancel_job(self, job_id: str, timeout: float = 30.0) -> None:
         """PATCH /jobs/<id>?mode=cancel, then wait until the job is CANCELED (or otherwise over)."""
-        req = urllib.request.Request(f"{self.rest_url}/jobs/{job_id}?mode=cancel", method="PATCH")
-        try:
-            urllib.request.urlopen(req, timeout=5).close()
-        except urllib.error.HTTPError as exc:
-            raise FlinkClusterError(f"cancel {job_id}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
-        deadline = time.monotonic() + timeout
-        while self.job(job_id)["state"] not in ("CANCELED", "FAILED", "FINISHED"):
-            if time.monotonic() > deadline:
-                raise FlinkClusterError(f"job {job_id} still {self.job(job_id)['state']} {timeout:g} s after cancel")
-            time.sleep(0.25)
+        cancel_job(self.rest_url, job_id, timeout)
 
     def registered_taskmanagers(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """GET /taskmanagers: the TaskManagers the JobManager knows (id, slotsNumber, freeSlots, ...)."""
@@ -585,7 +614,7 @@ class FlinkCluster(LocalServer):
                 "jobmanager.rpc.port": rpc_port,
                 "execution.checkpointing.dir": self.checkpoint_dir.resolve().as_uri(),
                 "execution.checkpointing.savepoint-dir": self.savepoint_dir.resolve().as_uri(),
-                "io.tmp.dirs": str((self.state_dir / "tmp").resolve()),
+                "io.tmp.dirs": str(self.tmp_dir.resolve()),
                 "web.tmpdir": str((self.state_dir / "web").resolve()),
                 # Also for clients (`flink run`) given this conf dir: their logs go here, not to FLINK_HOME/log.
                 "env.log.dir": str(self.log_dir.resolve()),
@@ -705,6 +734,8 @@ class FlinkCluster(LocalServer):
         self._check_java()
         old = self._read_state() or {}
         rpc_port = self._choose_rpc_port(old.get("rpc_port"))
+        # What a cluster stopped without `stop` (killed) left in its temporary directory is no one's now.
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         for d in (self.log_dir, self.pid_dir, self.checkpoint_dir, self.savepoint_dir):
             d.mkdir(parents=True, exist_ok=True)
         conf = yaml.safe_load((self.render_config(rpc_port) / "config.yaml").read_text())
@@ -871,8 +902,9 @@ class FlinkCluster(LocalServer):
 
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM the recorded TaskManagers and JobManager (if they are this cluster's), SIGKILL after
-        ``timeout``, and remove the state file. Checkpoints, savepoints and logs stay in the state dir.
-        Returns whether anything was running.
+        ``timeout``, and remove the state file and the processes' temporary files (``io.tmp.dirs``: each
+        job's jars, 160 MB for a Beam job, which Flink's TaskManager would keep across restarts).
+        Checkpoints, savepoints and logs stay in the state dir. Returns whether anything was running.
         """
         t0 = time.monotonic()
         with self._locked():
@@ -888,6 +920,7 @@ class FlinkCluster(LocalServer):
             # All at once: a TaskManager whose JobManager is gone only retries, and vice versa.
             terminate(pids, timeout, wait=self._wait_exit, say=self._say, error=FlinkClusterError)
             self.state_path.unlink(missing_ok=True)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
             for pid_file in self.pid_dir.glob("*.pid"):
                 pid_file.unlink()
             self._procs.clear()

@@ -191,11 +191,14 @@ def test_killed_taskmanager_is_replaced(cluster: FlinkCluster) -> None:
 def test_stop_leaves_no_process(cluster: FlinkCluster) -> None:
     pids = [cluster.jobmanager_pid, *(t.pid for t in cluster.taskmanagers)]
     assert all(pids) and len(pids) == 2
+    # the smoke job's jar, kept by the TaskManager (before: 160 MB a Beam job, for ever)
+    assert list(cluster.tmp_dir.glob("*/blobStorage/job_*"))
     t0 = time.monotonic()
     assert cluster.stop() is True
     print(f"cluster stopped in {time.monotonic() - t0:.1f}s")
     assert not [p for p in pids if alive(p)]
     assert not cluster.state_path.exists()
+    assert not cluster.tmp_dir.exists()
     st = cluster.status()
     assert not st.running and not st.stale
     assert fc.port_is_free(cluster.port)

@@ -17,9 +17,11 @@ beamops.services.worker_pool --sdk_worker ...``: docker/entrypoint-worker-pool.s
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -267,6 +269,73 @@ def test_a_bounded_run_on_flink_ends_and_commits_after_its_maps(flink, kafka_bro
 
 def completed_checkpoints(flink: FlinkCluster, job_id: str) -> int:
     return int(flink.rest(f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
+
+
+def wait_for_a_checkpoint(flink: FlinkCluster, job_id: str) -> None:
+    deadline = time.monotonic() + MAPS_S
+    while completed_checkpoints(flink, job_id) < 1:
+        assert time.monotonic() < deadline, f"no checkpoint of {job_id} completed in {MAPS_S:g} s"
+        time.sleep(0.5)
+
+
+@contextmanager
+def ended(flink: FlinkCluster) -> Iterator[list[str]]:
+    """Collects job ids; on the way out, cancels those still running (a failed test leaves no job behind)."""
+    ids: list[str] = []
+    try:
+        yield ids
+    finally:
+        for job_id in ids:
+            if flink.job(job_id)["state"] not in ("CANCELED", "FAILED", "FINISHED"):
+                flink.cancel_job(job_id)
+
+
+def live_job_args(flink: FlinkCluster, kafka_broker) -> list[str]:
+    """jobs.com_pipeline reading fresh topics for ever on ``flink`` (LOOPBACK, a checkpoint a second)."""
+    return [
+        sys.executable, "-m", "jobs.com_pipeline", "--runner=FlinkRunner", *flink.beam_args(),
+        "--environment_type=LOOPBACK", "--checkpointing_interval=1000",
+        "--bootstrap_servers", kafka_broker.bootstrap_servers, "--input_topic", kafka_broker.new_topic(prefix="in"),
+        "--output_topic", kafka_broker.new_topic(prefix="out"),
+        "--dead_letter_topic", kafka_broker.new_topic(prefix="dead"), "--start", "earliest", "--stop", "never",
+    ]  # fmt: skip
+
+
+def test_a_live_job_stopped_with_a_savepoint_says_where_to_go_on_from(flink, kafka_broker, tmp_path):
+    """Before, the client said "done" and exited 0 as if the live job had ended by itself."""
+    job_log = tmp_path / "job.log"
+    with child(live_job_args(flink, kafka_broker), job_log) as job, ended(flink) as ids:
+        ids.append(running_job(flink, job, job_log))
+        job_id = ids[0]
+        wait_for_a_checkpoint(flink, job_id)  # then every task runs: a savepoint can be taken
+        stop = urllib.request.Request(
+            f"{flink.rest_url}/jobs/{job_id}/stop", data=b'{"drain": false}', method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        urllib.request.urlopen(stop, timeout=10).close()
+        assert job.wait(120) == 0, job_log.read_text()[-4000:]
+    said = job_log.read_text()
+    savepoint = said.split("stopped with a savepoint; to go on, submit it again with --savepoint_path=")[1].split()[0]
+    assert "/savepoint-" in savepoint and Path(savepoint.removeprefix("file:")).exists(), savepoint
+
+
+def test_ctrl_c_on_a_live_loopback_job_cancels_it_on_the_cluster(flink, kafka_broker, tmp_path):
+    """Before, the client said "interrupted" and exited 130 while Flink restarted the job for ever: its
+    SDK workers had been the client's own threads (LOOPBACK)."""
+    job_log = tmp_path / "job.log"
+    with child(live_job_args(flink, kafka_broker), job_log) as job, ended(flink) as ids:
+        ids.append(running_job(flink, job, job_log))
+        job_id = ids[0]
+        wait_for_a_checkpoint(flink, job_id)
+        job.send_signal(signal.SIGINT)
+        assert job.wait(90) == 130, job_log.read_text()[-4000:]
+    assert flink.job(job_id)["state"] == "CANCELED"
+    said = job_log.read_text()
+    name = flink.job(job_id)["name"]
+    assert name.startswith("com-pipeline-"), name  # the name the client found its job by
+    assert f"cancelled the Flink job {name} ({job_id}): its workers ran in this process" in said, said[-4000:]
+    checkpoint = said.split("submit it again with --savepoint_path=")[1].split()[0]
+    assert f"/{job_id}/chk-" in checkpoint, checkpoint
 
 
 def test_a_killed_taskmanager_resumes_from_the_last_checkpoint_with_an_exact_map(flink, kafka_broker, tmp_path):
