@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -135,6 +136,10 @@ def run(
         if _runner_key(runner) == "flink":
             beam_args = flink_defaults(beam_args, bounded, _job_name_of(name or prog.split()[-1]))
             flink = _FlinkJob.of(beam_args)
+            bad_snapshot = _savepoint_problem(_given(beam_args, "savepoint_path"), flink.rest_url)
+            if bad_snapshot:  # else Flink says so after the job was submitted, deep in its log
+                print(f"{prog}: error: {bad_snapshot}", file=sys.stderr)
+                return 2
             unreachable = _flink_unreachable(_given(beam_args, "flink_master") or "")
             if unreachable:  # else the job server retries for a minute, a stack trace a try
                 print(f"{prog}: error: {unreachable}", file=sys.stderr)
@@ -193,6 +198,30 @@ def run(
         total = sum(dead.values())
         log.warning("%d element%s went to dead letters (%s)", total, "" if total == 1 else "s", counts)
     return 0
+
+
+def _savepoint_problem(path: str | None, rest_url: str) -> str | None:
+    """What is wrong with a --savepoint_path on this machine's file system, for a Flink master on this
+    machine (one elsewhere reads its own): a path that does not exist, or a directory without Flink's
+    ``_metadata`` (a job's checkpoint directory instead of one of its ``chk-N``)."""
+    from urllib.parse import urlparse
+
+    if not path or urlparse(rest_url).hostname not in ("localhost", "127.0.0.1"):
+        return None
+    if "://" in path and not path.startswith("file://"):
+        return None  # s3://, hdfs://...: not this machine's
+    local = Path(path.removeprefix("file://").removeprefix("file:")).expanduser()
+    if not local.exists():
+        return f"--savepoint_path {path} does not exist"
+    if local.is_dir() and not (local / "_metadata").exists():
+        numbered = [d for d in local.glob("chk-*") if d.name[4:].isdigit() and (d / "_metadata").exists()]
+        snapshots = sorted(numbered, key=lambda d: int(d.name[4:]))
+        newest = f"; its newest checkpoint is {snapshots[-1]}" if snapshots else ""
+        return (
+            f"--savepoint_path {path} is not a checkpoint or savepoint (it holds no _metadata): give a chk-N "
+            f"directory or a savepoint-... directory{newest}"
+        )
+    return None
 
 
 def _job_name_of(text: str) -> str:

@@ -660,3 +660,37 @@ def test_the_replay_offers_only_the_positions_it_takes(capsys: pytest.CaptureFix
     start = text.split("--start START ")[1].split(" --stop")[0]
     stop = text.split("--stop STOP ")[1].split(" --create_topics")[0]
     assert "committed" not in start and "never" not in stop and "timestamp:T" in start and "latest" in stop
+
+
+def test_nothing_running_on_a_port_names_the_ports_where_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beamops.services._local import running_elsewhere
+
+    monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
+    for name in ("flink-8081", "flink-18181", "flink-28181", "flink-old", "kafka-19092"):
+        (tmp_path / name).mkdir()
+    running = {18181, 28181}
+    assert running_elsewhere("flink", 8081, running.__contains__) == (
+        " (one runs on ports 18181, 28181: add --port 18181, --port 28181)"
+    )
+    assert running_elsewhere("flink", 8081, {18181}.__contains__) == " (one runs on port 18181: add --port 18181)"
+    assert running_elsewhere("kafka", 9092, set().__contains__) == ""  # state left, nothing running
+
+
+def test_a_savepoint_path_that_is_not_a_snapshot_is_refused_before_the_job_is_submitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, Flink said so 8 s after the submission, 126 log lines down."""
+    job_dir = tmp_path / "checkpoints" / "5fd61a43"
+    for n in (3, 12):
+        (job_dir / f"chk-{n}").mkdir(parents=True)
+        (job_dir / f"chk-{n}" / "_metadata").write_bytes(b"")
+    flink = ["--runner=FlinkRunner", "--flink_master=127.0.0.1:9", "--flink_job_server_jar=/not/needed.jar"]
+    for given, says in [
+        (tmp_path / "nowhere", f"--savepoint_path file:{tmp_path / 'nowhere'} does not exist"),
+        (job_dir, f"holds no _metadata): give a chk-N directory or a savepoint-... directory; its newest "
+         f"checkpoint is {job_dir / 'chk-12'}"),
+    ]:  # fmt: skip
+        assert com_pipeline.main([*SMALL_SCAN, *flink, f"--savepoint_path=file:{given}"]) == 2
+        assert says in capsys.readouterr().err

@@ -330,6 +330,21 @@ def cli_error(service: str, exc: BaseException) -> int:
     return 1
 
 
+def running_elsewhere(kind: str, port: int, is_running: Callable[[int], bool]) -> str:
+    """For "nothing runs on ``port``": `` (one runs on port N: add --port N)`` naming the servers of
+    ``kind`` (``flink``, ``kafka``) this machine's run directory holds on other ports, else ""."""
+    ports = sorted(
+        int(d.name.split("-", 1)[1])
+        for d in run_dir().glob(f"{kind}-*")
+        if d.name.split("-", 1)[1].isdigit() and int(d.name.split("-", 1)[1]) != port
+    )
+    running = [p for p in ports if is_running(p)]
+    if not running:
+        return ""
+    flags = ", ".join(f"--port {p}" for p in running)
+    return f" (one runs on port{'s' if len(running) > 1 else ''} {', '.join(map(str, running))}: add {flags})"
+
+
 def cli_status(service: str, status: Any, as_json: bool) -> int:
     """Print a status dataclass (``describe()``, or its fields as JSON); 0 when running, 3 when not
     (as LSB init scripts do)."""

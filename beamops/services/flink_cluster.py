@@ -79,6 +79,7 @@ from beamops.services._local import (
     port_is_free,
     require_java,
     run_dir,
+    running_elsewhere,
     spawn,
     terminate,
     wait_exit,
@@ -968,7 +969,8 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
     cluster = FlinkCluster(port, progress=_print)
     try:
         if not cluster.stop(timeout):
-            _print(f"no cluster running at {cluster.rest_url}")
+            elsewhere = running_elsewhere("flink", port, lambda p: FlinkCluster(p).status().running)
+            _print(f"no cluster running at {cluster.rest_url}{elsewhere}")
     except FlinkClusterError as exc:
         return cli_error("flink", exc)
     return 0

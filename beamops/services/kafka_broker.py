@@ -62,6 +62,7 @@ from beamops.services._local import (
     read_json,
     require_java,
     run_dir,
+    running_elsewhere,
     spawn,
     terminate,
     wait_exit,
@@ -671,7 +672,8 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
     broker = KafkaBroker(port, progress=_print)
     try:
         if not broker.stop(timeout, remove_data=False):
-            _print(f"no broker running on {broker.bootstrap_servers}")
+            elsewhere = running_elsewhere("kafka", port, lambda p: KafkaBroker(p).status().running)
+            _print(f"no broker running on {broker.bootstrap_servers}{elsewhere}")
     except KafkaBrokerError as exc:
         return cli_error("kafka", exc)
     return 0
