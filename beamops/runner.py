@@ -484,9 +484,11 @@ FLINK_JOB_SERVER_LOGGER = "FlinkJarJobServer"
 class WithoutMetricsDump(logging.Filter):
     """Drops the JSON of every metric that Beam's Flink runner logs when a job ends: about 3,300 lines
     for the COM job, one output line of the job server each (the metrics are in Flink's web UI and
-    the run's own summary). Every other line of the job server, its errors among them, is kept."""
+    the run's own summary); and the job server's echo of every Flink setting it loads (about 45 lines
+    a run, the cluster's config.yaml). Every other line of the job server, its errors among them, is kept."""
 
     _DUMP_STARTS = ("- Final accumulator values:", "- __metricscontainers : ")
+    _CONFIG_ECHO = " INFO org.apache.flink.configuration.GlobalConfiguration - Loading configuration property: "
 
     def __init__(self) -> None:
         super().__init__()
@@ -496,4 +498,6 @@ class WithoutMetricsDump(logging.Filter):
         line = record.getMessage()
         if line.startswith("["):  # "[thread] LEVEL logger - message": the next log record of the job server
             self._in_dump = any(start in line for start in self._DUMP_STARTS)
+            if self._CONFIG_ECHO in line:
+                return False
         return not self._in_dump
