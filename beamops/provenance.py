@@ -18,6 +18,7 @@ stop, in having no group, and in wait_past_end).
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def read_provenance(path: str | Path) -> Provenance:
         if text is None:
             raise ValueError(f"{path}: holds no beamops provenance (written by another program, or an older beamops)")
         return Provenance.from_json(text)
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read its provenance: {exc}") from exc
 
 

@@ -347,13 +347,12 @@ def _noting_interrupts() -> Iterator[Callable[[], bool]]:
 def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:
     """Why the Flink master's REST API at ``master`` (host:port) does not answer, or None if it does
     (or is Beam's [auto] or [local], which the job server starts itself)."""
-    from beamops.services.flink_cluster import FlinkClusterError, rest_get
+    from beamops.services.flink_cluster import FlinkClusterError, rest_base, rest_get
 
     if not master or master.startswith("["):
         return None
-    url = master if "://" in master else f"http://{master}"
     try:
-        rest_get(f"{url}/overview", timeout)
+        rest_get(f"{rest_base(master)}/overview", timeout)
     except (OSError, FlinkClusterError) as exc:
         return (
             f"cannot reach Flink at {master} within {timeout:g} s ({exc}); is it running (`beamops flink up`), "

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from beamops.frames import SparseFrameBatch
 from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
-from beamops.io.kafka import ensure_topic, topic_names
+from beamops.io.kafka import closest_topic, ensure_topic, topic_names
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
 from beamops.operator import did_you_mean
@@ -250,7 +250,7 @@ def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
 def _closest_topic(client: KafkaClientConfig, topic: str) -> str:
     """`` (did you mean 'x'?)`` for a topic Kafka has whose name is close to ``topic``, else ""."""
     try:
-        return did_you_mean(topic, [t for t in topic_names(client) if not t.startswith("__")])
+        return closest_topic(topic, topic_names(client))
     except KafkaUnavailableError:
         return ""
 

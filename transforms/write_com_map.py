@@ -28,7 +28,7 @@ from pydantic import Field
 from beamops import ComMap, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
-from beamops.provenance import Provenance
+from beamops.provenance import Provenance, read_provenance
 from beamops.spec import Mount, OutputFiles
 from transforms._pictures import blank_cells, colour_bar, draw_map, output_state, save_png
 
@@ -57,8 +57,8 @@ def map_provenances(folder: Path, newest: int = 16) -> list[Provenance]:
     paths = sorted(folder.glob("scan_*_com*.npz"), key=_modified, reverse=True)[:newest]
     found = []
     for path in paths:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), np.load(path) as npz:
-            found.append(Provenance.from_json(str(npz["provenance"])))
+        with contextlib.suppress(ValueError):  # read_provenance's error for a file without one, or unreadable
+            found.append(read_provenance(path))
     return found
 
 

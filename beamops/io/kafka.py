@@ -922,10 +922,21 @@ def topic_names(client: KafkaClientConfig) -> set[str]:
     try:
         meta = AdminClient(client.client()).list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
-        raise KafkaUnavailableError(
-            f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
-        ) from exc
+        raise _unreachable(client, exc) from exc
     return {name for name, topic in meta.topics.items() if topic.error is None}
+
+
+def _unreachable(client: KafkaClientConfig, exc: Any) -> KafkaUnavailableError:
+    """The error for a metadata request that ``exc`` (a KafkaException) says got no answer."""
+    return KafkaUnavailableError(
+        f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
+    )
+
+
+def closest_topic(topic: str, existing: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a topic of ``existing`` whose name is close to ``topic`` (not one of
+    Kafka's own, ``__consumer_offsets``), else ""."""
+    return did_you_mean(topic, [t for t in existing if not t.startswith("__")])
 
 
 def refuse_missing_topics(client: KafkaClientConfig, checks: Iterable[tuple[list[str], str, str]]) -> None:
@@ -939,8 +950,7 @@ def refuse_missing_topics(client: KafkaClientConfig, checks: Iterable[tuple[list
     for topics, prefix, hint in checks:
         absent = [t for t in topics if t not in existing]
         if absent:
-            public = [t for t in existing if not t.startswith("__")]  # not Kafka's own (__consumer_offsets)
-            close = "".join(did_you_mean(t, public) for t in absent)
+            close = "".join(closest_topic(t, existing) for t in absent)
             raise OperatorParameterError(f"{prefix}{_no_such_topics(client, absent)}{close}{hint}")
 
 
@@ -969,9 +979,7 @@ def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
                 if high > low:
                     newest.append(TopicPartition(topic, partition, high - 1))
         except KafkaException as exc:
-            raise KafkaUnavailableError(
-                f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
-            ) from exc
+            raise _unreachable(client, exc) from exc
         consumer.assign(newest)
         waiting, found = {tp.partition for tp in newest}, set()
         deadline = time.monotonic() + METADATA_TIMEOUT_S
