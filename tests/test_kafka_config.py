@@ -21,6 +21,7 @@ from beamops.io.kafka_config import (
     KafkaClientConfig,
     KafkaUnavailableError,
     ReadPosition,
+    rdkafka_logger,
     redact,
 )
 from beamops.operator import OperatorParameterError
@@ -179,6 +180,27 @@ def test_repeated_librdkafka_warnings_pass_once_per_window_with_a_count() -> Non
     )
     now[0] += 1.0
     assert not repeats.filter(_record(logging.ERROR, refused.format(0)))
+
+
+def test_a_coordinator_still_loading_is_info_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # What the first idempotent producer on a freshly started broker logs, word for word.
+    loading = (
+        "[thrd:main]: Failed to acquire idempotence PID from broker 127.0.0.1:35287/1: "
+        "Broker: Coordinator load in progress: retrying"
+    )
+    other = "[thrd:main]: 127.0.0.1:35287/1: Broker: Not enough in-sync replicas: retrying"
+    logger = rdkafka_logger()
+    with caplog.at_level(logging.INFO, logger=RDKAFKA_LOGGER):
+        logger.warning("%s [%s] %s", "GETPID", "rdkafka#producer-6", loading)
+        logger.warning("%s [%s] %s", "GETPID", "rdkafka#producer-6", other)
+    assert [(r.levelname, r.getMessage().endswith(loading)) for r in caplog.records] == [
+        ("INFO", True),
+        ("WARNING", False),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=RDKAFKA_LOGGER):
+        logger.warning("%s [%s] %s", "GETPID", "rdkafka#producer-7", loading)
+    assert caplog.records == []
 
 
 @pytest.fixture

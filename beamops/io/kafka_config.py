@@ -9,7 +9,9 @@ Every client made from a :class:`KafkaClientConfig` sends librdkafka's own
 messages to the Python logger ``beamops.kafka.rdkafka``, which lets the first
 of a run of like warnings through and then one per 30 s with a count of the
 others: while a broker is unreachable, librdkafka logs each connection attempt,
-hundreds a second during a metadata request.
+hundreds a second during a metadata request. Warnings librdkafka retries by
+itself while a broker it just reached is still loading (its coordinator) are
+logged at INFO.
 """
 
 from __future__ import annotations
@@ -85,6 +87,21 @@ class CollapseRepeats(logging.Filter):
         return True
 
 
+# Said while a freshly started broker's group or transaction coordinator loads its log; librdkafka
+# retries until it has, and a request that never succeeds fails with an error of its own.
+_RETRIED_WHILE_LOADING = re.compile(r"Coordinator load in progress: retrying")
+
+
+class RetriedWhileLoadingIsInfo(logging.Filter):
+    """Lowers librdkafka's warnings that a broker's coordinator is still loading, which it retries
+    by itself, to INFO: on a broker just started every first idempotent producer says so once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and _RETRIED_WHILE_LOADING.search(record.getMessage()):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
 def rdkafka_logger() -> logging.Logger:
     """The logger for librdkafka's messages (confluent-kafka's ``logger`` setting), repeats collapsed.
 
@@ -93,6 +110,7 @@ def rdkafka_logger() -> logging.Logger:
     """
     logger = logging.getLogger(RDKAFKA_LOGGER)
     if not any(isinstance(f, CollapseRepeats) for f in logger.filters):
+        logger.addFilter(RetriedWhileLoadingIsInfo())  # before CollapseRepeats, which holds back warnings only
         logger.addFilter(CollapseRepeats())
         logger.setLevel(logging.DEBUG)
     return logger
