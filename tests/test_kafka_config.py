@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import re
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +24,10 @@ from beamops.io.kafka_config import (
     KafkaClientConfig,
     KafkaUnavailableError,
     ReadPosition,
+    list_topics,
     rdkafka_logger,
     redact,
+    unreachable,
 )
 from beamops.operator import OperatorParameterError
 from jobs import com_pipeline
@@ -253,6 +258,36 @@ def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
     assert "within 2 s" in line
 
 
+def test_ctrl_c_ends_a_wait_for_kafka_at_once(refusing_port: int) -> None:
+    # librdkafka holds a call for all of its timeout, and Python raises KeyboardInterrupt only between calls.
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(KafkaClientConfig(f"127.0.0.1:{refusing_port}").client(**{"group.id": "g"}))
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list_topics(consumer, "frames", 30.0)
+    finally:
+        timer.cancel()
+        consumer.close()
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_broker_on_this_machine_is_named_with_how_to_start_it() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    exc = KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+    assert unreachable("127.0.0.1:9092", 30.0, exc) == (
+        "cannot reach Kafka at 127.0.0.1:9092 within 30 s: Failed to get metadata; is a broker running there? "
+        "`beamops kafka status --port 9092` says, `beamops kafka up --port 9092` starts one"
+    )
+    # brokers elsewhere, or several: beamops' own commands would not tell
+    assert unreachable("kafka-0.cluster:9092", 5.0, exc).endswith("within 5 s: Failed to get metadata")
+    assert unreachable("127.0.0.1:9092,127.0.0.1:9093", 5.0, exc).endswith("within 5 s: Failed to get metadata")
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -285,7 +320,8 @@ def test_creating_a_topic_without_an_answer_says_so_in_one_line(
     assert com_pipeline.main(args) == 1  # the input topic is checked first
     assert capsys.readouterr().err.strip() == (
         f"python -m jobs.com_pipeline: error: cannot reach Kafka at {servers} within 1 s: Failed to get metadata: "
-        "Local: Broker transport failure"
+        f"Local: Broker transport failure; is a broker running there? `beamops kafka status --port {refusing_port}` "
+        f"says, `beamops kafka up --port {refusing_port}` starts one"
     )
     unanswered = f"^cannot create topic 'maps': no answer from Kafka at {servers} within 1 s$"
     with pytest.raises(KafkaUnavailableError, match=unanswered):

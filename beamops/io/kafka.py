@@ -62,7 +62,9 @@ from beamops.io.kafka_config import (
     KafkaClientConfig,
     KafkaUnavailableError,
     ReadPosition,
+    list_topics,
     never_stops,
+    unreachable,
 )
 from beamops.operator import (
     DEAD_LETTER,
@@ -313,11 +315,10 @@ class _ResolvePartitionsFn(beam.DoFn):
         consumer = _consumer(self._client, p.group_id)
         try:
             try:
-                meta = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+                meta = list_topics(consumer, topic, METADATA_TIMEOUT_S)
             except KafkaException as exc:
                 raise RuntimeError(
-                    f"cannot reach Kafka at {self._client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s "
-                    f"(reading topic {topic!r}): {exc.args[0].str()}"
+                    f"reading topic {topic!r}: {unreachable(self._client.bootstrap_servers, METADATA_TIMEOUT_S, exc)}"
                 ) from exc
             info = meta.topics.get(topic)
             if info is None or info.error is not None or not info.partitions:
@@ -920,7 +921,7 @@ def topic_names(client: KafkaClientConfig) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
     try:
-        meta = AdminClient(client.client()).list_topics(timeout=METADATA_TIMEOUT_S)
+        meta = list_topics(AdminClient(client.client()), None, METADATA_TIMEOUT_S)
     except KafkaException as exc:
         raise _unreachable(client, exc) from exc
     return {name for name, topic in meta.topics.items() if topic.error is None}
@@ -928,9 +929,7 @@ def topic_names(client: KafkaClientConfig) -> set[str]:
 
 def _unreachable(client: KafkaClientConfig, exc: Any) -> KafkaUnavailableError:
     """The error for a metadata request that ``exc`` (a KafkaException) says got no answer."""
-    return KafkaUnavailableError(
-        f"cannot reach Kafka at {client.bootstrap_servers} within {METADATA_TIMEOUT_S:g} s: {exc.args[0].str()}"
-    )
+    return KafkaUnavailableError(unreachable(client.bootstrap_servers, METADATA_TIMEOUT_S, exc))
 
 
 def closest_topic(topic: str, existing: Iterable[str]) -> str:
@@ -960,19 +959,18 @@ def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
     return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
 
 
-def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
-    """The live reads (see :func:`live_reads`) that made the newest message of each partition of ``topic``,
-    from their ``beamops-provenance`` headers. Empty for a topic that does not exist or is empty, and for
-    messages without provenance (not written by beamops' sinks). Reads one message per partition and
-    joins no group; KafkaUnavailableError if Kafka does not answer."""
+def newest_messages(client: KafkaClientConfig, topic: str) -> list[Any]:
+    """The newest message of each partition of ``topic`` (none for a topic that does not exist, or an empty
+    partition); joins no group. A partition whose newest message does not come within the metadata timeout
+    is left out, with a warning. KafkaUnavailableError if Kafka does not answer."""
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
     consumer = _consumer(client, None)
     try:
         try:
-            meta = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+            meta = list_topics(consumer, topic, METADATA_TIMEOUT_S).topics.get(topic)
             if meta is None or meta.error is not None:
-                return set()
+                return []
             newest = []
             for partition in meta.partitions:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
@@ -981,7 +979,7 @@ def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
         except KafkaException as exc:
             raise _unreachable(client, exc) from exc
         consumer.assign(newest)
-        waiting, found = {tp.partition for tp in newest}, set()
+        waiting, found = {tp.partition for tp in newest}, []
         deadline = time.monotonic() + METADATA_TIMEOUT_S
         while waiting and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
@@ -992,13 +990,10 @@ def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
                     waiting.discard(msg.partition())
                 continue
             waiting.discard(msg.partition())
-            for key, value in msg.headers() or ():
-                if key == PROVENANCE_KEY and value:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):  # not beamops' JSON: not a map of ours
-                        found |= live_reads(Provenance.from_json(value))
+            found.append(msg)
         if waiting:
             log.warning(
-                "could not read the newest message of %r partition(s) %s within %g s: what wrote them is not known",
+                "could not read the newest message of %r partition(s) %s within %g s",
                 topic,
                 sorted(waiting),
                 METADATA_TIMEOUT_S,
@@ -1006,6 +1001,27 @@ def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
         return found
     finally:
         consumer.close()
+
+
+def live_writers_of(client: KafkaClientConfig, topic: str) -> set[str]:
+    """The live reads (see :func:`live_reads`) that made the newest message of each partition of ``topic``,
+    from their ``beamops-provenance`` headers. Empty for a topic that does not exist or is empty, and for
+    messages without provenance (not written by beamops' sinks). KafkaUnavailableError if Kafka does not
+    answer."""
+    found: set[str] = set()
+    for msg in newest_messages(client, topic):
+        for key, value in msg.headers() or ():
+            if key == PROVENANCE_KEY and value:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # not beamops' JSON: not a map of ours
+                    found |= live_reads(Provenance.from_json(value))
+    return found
+
+
+def newest_scan_number(client: KafkaClientConfig, topic: str) -> int | None:
+    """The largest scan number among the newest messages of ``topic``'s partitions (a frame message's key is
+    its scan number in decimal), None if there is none. KafkaUnavailableError if Kafka does not answer."""
+    numbers = [int(key) for msg in newest_messages(client, topic) if (key := msg.key() or b"").isdigit()]
+    return max(numbers, default=None)
 
 
 def live_reads(provenance: Provenance) -> set[str]:

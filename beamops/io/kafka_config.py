@@ -135,6 +135,42 @@ class KafkaUnavailableError(RuntimeError):
     """Kafka did not answer in time: the brokers are down or unreachable, not the job's arguments."""
 
 
+_THIS_MACHINE = ("127.0.0.1", "localhost", "[::1]")
+
+
+def unreachable(bootstrap_servers: str, timeout_s: float, exc: Any) -> str:
+    """What to say when a request that ``exc`` (a KafkaException) ended got no answer from Kafka; for one
+    broker on this machine, how to see whether it runs."""
+    host, _, port = bootstrap_servers.strip().rpartition(":")
+    hint = (
+        f"; is a broker running there? `beamops kafka status --port {port}` says, "
+        f"`beamops kafka up --port {port}` starts one"
+        if host in _THIS_MACHINE and port.isdigit()
+        else ""
+    )
+    return f"cannot reach Kafka at {bootstrap_servers} within {timeout_s:g} s: {exc.args[0].str()}{hint}"
+
+
+# How long one metadata call may hold the thread: Ctrl-C (KeyboardInterrupt) is raised only between
+# calls into librdkafka, so a 30 s wait made of one call ignores it for 30 s.
+_METADATA_SLICE_S = 0.25
+
+
+def list_topics(client: Any, topic: str | None, timeout_s: float) -> Any:
+    """``client.list_topics(topic)`` (any confluent-kafka client), waiting up to ``timeout_s`` for an
+    answer in short calls, so that Ctrl-C ends the wait at once. Raises the last call's KafkaException
+    once ``timeout_s`` passed."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.list_topics(topic, timeout=max(0.001, min(_METADATA_SLICE_S, deadline - time.monotonic())))
+        except KafkaException:
+            if time.monotonic() >= deadline:
+                raise
+
+
 @dataclass(frozen=True)
 class KafkaClientConfig:
     """Where the brokers are and how to talk to them (any librdkafka setting)."""

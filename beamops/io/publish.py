@@ -37,7 +37,14 @@ from typing import Any, Literal
 
 from beamops.frames import CONTENT_TYPE, SCHEMA_VERSION, FrameBatch
 from beamops.io.kafka import CONTENT_TYPE_HEADER, SCHEMA_VERSION_HEADER
-from beamops.io.kafka_config import MAX_MESSAGE_BYTES, KafkaClientConfig, rdkafka_logger, redact
+from beamops.io.kafka_config import (
+    MAX_MESSAGE_BYTES,
+    KafkaClientConfig,
+    list_topics,
+    rdkafka_logger,
+    redact,
+    unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +213,9 @@ class FramePublisher:
         from confluent_kafka import KafkaError, KafkaException
 
         try:
-            meta = self._producer.list_topics(self.topic, timeout=timeout)
+            meta = list_topics(self._producer, self.topic, timeout)
         except KafkaException as exc:
-            raise PublishError(
-                f"cannot reach Kafka at {self.client.bootstrap_servers} within {timeout:g} s: {exc}"
-            ) from exc
+            raise PublishError(unreachable(self.client.bootstrap_servers, timeout, exc)) from exc
         info = meta.topics.get(self.topic)
         if info is None or (info.error is not None and info.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
             raise TopicNotFoundError(f"Kafka topic {self.topic!r} does not exist on {self.client.bootstrap_servers}")
