@@ -212,7 +212,11 @@ class OperatorMetrics:
         if frames:
             self.duplicate_frames.inc(frames)
             # stacklevel: the record names the operator's line that called this, not this one
-            log.warning("scan %d: skipped %d frames already %s (redelivered)", scan, frames, done, stacklevel=2)
+            log.warning(
+                "scan %d: skipped %d frames already %s (delivered again, or another run published under the "
+                "same scan number)",
+                scan, frames, done, stacklevel=2,
+            )  # fmt: skip
 
     def observe(self, element: Any, started: float) -> None:
         self.batches.inc()

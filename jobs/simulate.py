@@ -7,12 +7,15 @@
 
 Each batch of frames becomes one message (Arrow IPC, key = scan number), sent by an idempotent
 producer (beamops.io.publish.FramePublisher). Simulated scans come from
-beamops.simulate.ScanSimulation and are numbered --first_scan_number onwards; --hdf5 publishes a
-stempy electron-counted file instead (its shapes, and the scan number it stores unless
---first_scan_number is given), once per scan number. Progress goes to stderr (a bar on a
-terminal, else a log line every few seconds); the summary goes to stdout. Exit status: 0 when
-every message was delivered, 1 when delivery failed, 2 for bad arguments (a topic that does not
-exist among them) or a bad input file, 130 when interrupted.
+beamops.simulate.ScanSimulation; --hdf5 publishes a stempy electron-counted file instead (its
+shapes), once per scan number. Scans are numbered from --first_scan_number, else from the number
+the file stores, else, as a detector counts, from one after the largest scan number among the
+newest messages of the topic's partitions (1 for an empty topic): a reduce skips the frames of a
+scan number it has reduced as frames delivered twice, so a second run must not reuse one.
+
+Progress goes to stderr (a bar on a terminal, else a log line every few seconds); the summary
+goes to stdout. Exit status: 0 when every message was delivered, 1 when delivery failed, 2 for bad
+arguments (a topic that does not exist among them) or a bad input file, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from beamops.frames import SparseFrameBatch
 from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
-from beamops.io.kafka import closest_topic, ensure_topic, topic_names
+from beamops.io.kafka import closest_topic, ensure_topic, newest_scan_number, topic_names
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
 from beamops.operator import did_you_mean
@@ -169,7 +173,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.add_argument(
         "--first_scan_number",
         type=int,
-        help="Scan number of the first scan; the next ones count up. Default: 1, or the number a --hdf5 file stores.",
+        help="Scan number of the first scan; the next ones count up. Default: the number a --hdf5 file stores, "
+        "else one after the newest scan in the topic (1 if it is empty).",
     )
     run.add_argument("--rate", type=float, default=0.0, help="Target frames/s (0: as fast as possible).")
     run.add_argument(
@@ -204,47 +209,56 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _scans(args: argparse.Namespace) -> tuple[int, Iterator[SparseFrameBatch]]:
-    """(total frames, batches of every scan); checks the parameters or the file before returning."""
+@dataclass(frozen=True)
+class _Scans:
+    """What a run publishes, checked before anything is sent; its scans are numbered once the topic is known."""
+
+    frames_each: int  # frames of one scan
+    stored_number: int | None  # the scan number a --hdf5 file stores
+    batches_of: Callable[[int], Iterator[SparseFrameBatch]]  # scan number -> its batches
+
+
+def _scans(args: argparse.Namespace) -> _Scans:
+    """Checks the parameters or the file."""
     if args.hdf5:
         info = inspect_stempy_hdf5(args.hdf5)
-        # A recorded scan keeps the number it was written with (if the file stores one): its map is named after it.
-        first = next(n for n in (args.first_scan_number, info.scan_number, 1) if n is not None)
-        numbers = range(first, first + args.n_scans)
-        if args.first_scan_number is None and info.scan_number is None:
-            log.warning(
-                "%s stores no scan number (stempy's own writer does not): publishing it as scan %d; give "
-                "--first_scan_number, or a second such file in the topic will be reduced into the same scan",
-                args.hdf5,
-                first,
-            )
         log.info(
-            "publishing %s as scan %d: stempy v%d, scan shape %dx%d, frame shape %dx%d, %d frames",
-            args.hdf5,
-            first,
-            info.version,
-            *info.scan_shape,
-            *info.frame_shape,
+            "%s: stempy v%d, scan shape %dx%d, frame shape %dx%d, %d frames, scan number %s",
+            args.hdf5, info.version, *info.scan_shape, *info.frame_shape, info.n_frames,
+            "not stored" if info.scan_number is None else info.scan_number,
+        )  # fmt: skip
+        return _Scans(
             info.n_frames,
+            info.scan_number,
+            lambda n: read_stempy_hdf5(args.hdf5, args.batch_size, scan_number=n),
         )
-        batches = (b for n in numbers for b in read_stempy_hdf5(args.hdf5, args.batch_size, scan_number=n))
-        return info.n_frames * args.n_scans, batches
-    first = 1 if args.first_scan_number is None else args.first_scan_number
-    numbers = range(first, first + args.n_scans)
-    sims = [
-        ScanSimulation(
-            scan_shape=(args.scan_rows, args.scan_cols),
-            frame_shape=(args.frame_rows, args.frame_cols),
-            events_per_frame=args.events_per_frame,
-            frames_per_position=args.frames_per_position,
-            disc_radius=args.disc_radius,
-            shift_amplitude=args.shift_amplitude,
-            seed=args.seed,
-            scan_number=n,
-        )
-        for n in numbers
-    ]
-    return sum(s.n_frames for s in sims), (b for s in sims for b in s.batches(args.batch_size))
+    sim = ScanSimulation(
+        scan_shape=(args.scan_rows, args.scan_cols),
+        frame_shape=(args.frame_rows, args.frame_cols),
+        events_per_frame=args.events_per_frame,
+        frames_per_position=args.frames_per_position,
+        disc_radius=args.disc_radius,
+        shift_amplitude=args.shift_amplitude,
+        seed=args.seed,
+    )
+    return _Scans(sim.n_frames, None, lambda n: replace(sim, scan_number=n).batches(args.batch_size))
+
+
+def first_scan_number(args: argparse.Namespace, scans: _Scans, newest: int | None) -> int:
+    """--first_scan_number, else the number a --hdf5 file stores, else one after ``newest`` (the largest
+    scan number among the newest messages of the topic; None: an empty topic), as a detector counts its
+    scans. A number the topic may already hold is said: a reduce takes frames of a scan it has reduced for
+    ones delivered again and skips them."""
+    first = next((n for n in (args.first_scan_number, scans.stored_number) if n is not None), None)
+    if first is None:
+        return 1 if newest is None else newest + 1
+    if newest is not None and first <= newest:
+        log.warning(
+            "topic %r already holds scans up to %d: scan %d published again is skipped by a reduce that "
+            "reduced it (as frames delivered twice); give --first_scan_number %d for a new scan",
+            args.topic, newest, first, newest + 1,
+        )  # fmt: skip
+    return first
 
 
 def _closest_topic(client: KafkaClientConfig, topic: str) -> str:
@@ -253,6 +267,17 @@ def _closest_topic(client: KafkaClientConfig, topic: str) -> str:
         return closest_topic(topic, topic_names(client))
     except KafkaUnavailableError:
         return ""
+
+
+def _not_in_full(last: SparseFrameBatch | None, queued: bool) -> str:
+    """Which scan an interrupted run did not publish in full: that of the ``last`` batch it came to, unless
+    that batch was ``queued`` and ends its scan."""
+    if last is None:
+        return ""
+    total = last.header.total_frames
+    if queued and total is not None and int(last.frame_numbers[-1]) + 1 >= total:
+        return ""
+    return f"; scan {last.header.scan_number} was not published in full"
 
 
 def _error(message: str, status: int) -> int:
@@ -268,40 +293,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client = KafkaClientConfig.load(args.bootstrap_servers, args.kafka_config_file, args.kafka_config)
         client.check()
-        total, batches = _scans(args)
+        scans = _scans(args)
     except (OSError, ValueError) as exc:  # StempyFormatError is a ValueError
         return _error(str(exc), 2)
 
+    total = scans.frames_each * args.n_scans
     progress = Progress(total, mode=args.progress)
     publisher: FramePublisher | None = None
+    publishing: SparseFrameBatch | None = None  # the batch the run came to, and whether the publisher took it
+    queued = False
     if args.create_topic:
         try:
             ensure_topic(client, args.topic, args.partitions, args.replication_factor)
         except RuntimeError as exc:
             return _error(str(exc), 1)
+    # Said first: an unreachable broker is otherwise silence until the timeout.
+    log.info("asking Kafka at %s for topic %r's partitions", args.bootstrap_servers, args.topic)
     try:
         # Leaving the block flushes: on success it waits for every delivery and raises on a failure; after an
         # error or Ctrl-C it still delivers what is queued (for up to 10 s).
         with FramePublisher(client, args.topic, partitioner=args.partitioner, rate=args.rate or None) as publisher:
+            first = first_scan_number(args, scans, newest_scan_number(client, args.topic))
+            numbers = range(first, first + args.n_scans)
             log.info(
-                "publishing %d frames to %r (%d partitions, %s) on %s, %s",
+                "publishing %d frames (scan%s %s) to %r (%d partitions, %s) on %s, %s",
                 total,
+                "s" if len(numbers) > 1 else "",
+                f"{first}-{numbers[-1]}" if len(numbers) > 1 else first,
                 args.topic,
                 len(publisher.partition_ids),
                 args.partitioner,
                 args.bootstrap_servers,
                 f"{args.rate:,.0f} frames/s" if args.rate else "as fast as possible",
             )
-            for batch in batches:
+            for batch in (b for n in numbers for b in scans.batches_of(n)):
+                publishing, queued = batch, False
                 publisher.publish(batch)
+                queued = True
                 progress.update(publisher.stats())
-    except (KeyboardInterrupt, PublishError, StempyFormatError) as exc:
+    except (KeyboardInterrupt, PublishError, StempyFormatError, KafkaUnavailableError) as exc:
         stopped_at = publisher.stats() if publisher is not None else None
         if publisher is not None:  # else nothing was published: no progress to show
             progress.close(stopped_at)
         if isinstance(exc, KeyboardInterrupt):
-            if stopped_at is not None:
-                log.error("interrupted after %s", stopped_at.describe())
+            if stopped_at is None:
+                log.error("interrupted before publishing anything")
+            else:
+                log.error("interrupted after %s%s", stopped_at.describe(), _not_in_full(publishing, queued))
             return 130
         if isinstance(exc, StempyFormatError):
             return _error(str(exc), 2)

@@ -494,21 +494,23 @@ def stempy_file(path: Path, scan_number: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("extra", "expected"), [([], [7]), (["--first_scan_number", "3", "--n_scans", "2"], [3, 4])])
+@pytest.mark.parametrize(("extra", "expected"), [([], 7), (["--first_scan_number", "3", "--n_scans", "2"], 3)])
 def test_a_recorded_scan_is_published_under_the_number_its_file_stores(
-    tmp_path: Path, extra: list[str], expected: list[int]
+    tmp_path: Path, extra: list[str], expected: int
 ) -> None:
     path = stempy_file(tmp_path / "scan_7.h5", scan_number=7)
     args = simulate.parse_args(["--topic", "t", "--hdf5", str(path), *extra])
-    total, batches = simulate._scans(args)
-    assert total == 12 * len(expected)
-    assert sorted({b.header.scan_number for b in batches}) == expected
+    scans = simulate._scans(args)
+    assert scans.frames_each == 12
+    first = simulate.first_scan_number(args, scans, newest=None)
+    assert first == expected
+    assert {b.header.scan_number for b in scans.batches_of(first)} == {expected}
 
 
-def test_a_recorded_scan_whose_file_stores_no_number_is_published_as_1_with_a_warning(
+def test_a_recorded_scan_whose_file_stores_no_number_is_numbered_after_the_topics_newest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """stempy's own writer stores no scan number: two such files in one topic would mix into one scan."""
+    """stempy's own writer stores no scan number: as 1 every time, two such files would mix into one scan."""
     import h5py
 
     from beamops.io.hdf5 import BEAMOPS_METADATA
@@ -516,22 +518,32 @@ def test_a_recorded_scan_whose_file_stores_no_number_is_published_as_1_with_a_wa
     path = stempy_file(tmp_path / "stempy.h5", scan_number=7)
     with h5py.File(path, "r+") as f:
         del f[BEAMOPS_METADATA]
-    caplog.set_level(logging.WARNING, logger="jobs.simulate")
-    _, batches = simulate._scans(simulate.parse_args(["--topic", "t", "--hdf5", str(path)]))
-    assert {b.header.scan_number for b in batches} == {1}
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "jobs.simulate"]
+    args = simulate.parse_args(["--topic", "t", "--hdf5", str(path)])
+    scans = simulate._scans(args)
+    assert scans.stored_number is None
+    assert simulate.first_scan_number(args, scans, newest=None) == 1
+    assert simulate.first_scan_number(args, scans, newest=6) == 7
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_simulated_scans_are_numbered_after_the_topics_newest_scan(caplog: pytest.LogCaptureFixture) -> None:
+    """A second run onto the same topic is a new scan, as a detector's next acquisition: with the number of
+    the first, a reduce would skip its frames as delivered twice and its map would be the first run's."""
+
+    def first(extra: list[str], newest: int | None) -> int:
+        args = simulate.parse_args(["--topic", "t", "--scan_rows", "2", "--scan_cols", "2", *extra])
+        return simulate.first_scan_number(args, simulate._scans(args), newest)
+
+    assert first([], None) == 1
+    assert first([], 4) == 5
+    assert first(["--first_scan_number", "5"], 4) == 5
+    assert not caplog.records
+    assert first(["--first_scan_number", "3"], 4) == 3  # as asked, but said
+    (warning,) = [r.getMessage() for r in caplog.records]
     assert warning == (
-        f"{path} stores no scan number (stempy's own writer does not): publishing it as scan 1; give "
-        "--first_scan_number, or a second such file in the topic will be reduced into the same scan"
+        "topic 't' already holds scans up to 4: scan 3 published again is skipped by a reduce that reduced it "
+        "(as frames delivered twice); give --first_scan_number 5 for a new scan"
     )
-    caplog.clear()
-    simulate._scans(simulate.parse_args(["--topic", "t", "--hdf5", str(path), "--first_scan_number", "4"]))
-    assert not [r for r in caplog.records if r.name == "jobs.simulate"]
-
-
-def test_simulated_scans_are_still_numbered_from_1() -> None:
-    _, batches = simulate._scans(simulate.parse_args(["--topic", "t", "--scan_rows", "2", "--scan_cols", "2"]))
-    assert {b.header.scan_number for b in batches} == {1}
 
 
 def test_simulated_scan_options_given_with_a_recorded_file_are_refused(

@@ -733,7 +733,8 @@ def test_the_log_lines_of_a_per_scan_reduction_name_its_instance(caplog: pytest.
         assert sorted(r.getMessage() for r in mine) == [
             f"{label}: scan 5 complete: 16 frames",
             f"{label}: scan 5: 8 frames, 8 positions so far",
-            f"{label}: scan 5: skipped 4 frames already reduced (redelivered)",
+            f"{label}: scan 5: skipped 4 frames already reduced (delivered again, or another run published under "
+            "the same scan number)",
             f"{label}: scan 6 flushed incomplete (no frames for 300 s of event time, or the input ended): "
             "12 frames, 12 of 16 positions",
             f"{label}: scan 6: 8 frames, 8 positions so far",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -108,6 +110,36 @@ def test_by_scan_keeps_each_scan_in_one_partition(kafka_broker):
         partitions_of.setdefault(msg.key(), set()).add(msg.partition())
     assert sorted(partitions_of) == [b"1", b"2", b"3"]
     assert all(len(p) == 1 for p in partitions_of.values()), partitions_of
+
+
+def test_a_second_run_publishes_the_next_scan_number(kafka_broker, caplog):
+    """As a detector numbers its acquisitions: with scan 1 again, a reduce would take the second run's frames
+    for the first run's delivered twice, skip them, and its map would be the first run's."""
+    topic = kafka_broker.new_topic(partitions=3)
+    caplog.set_level(logging.INFO, logger="jobs.simulate")
+    assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=50", "--n_scans=2") == 0
+    assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=50", "--seed=3") == 0
+    keys = [m.key() for m in read_topic(kafka_broker.bootstrap_servers, topic)]
+    assert sorted(set(keys)) == [b"1", b"2", b"3"] and keys.count(b"3") == 4
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("publishing")]
+    assert [line.split(" to ")[0] for line in said] == [
+        "publishing 320 frames (scans 1-2)",
+        "publishing 160 frames (scan 3)",
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_ctrl_c_names_the_scan_left_unfinished(kafka_broker, caplog):
+    topic = kafka_broker.new_topic(partitions=1)
+    caplog.set_level(logging.INFO, logger="jobs.simulate")
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    try:  # 160 frames at 100 frames/s: about 1.6 s
+        assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=10", "--rate=100") == 130
+    finally:
+        timer.cancel()
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert re.fullmatch(r"interrupted after \d+ frames in \d+ batches .*; scan 1 was not published in full", said)
 
 
 def test_a_stempy_file_is_published_event_for_event(kafka_broker, tmp_path):
