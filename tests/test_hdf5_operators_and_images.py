@@ -397,3 +397,21 @@ def test_an_image_names_its_axes_in_scan_or_detector_space() -> None:
     pattern = Image(header, "diffraction_sum", np.zeros((64, 72), np.float32))
     assert axis_labels(scan_image) == ("scan column", "scan row")
     assert axis_labels(pattern) == ("detector column", "detector row")
+
+
+def test_an_interrupted_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path: Path) -> None:
+    """Ctrl-C while a map's PNG was drawn left a 0-byte ``.scan_000002_com.png.tmp`` beside the maps."""
+    from beamops.io.files import atomic_write
+
+    path = tmp_path / "scan_000001_com.png"
+    path.write_bytes(b"earlier")
+
+    def interrupted(fh: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert path.read_bytes() == b"earlier"
+    atomic_write(path, lambda fh: fh.write(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == b"new"

@@ -59,7 +59,8 @@ def files_like(folder: Path, pattern: str, shown: int = 3) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``. If anything
+    interrupts it (an error, Ctrl-C), ``path`` is as it was and the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -67,6 +68,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise unwritable(path, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class PreviewThrottle:
