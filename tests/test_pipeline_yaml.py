@@ -392,6 +392,27 @@ def test_the_com_example_gives_the_map_of_the_com_job(tmp_path: Path) -> None:
     assert not (from_yaml / "dead_letters").exists()
 
 
+def test_the_dpc_examples_phase_is_that_of_its_simulated_shift_field(tmp_path: Path) -> None:
+    """With interactEM's defaults (theta -9, reg 0.1: its camera's) the example's phase was speckle."""
+    from beamops.simulate import ScanSimulation
+    from transforms.dpc_phase import integrate_gradient
+
+    argv = ["pipeline", "run", str(COM_DPC), "--set", "source.scan_rows=40", "--set", "source.scan_cols=48"]
+    argv += [item for i in ("maps", "phase_png", "dead_letters") for item in ("--set", f"{i}.out_dir={tmp_path}")]
+    assert beamops_main(argv) == 0
+    phase = np.load(tmp_path / "phase_scan_000001.npy")
+    source = load_pipeline(COM_DPC).instances["source"].params
+    sx, sy = ScanSimulation(
+        scan_shape=(40, 48),
+        events_per_frame=source.events_per_frame,
+        disc_radius=source.disc_radius,
+        shift_amplitude=source.shift_amplitude,
+    ).shift_field()
+    truth = integrate_gradient(sy, sx)  # d/d row, d/d col: the known shifts, exactly integrated
+    assert np.corrcoef(phase.ravel(), truth.ravel())[0, 1] > 0.99
+    assert np.std(phase) == pytest.approx(np.std(truth), rel=0.05)
+
+
 def test_a_run_says_what_it_wrote_and_first_which_earlier_files_it_may_replace(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
