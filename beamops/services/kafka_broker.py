@@ -332,6 +332,7 @@ class KafkaBroker(LocalServer):
             state_dir = tempfile.mkdtemp(prefix=f"beamops-kafka-{self.port}-")
         self.state_dir = Path(state_dir) if state_dir is not None else run_dir() / f"kafka-{self.port}"
         self.data_dir = Path(data_dir) if data_dir is not None else self.state_dir / "data"
+        self._data_dir_given = data_dir is not None
         self.heap = heap
         self.heap_initial = heap_initial
         self.quick_start = ephemeral if quick_start is None else quick_start
@@ -496,7 +497,14 @@ class KafkaBroker(LocalServer):
             pid = self._live_pid(state)
             launched = pid is None
             if pid is not None:
-                self._say(f"already running on {self.bootstrap_servers} (pid {pid})")
+                running_on = Path(state["data_dir"]) if state and state.get("data_dir") else self.data_dir
+                if self._data_dir_given and running_on.resolve() != self.data_dir.resolve():
+                    raise KafkaBrokerError(
+                        f"a broker already runs on {self.bootstrap_servers} (pid {pid}) with its data in "
+                        f"{running_on}, not {self.data_dir}: stop it first (`beamops kafka down --port {self.port}`), "
+                        "or give another --port"
+                    )
+                self._say(f"already running on {self.bootstrap_servers} (pid {pid}), data {running_on}")
             else:
                 pid = self._launch()
         try:
@@ -670,12 +678,16 @@ def up(port: int = DEFAULT_PORT, data_dir: str | os.PathLike[str] | None = None,
 def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
     """Stop the broker on 127.0.0.1:port (by its recorded PID); 0 also when none was running."""
     broker = KafkaBroker(port, progress=_print)
+    data_dir = broker.status().data_dir
     try:
         if not broker.stop(timeout, remove_data=False):
             elsewhere = running_elsewhere("kafka", port, lambda p: KafkaBroker(p).status().running)
             _print(f"no broker running on {broker.bootstrap_servers}{elsewhere}")
+            return 0
     except KafkaBrokerError as exc:
         return cli_error("kafka", exc)
+    again = "" if data_dir == broker.data_dir else f" --data-dir {data_dir}"
+    _print(f"its topics stay in {data_dir}: `beamops kafka up --port {port}{again}` serves them again")
     return 0
 
 

@@ -173,10 +173,20 @@ def test_cli_functions_up_status_down(tmp_path, monkeypatch, capsys):
         assert kb.status(port) == 0
         assert f"running: pid {KafkaBroker(port).pid}, bootstrap 127.0.0.1:{port}" in capsys.readouterr().out
         assert kb.up(port) == 0
-        assert "already running" in capsys.readouterr().out
+        data = tmp_path / f"kafka-{port}" / "data"
+        assert (
+            f"already running on 127.0.0.1:{port} (pid {KafkaBroker(port).pid}), data {data}" in capsys.readouterr().out
+        )
+        # another data dir while it runs: refused, not "already running" on the other one's topics
+        assert kb.up(port, data_dir=tmp_path / "other") == 1
+        err = capsys.readouterr().err
+        assert f"a broker already runs on 127.0.0.1:{port}" in err and f"with its data in {data}, not " in err
+        assert not (tmp_path / "other").exists()
     finally:
         assert kb.down(port) == 0
-    assert "stopped after" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped after" in out
+    assert f"its topics stay in {data}: `beamops kafka up --port {port}` serves them again" in out
     assert kb.status(port) == 3
     assert "not running" in capsys.readouterr().out
     assert kb.down(port) == 0
