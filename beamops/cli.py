@@ -284,7 +284,7 @@ def _service_parser(sub: Any, name: str, help_text: str, port: int, func: Any, s
     up = actions.add_parser("up", help="start it and wait until it serves")
     down = actions.add_parser("down", help="stop it (SIGTERM to its recorded PIDs)")
     status = actions.add_parser("status", help="is it running; exit status 3 when not")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     for action, timeout in ((up, start_timeout), (down, 30.0), (status, None)):
         action.add_argument("--port", type=tcp_port, default=port, help=f"port on 127.0.0.1 (default {port})")
         if timeout is not None:

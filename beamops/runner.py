@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,8 +410,8 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
     (parser,) = parsers
     _, unknown = parser.parse_known_args(beam_args)
     known = [option for action in parser._actions for option in action.option_strings]
-    named = []
-    value_of_forwarded = after_secret = False
+    kept = []
+    value_of_forwarded = False
     for arg in unknown:
         name = arg.split("=", 1)[0]
         may_be_a_value, value_of_forwarded = value_of_forwarded, False
@@ -420,11 +420,26 @@ def unknown_arguments(beam_args: list[str], forwarded: bool = False) -> list[str
         if forwarded and name.startswith("--") and "-" not in name[2:]:
             value_of_forwarded = "=" not in arg
             continue
+        kept.append(arg)
+    return describe_unknown(kept, known)
+
+
+def describe_unknown(unknown: Iterable[str], known: Sequence[str]) -> list[str]:
+    """Each unknown argument as an error shows it: a secret's value masked, and a mistyped option followed by
+    its value, then by the known option closest to it (``--crop-radius 30 (did you mean --crop_radius?)``)."""
+    shown: list[list[str]] = []  # [the argument and its value, the hint]
+    takes_value = after_secret = False
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if takes_value and not arg.startswith("-"):
+            shown[-1][0] += f" {_masked(arg, after_secret)}"
+            takes_value = after_secret = False
+            continue
         match = closest_name(name, known) if arg.startswith("-") else None
-        shown = _masked(arg, after_secret)
-        named.append(f"{shown} (did you mean {match}?)" if match else shown)
-        after_secret = is_secret(name) and "=" not in arg  # "--sasl_password hunter2": the next word is the secret
-    return named
+        shown.append([_masked(arg, False), f" (did you mean {match}?)" if match else ""])
+        takes_value = arg.startswith("-") and "=" not in arg
+        after_secret = takes_value and is_secret(name)  # "--sasl_password hunter2": the next word is the secret
+    return [text + hint for text, hint in shown]
 
 
 def _masked(arg: str, is_a_secret: bool) -> str:

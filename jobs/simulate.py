@@ -34,8 +34,8 @@ from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_
 from beamops.io.kafka import closest_topic, ensure_topic, newest_scan_number, topic_names
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
-from beamops.operator import did_you_mean
 from beamops.options import add_kafka_client_arguments
+from beamops.runner import describe_unknown
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
@@ -188,8 +188,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in simulated}))
     if unknown:  # as the jobs say it: a mistyped --scan-rows names --scan_rows
         known = [option for action in parser._actions for option in action.option_strings]
-        named = [u + (did_you_mean(u.split("=", 1)[0], known) if u.startswith("--") else "") for u in unknown]
-        parser.error(f"unrecognized arguments: {' '.join(named)}")
+        parser.error(f"unrecognized arguments: {' '.join(describe_unknown(unknown, known))}")
     given = [a.option_strings[0] for a in simulated if getattr(args, a.dest) is not _UNSET]
     if args.hdf5 and given:
         parser.error(f"{', '.join(given)}: --hdf5 publishes the file's scan; the simulated scan's options do not apply")

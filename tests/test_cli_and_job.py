@@ -170,7 +170,7 @@ def test_flink_runner_without_a_job_server_jar_is_a_clear_error(
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--crop-radius", "30"], "unrecognized arguments: --crop-radius (did you mean --crop_radius?) 30"),
+        (["--crop-radius", "30"], "unrecognized arguments: --crop-radius 30 (did you mean --crop_radius?)"),
         (["stray"], "unrecognized arguments: stray"),
     ],
 )
@@ -185,8 +185,9 @@ def test_an_argument_nobody_knows_is_an_error_not_a_default_run(
 
 def test_a_portable_runner_gets_the_options_beam_forwards_to_its_job_server() -> None:
     args = ["--checkpointing_interval=2000", "--state_backend", "rocksdb", "--crop-radius", "30", "stray"]
-    assert unknown_arguments(args, forwarded=True) == ["--crop-radius (did you mean --crop_radius?)", "30", "stray"]
-    assert unknown_arguments(args)[:3] == args[:3]  # in process, nobody would read them
+    assert unknown_arguments(args, forwarded=True) == ["--crop-radius 30 (did you mean --crop_radius?)", "stray"]
+    # in process, nobody would read them
+    assert unknown_arguments(args)[:2] == ["--checkpointing_interval=2000", "--state_backend rocksdb"]
     assert unknown_arguments(["--runner=FlinkRunner", "--parallelism=2", "--streaming"]) == []
 
 
@@ -196,8 +197,7 @@ def test_a_secret_among_unknown_arguments_is_not_echoed() -> None:
         "sasl.password=***",
         "--ssl.key.password=***",
         "--kafka-config=sasl.password=*** (did you mean --kafka_config?)",
-        "--sasl_password",
-        "***",
+        "--sasl_password ***",
     ]
 
 
