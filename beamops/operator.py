@@ -341,8 +341,9 @@ class Operator(beam.PTransform):
             return cls.Params.model_validate(values)
         except ValidationError as exc:
             reasons = "; ".join(
-                f"parameter {'.'.join(str(p) for p in err['loc']) or '(all)'!r}: {err['msg']}"
-                + (f" (got {err['input']!r})" if err["loc"] else "")
+                f"parameter {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} (got {err['input']!r})"
+                if err["loc"]
+                else err["msg"].removeprefix("Value error, ")  # a rule on several parameters: it names them
                 for err in exc.errors()
             )
             raise OperatorParameterError(f"operator {cls.name!r}: {reasons}") from None

@@ -484,7 +484,7 @@ def test_bad_annuli_are_rejected_at_construction(annuli, reason):
         ({"names": "bf"}, "'names'", "1 names for 2 annuli"),
         ({"names": "bf,bf"}, "'names'", "duplicate"),
         ({"names": "bf,2adf"}, "'names'", "must start with a letter"),
-        ({"center_x": 3.0}, "'(all)'", "set both center_x and center_y"),
+        ({"center_x": 3.0}, "'virtual_images': set both", "set both center_x and center_y"),
         ({"center_frames": 0}, "'center_frames'", "greater than or equal to 1"),
         ({"annulus": "0:4"}, "unknown parameter", "annulus"),
     ],
