@@ -350,6 +350,11 @@ def test_the_picture_of_a_map_says_how_many_positions_are_blank() -> None:
     assert (
         com_png_title(empty) == "Scan 1: center of mass (final; 30 frames, 30/30 positions; 30 without events, hatched)"
     )
+    # An incomplete map: its positions no frame reached are not said to be "without events"
+    cut = run_operator(lambda f: f | com_partial() | com_reduce(), list(sim.batches(7))[:2]).final_maps()[1]
+    assert com_png_title(cut) == (
+        "Scan 1: center of mass (final, INCOMPLETE; 14 frames, 14/30 positions; 16 without frames, hatched)"
+    )
 
 
 def test_cells_without_data_are_hatched_not_white_and_counted_in_the_title() -> None:

@@ -72,9 +72,13 @@ def _modified(path: Path) -> float:
 def com_png_title(com: ComMap) -> str:
     """The PNG's title: scan number, state, frames and positions seen, and how many positions are blank."""
     state = output_state(com.final, com.complete)
-    # A position without kept events is NaN, drawn hatched: the title says how many, so a blank map is explained.
+    # A position without kept events is NaN, drawn hatched: the title says how many, so a blank map is explained,
+    # those no frame reached (of an incomplete map) apart from those whose frames had no events.
     empty = blank_cells(com.x + com.y)
-    blank = f"; {empty} without events, hatched" if empty else ""
+    without_frames = min(empty, com.header.n_positions - com.positions_seen)
+    counts = [(without_frames, "without frames"), (empty - without_frames, "without events")]
+    said = ", ".join(f"{n} {what}" for n, what in counts if n)
+    blank = f"; {said}, hatched" if said else ""
     return (
         f"Scan {com.scan_number}: center of mass ({state}; {com.frames_seen} frames, "
         f"{com.positions_seen}/{com.header.n_positions} positions{blank})"
