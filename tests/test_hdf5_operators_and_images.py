@@ -392,8 +392,29 @@ def test_a_map_without_a_single_value_says_no_data_instead_of_a_colour_bar() -> 
     for data, bars, texts in [(np.full((2, 2), np.nan), 0, ["no data"]), (np.array([[np.nan, 1.0]]), 1, [])]:
         fig, ax = plt.subplots()
         colour_bar(fig, draw_map(ax, data, "gray"), ax, data, "px")
-        assert (len(fig.axes) - 1, [t.get_text() for t in ax.texts]) == (bars, texts)
+        assert (len(ax.child_axes), [t.get_text() for t in ax.texts]) == (bars, texts)  # a bar is an inset of ax
         plt.close(fig)
+
+
+def test_a_colour_bar_is_as_tall_as_its_map_whatever_the_scans_shape() -> None:
+    """A 32x64 scan's bars stood twice as tall as its maps: they took the height of the axes' slot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transforms._pictures import colour_bar, draw_map, figure_height
+
+    for shape in [(32, 64), (64, 24), (50, 50)]:
+        data = np.arange(float(np.prod(shape))).reshape(shape)
+        fig, ax = plt.subplots(figsize=(5, figure_height(shape, 4.6)), constrained_layout=True)
+        colour_bar(fig, draw_map(ax, data, "gray"), ax, data, "px")
+        fig.canvas.draw()
+        (bar,) = ax.child_axes
+        shown, beside = ax.get_window_extent(), bar.get_window_extent()
+        plt.close(fig)
+        assert beside.height == pytest.approx(shown.height, abs=1.0), shape
+        assert shown.width / shown.height == pytest.approx(shape[1] / shape[0], rel=0.02)  # square cells
 
 
 def test_an_image_names_its_axes_in_scan_or_detector_space() -> None:

@@ -29,7 +29,17 @@ def colour_bar(fig: Any, image: Any, ax: Any, data: np.ndarray, label: str | Non
     if data.size and blank_cells(data) == data.size:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", backgroundcolor="white")
         return
-    fig.colorbar(image, ax=ax, label=label)
+    # Beside the image and as tall as it: a bar that takes its height from the axes' slot stands twice as
+    # tall as a scan twice as wide as high.
+    fig.colorbar(image, cax=ax.inset_axes((1.04, 0.0, 0.05, 1.0)), label=label)
+
+
+def figure_height(shape: tuple[int, int], square: float) -> float:
+    """Inches: ``square`` for a square map, less for a wide one and more for a tall one (up to twice), so a
+    map fills its figure's width or height instead of floating in white."""
+    rows, cols = shape
+    titles = 0.9  # the title, the axis labels and the ticks
+    return min(max((square - titles) * rows / cols, 1.5) + titles, 2 * square)
 
 
 def blank_cells(data: np.ndarray) -> int:

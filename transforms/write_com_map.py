@@ -30,7 +30,7 @@ from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.operator import OperatorParams
 from beamops.provenance import Provenance, read_provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, colour_bar, draw_map, output_state, save_png
+from transforms._pictures import blank_cells, colour_bar, draw_map, figure_height, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -93,7 +93,7 @@ def render_com_png(com: ComMap, path: Path, colormap: str = "viridis", provenanc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, figure_height(com.header.scan_shape, 4.6)), constrained_layout=True)
     for ax, data, label in zip(axes, (com.x, com.y), ("x (column)", "y (row)"), strict=True):
         image = draw_map(ax, data, colormap)
         ax.set_title(f"COM {label}")

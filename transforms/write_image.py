@@ -22,7 +22,7 @@ from beamops import Image, OperatorParams, operator
 from beamops.io.files import PreviewThrottle, atomic_write, output_dir
 from beamops.provenance import Provenance
 from beamops.spec import Mount, OutputFiles
-from transforms._pictures import blank_cells, colour_bar, draw_map, output_state, save_png
+from transforms._pictures import blank_cells, colour_bar, draw_map, figure_height, output_state, save_png
 
 _previews = PreviewThrottle()
 
@@ -65,7 +65,7 @@ def render_png(image: Image, path: Path, colormap: str, provenance: Provenance |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6, figure_height(image.data.shape[-2:], 5.0)), constrained_layout=True)
     shown = draw_map(ax, image.data, colormap)
     xlabel, ylabel = axis_labels(image)
     ax.set(xlabel=xlabel, ylabel=ylabel)
