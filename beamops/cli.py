@@ -124,9 +124,16 @@ def cmd_operator_new(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"beamops: {exc}", file=sys.stderr)
         return 2
-    for path in (made.module, made.spec, made.test):
-        print(path)
-    if not made.module.resolve().is_relative_to(BUILTIN_DIR):
+    for path in (made.module, made.spec, made.test, made.project):
+        if path is not None:
+            print(path)
+    if made.project is not None:
+        print(
+            f"{made.project} is a new project with {made.module_name} as an operator entry point: pipelines and "
+            "`beamops operators` find it once the project is installed: pip install -e .",
+            file=sys.stderr,
+        )
+    elif not made.module.resolve().is_relative_to(BUILTIN_DIR):
         print(
             f"pipelines and `beamops operators` find it once your pyproject.toml has\n"
             f'  [project.entry-points."{ENTRY_POINT_GROUP}"]\n'

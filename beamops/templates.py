@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -140,12 +140,38 @@ _TEMPLATE_NAMES = frozenset(
 )
 
 
+_PYPROJECT = """\
+# Written by `beamops operator new`: a project of beamops operators. beamops finds each operator
+# through an entry point in the "{group}" group; add one per operator module.
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{project}"
+version = "0.1.0"
+requires-python = ">=3.11"
+dependencies = ["beamops"]
+
+[project.entry-points."{group}"]
+{name} = "{module}"
+
+[tool.setuptools.packages.find]
+where = ["{where}"]
+include = ["{package}*"]
+
+[tool.setuptools.package-data]
+"*" = ["*.operator.json"]
+"""
+
+
 @dataclass(frozen=True)
 class Generated:
     module: Path
     spec: Path
     test: Path
     module_name: str  # the module's import path, which the test imports
+    project: Path | None = None  # the pyproject.toml written for a new project, if one was
 
 
 def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str | None = None) -> Generated:
@@ -155,9 +181,12 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
     with dots, without a leading ``src``: ``src/myops`` is ``myops``). Refuses a
     bad name, a name already in the catalog, a package that would hide
     beamops' own ``transforms``, or files that exist. A package directory that
-    does not exist yet is made (with an empty ``__init__.py``).
+    does not exist yet is made (with an empty ``__init__.py``). Without a
+    ``pyproject.toml`` in the current directory, one is written for a top-level
+    package below it: it installs the package (``pip install -e .``) with the
+    operator as a ``beamops.operators`` entry point.
     """
-    from beamops.registry import BUILTIN_DIR, BUILTIN_PACKAGE, discover
+    from beamops.registry import BUILTIN_DIR, BUILTIN_PACKAGE, ENTRY_POINT_GROUP, discover
 
     if not _NAME.match(name):
         raise ValueError(f"operator name {name!r} must be lowercase letters, digits and '_', starting with a letter")
@@ -195,6 +224,21 @@ def new_operator(name: str, package_dir: Path, tests_dir: Path, import_path: str
     if not package_dir.exists():  # a new package: made, with its __init__.py
         package_dir.mkdir(parents=True)
         (package_dir / "__init__.py").write_text("")
+    project = Path("pyproject.toml")
+    if not project.exists() and "." not in import_path and package_dir.resolve().is_relative_to(Path.cwd().resolve()):
+        # A new project: it installs (pip install -e .) with the operator in beamops' catalog.
+        where = package_dir.resolve().parent.relative_to(Path.cwd().resolve()).as_posix()
+        project.write_text(
+            _PYPROJECT.format(
+                group=ENTRY_POINT_GROUP,
+                project=import_path.replace("_", "-"),
+                name=name,
+                module=module_name,
+                where=where,
+                package=import_path,
+            )
+        )
+        out = replace(out, project=project)
     class_name = "".join(part.capitalize() for part in name.split("_"))
     title = name.replace("_", " ").capitalize()
     out.module.write_text(_MODULE.format(name=name, class_name=class_name, title=title, json_name=out.spec.name))

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import tomllib
+import zipfile
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -129,6 +131,7 @@ def test_new_operator_refuses_bad_names_existing_operators_and_files(
 def test_the_cli_creates_an_operator_and_says_how_to_register_it(tmp_path: Path) -> None:
     (tmp_path / "ops").mkdir()
     (tmp_path / "ops" / "__init__.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "mine"\n')  # a project of the user's: left alone
     result = _run([sys.executable, "-m", "beamops.cli", "operator", "new", "count_gate", "--dir", "ops"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ops" / "count_gate.py").is_file() and (tmp_path / "tests" / "test_count_gate.py").is_file()
@@ -139,6 +142,37 @@ def test_the_cli_creates_an_operator_and_says_how_to_register_it(tmp_path: Path)
     listed = _run([sys.executable, "-m", "beamops.cli", "operators", "list"], ROOT, tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert {"count_gate", "com_partial"} <= {line.split()[0] for line in listed.stdout.splitlines()[2:]}
+
+
+def test_a_new_project_gets_a_pyproject_that_installs_the_operator_into_the_catalog(tmp_path: Path) -> None:
+    """`pip install -e .`, which the command says to run, failed in a directory without a pyproject.toml."""
+    new = [sys.executable, "-m", "beamops.cli", "operator", "new"]
+    result = _run([*new, "hot_pixel_filter", "--dir", "src/myops"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "pyproject.toml"
+    assert "pyproject.toml is a new project with myops.hot_pixel_filter as an operator entry point" in result.stderr
+    project = tomllib.loads((tmp_path / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["beamops.operators"] == {"hot_pixel_filter": "myops.hot_pixel_filter"}
+    # The wheel pip would install: the package, its operator.json, the entry point.
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", "-q", "."], tmp_path
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("myops-0.1.0-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert {"myops/__init__.py", "myops/hot_pixel_filter.py", "myops/hot_pixel_filter.operator.json"} <= names
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert zf.read(entry_points).decode().split() == [
+            "[beamops.operators]",
+            "hot_pixel_filter",
+            "=",
+            "myops.hot_pixel_filter",
+        ]
+    # A second operator in the same project leaves its pyproject.toml as it is.
+    again = _run([*new, "cold_pixel_filter", "--dir", "src/myops"], tmp_path)
+    assert again.returncode == 0 and "pyproject.toml" not in again.stdout
+    assert '  cold_pixel_filter = "myops.cold_pixel_filter"' in again.stderr
 
 
 def test_the_cli_says_when_the_new_test_needs_the_package_installed(tmp_path: Path) -> None:
