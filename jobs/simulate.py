@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from beamops.frames import SparseFrameBatch
-from beamops.io.hdf5 import StempyFormatError, inspect_stempy_hdf5, read_stempy_hdf5
+from beamops.io.hdf5 import StempyFormatError, check_scan_positions, read_stempy_hdf5
 from beamops.io.kafka import closest_topic, ensure_topic, newest_scan_number, topic_names
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
@@ -220,7 +220,7 @@ class _Scans:
 def _scans(args: argparse.Namespace) -> _Scans:
     """Checks the parameters or the file."""
     if args.hdf5:
-        info = inspect_stempy_hdf5(args.hdf5)
+        info = check_scan_positions(args.hdf5)  # the whole file is publishable, or nothing is sent
         log.info(
             "%s: stempy v%d, scan shape %dx%d, frame shape %dx%d, %d frames, scan number %s",
             args.hdf5, info.version, *info.scan_shape, *info.frame_shape, info.n_frames,

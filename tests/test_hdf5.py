@@ -259,6 +259,15 @@ def test_the_simulate_job_rejects_a_bad_file_before_connecting(tmp_path, capsys)
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}: not a stempy electron-counted HDF5 file: unsupported stempy format version 7" in err
+    # Scan positions outside the scan: refused whole, before anything is sent (else half the file was published).
+    positions = tmp_path / "positions.h5"
+    write_minimal(positions, version=2, positions=np.array([0, 1, 2, 3, 4, 6]))
+    assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(positions)]) == 2
+    assert (
+        f"{positions}: not a stempy electron-counted HDF5 file: its scan positions run 0..6, outside the 2x3 scan "
+        "that /electron_events/scan_positions's Nx and Ny attributes give"
+    ) in capsys.readouterr().err
+    assert list(read_stempy_hdf5(positions, 6, on_bad_rows=lambda exc: None)) == []  # a reader may still skip rows
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(tmp_path / "no")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert simulate.main(["--bootstrap_servers", "127.0.0.1:9", "--topic", "t", "--hdf5", str(tmp_path)]) == 2

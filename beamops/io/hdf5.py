@@ -227,6 +227,25 @@ def inspect_stempy_hdf5(path: str | os.PathLike[str]) -> StempyFileInfo:
         return _inspect(path, f)
 
 
+def check_scan_positions(path: str | os.PathLike[str]) -> StempyFileInfo:
+    """:func:`inspect_stempy_hdf5`, and a StempyFormatError if any row's scan position is outside the scan the
+    file's attributes give (versions 1 and 2 store one per row; version 3's follow from the row). Reads the
+    positions (4 bytes a row), not the events: for a publisher, which must not send half a file."""
+    path = os.fspath(path)
+    with _open(path) as f:
+        info = _inspect(path, f)
+        if info.frames_per_position is None and info.n_frames:
+            every = f[SCAN_POSITIONS][()]
+            low, high = int(every.min()), int(every.max())
+            if low < 0 or high >= info.scan_shape[0] * info.scan_shape[1]:
+                raise StempyFormatError(
+                    path,
+                    f"its scan positions run {low}..{high}, outside the {info.scan_shape[0]}x{info.scan_shape[1]} "
+                    f"scan that /{SCAN_POSITIONS}'s Nx and Ny attributes give",
+                )
+    return info
+
+
 def read_stempy_hdf5(
     path: str | os.PathLike[str],
     batch_size: int = 1000,
