@@ -27,6 +27,7 @@ from beamops.testing import (
     run_operator,
     sparse_batches,
 )
+from transforms._pictures import figure_height
 from transforms.com_dense import com_dense
 from transforms.com_partial import com_partial
 from transforms.com_reduce import com_reduce
@@ -259,7 +260,8 @@ def test_full_chain_writes_npz_and_png(tmp_path):
     import matplotlib.image
 
     image = matplotlib.image.imread(png_path)
-    assert image.shape[:2] == (460, 1000)  # figsize 10 x 4.6 in at 100 dpi
+    # 10 in wide at 100 dpi; a 12x16 scan's maps are wider than high, and so is the figure (4.6 in when square)
+    assert image.shape[:2] == (int(100 * figure_height((12, 16), 4.6)), 1000) == (367, 1000)
     assert image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0.05  # not a blank picture
 
 
