@@ -132,45 +132,47 @@ def run(
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     started = time.monotonic()
     flink: _FlinkJob | None = None
-    try:
-        if _runner_key(runner) == "flink":
-            beam_args = flink_defaults(beam_args, bounded, _job_name_of(name or prog.split()[-1]))
-            flink = _FlinkJob.of(beam_args)
-            bad_snapshot = _savepoint_problem(_given(beam_args, "savepoint_path"), flink.rest_url)
-            if bad_snapshot:  # else Flink says so after the job was submitted, deep in its log
-                print(f"{prog}: error: {bad_snapshot}", file=sys.stderr)
-                return 2
-            unreachable = _flink_unreachable(_given(beam_args, "flink_master") or "")
-            if unreachable:  # else the job server retries for a minute, a stack trace a try
-                print(f"{prog}: error: {unreachable}", file=sys.stderr)
-                return 1
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-        build_fn(pipeline, values)
-        lost = dead_letters_going_nowhere(pipeline)
-        if lost:  # a wiring mistake of the job's: its letters would vanish
-            lost_labels = ", ".join(p.beamops_dead_letters_of for p in lost)
-            raise RuntimeError(f"the dead letters of {lost_labels} go nowhere: flatten them into the dead-letter sink")
-    except KeyboardInterrupt:  # Ctrl-C while the pipeline is built (waiting on a broker, say)
-        return _interrupted(prog, started)
-    except KafkaUnavailableError as exc:  # the brokers, not the arguments
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    log.info("running on %s", pipeline.options.get_all_options()["runner"])
-    with _noting_interrupts() as interrupted:
+    with _noting_interrupts() as stopped_by:
+        try:
+            if _runner_key(runner) == "flink":
+                beam_args = flink_defaults(beam_args, bounded, _job_name_of(name or prog.split()[-1]))
+                flink = _FlinkJob.of(beam_args)
+                bad_snapshot = _savepoint_problem(_given(beam_args, "savepoint_path"), flink.rest_url)
+                if bad_snapshot:  # else Flink says so after the job was submitted, deep in its log
+                    print(f"{prog}: error: {bad_snapshot}", file=sys.stderr)
+                    return 2
+                unreachable = _flink_unreachable(_given(beam_args, "flink_master") or "")
+                if unreachable:  # else the job server retries for a minute, a stack trace a try
+                    print(f"{prog}: error: {unreachable}", file=sys.stderr)
+                    return 1
+            pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+            build_fn(pipeline, values)
+            lost = dead_letters_going_nowhere(pipeline)
+            if lost:  # a wiring mistake of the job's: its letters would vanish
+                lost_labels = ", ".join(p.beamops_dead_letters_of for p in lost)
+                raise RuntimeError(
+                    f"the dead letters of {lost_labels} go nowhere: flatten them into the dead-letter sink"
+                )
+        except KeyboardInterrupt:  # Ctrl-C while the pipeline is built (waiting on a broker, say)
+            return _interrupted(prog, started, stopped_by() or signal.SIGINT)
+        except KafkaUnavailableError as exc:  # the brokers, not the arguments
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
+        except (OperatorParameterError, ValueError, OSError, RuntimeError) as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        log.info("running on %s", pipeline.options.get_all_options()["runner"])
         try:
             result = pipeline.run()
             result.wait_until_finish()
         except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
-            status = _interrupted(prog, started)
-            if flink is not None:
-                flink.after_interrupt(prog)
-            return status
+            if flink is not None:  # first: what is said next may go to a reader that is gone (| tee)
+                with _not_interrupted():
+                    flink.after_interrupt(prog)
+            return _interrupted(prog, started, stopped_by() or signal.SIGINT)
         except Exception as exc:
-            if interrupted():  # Ctrl-C inside a DoFn: Beam's in-process runners hand it back as a RuntimeError
-                return _interrupted(prog, started)
+            if stopped_by():  # Ctrl-C inside a DoFn: Beam's in-process runners hand it back as a RuntimeError
+                return _interrupted(prog, started, stopped_by())
             log.debug("pipeline failed", exc_info=True)  # the worker's traceback is in the runner's log
             took = time.monotonic() - started
             if "JobCancellationException" in str(exc):  # Beam's Flink runner reports a cancel as FAILED
@@ -282,66 +284,96 @@ class _FlinkJob:
         if job_id is None:
             return
         if not self.loopback:
-            print(
+            _tell(
                 f"{prog}: the Flink job {self.name} ({job_id}) goes on running on the cluster; to stop it: "
-                f"curl -X PATCH '{self.rest_url}/jobs/{job_id}?mode=cancel'",
-                file=sys.stderr,
+                f"curl -X PATCH '{self.rest_url}/jobs/{job_id}?mode=cancel'"
             )
             return
         resume = self.resume_hint("completed")
         try:
             cancel_job(self.rest_url, job_id)
         except (OSError, FlinkClusterError) as exc:
-            print(f"{prog}: could not cancel the Flink job {self.name} ({job_id}): {exc}", file=sys.stderr)
+            _tell(f"{prog}: could not cancel the Flink job {self.name} ({job_id}): {exc}")
             return
         again = f"; to go on from where it stopped, submit it again with {resume}" if resume else ""
-        print(
+        _tell(
             f"{prog}: cancelled the Flink job {self.name} ({job_id}): its workers ran in this process "
-            f"(--environment_type=LOOPBACK){again}",
-            file=sys.stderr,
+            f"(--environment_type=LOOPBACK){again}"
         )
 
 
-def _interrupted(prog: str, started: float) -> int:
+def _tell(message: str) -> None:
+    """``message`` on stderr. A reader that went away (``job | tee log``: Ctrl-C stops tee too) is no reason to
+    leave undone what follows; later writes go nowhere instead of failing again."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
+def _interrupted(prog: str, started: float, signum: int) -> int:
+    """The exit status of a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM), said in one line."""
     log.debug("interrupted", exc_info=True)
-    print(f"{prog}: interrupted after {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return 130
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    _tell(f"{prog}: {how} after {time.monotonic() - started:.1f} s")
+    return 128 + signum
+
+
+# What stops a run: Ctrl-C, and what `kill`, `timeout` or a service manager sends.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _noting_interrupts() -> Iterator[Callable[[], bool]]:
-    """Within: a function that says whether Ctrl-C (SIGINT) was pressed, and Beam's error logs quiet
-    once it was.
+def _noting_interrupts() -> Iterator[Callable[[], int]]:
+    """Within: SIGINT and SIGTERM raise KeyboardInterrupt, a function says which of them came (0: none),
+    and Beam's error logs are quiet once one did. A SIGTERM would otherwise end the process at once, and a
+    Flink job whose workers were this process (LOOPBACK) would be restarted by Flink for ever.
 
     A KeyboardInterrupt raised inside a DoFn reaches the caller of an in-process runner as a
     RuntimeError ("KeyboardInterrupt [while running ...]"), after Beam logged its traceback as an
-    error: only the signal tells an interrupt from a failure. Left alone unless SIGINT has Python's
-    default handler (in the main thread), so an application's own handler, or SIGINT ignored in a
+    error: only the signal tells an interrupt from a failure. Each signal is left alone unless it has its
+    default handler (in the main thread), so an application's own handler, or a signal ignored in a
     background job, stays as it is.
     """
-    pressed = threading.Event()
+    came: list[int] = []
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        pressed.set()
-        signal.default_int_handler(signum, frame)
+        came.append(signum)
+        raise KeyboardInterrupt
 
     def quiet_after_interrupt(record: logging.LogRecord) -> bool:
-        return not (pressed.is_set() and record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
+        return not (came and record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
 
-    ours = threading.current_thread() is threading.main_thread()
-    ours = ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if ours:
-        signal.signal(signal.SIGINT, handle)
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    main = threading.current_thread() is threading.main_thread()
+    ours = [signum for signum in _STOP_SIGNALS if main and signal.getsignal(signum) is defaults[signum]]
+    for signum in ours:
+        signal.signal(signum, handle)
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(quiet_after_interrupt)
     try:
-        yield pressed.is_set
+        yield lambda: came[0] if came else 0
     finally:
         for handler in handlers:
             handler.removeFilter(quiet_after_interrupt)
-        if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in ours:
+            signal.signal(signum, defaults[signum])
+
+
+@contextmanager
+def _not_interrupted() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM are dropped (in the main thread), so a second Ctrl-C cannot stop
+    the clean-up of the first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.signal(signum, lambda signum, frame: None) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:

@@ -319,6 +319,60 @@ def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigterm_stops_a_job_as_ctrl_c_does_with_exit_143(capsys: pytest.CaptureFixture[str]) -> None:
+    """`kill`, `timeout` and service managers send SIGTERM: before, it ended the process on the spot (a LOOPBACK
+    Flink job, whose workers were the process, was then restarted by Flink for ever)."""
+    import apache_beam as beam
+
+    from beamops.runner import run
+
+    def terminate(element: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # stopped long before
+        return element
+
+    def build(pipeline: beam.Pipeline, values: dict[str, object]) -> None:
+        _ = pipeline | beam.Create([1]) | beam.Map(terminate)
+
+    assert run({}, [], build, "job") == 143
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("job: stopped by SIGTERM after")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_ctrl_c_through_tee_still_cancels_a_loopback_flink_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`job | tee log`: Ctrl-C stops tee too, the first line said to stderr raised BrokenPipeError, and the
+    cancel of the Flink job, which came after it, never ran (Flink restarted the job for ever)."""
+    import apache_beam as beam
+
+    from beamops import runner
+
+    cancelled = []
+
+    class Job:
+        rest_url = "http://127.0.0.1:1"
+
+        def after_interrupt(self, prog: str) -> None:
+            runner._tell(f"{prog}: cancelled")  # fails on the closed pipe: the cancel was done by then
+            cancelled.append(prog)
+
+    def interrupted(self: beam.Pipeline) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._FlinkJob, "of", classmethod(lambda cls, args: Job()))
+    monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
+    monkeypatch.setattr(beam.Pipeline, "run", interrupted)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # tee is gone
+    stderr = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        status = runner.run({}, ["--runner=FlinkRunner"], lambda pipeline, values: None, "job")
+    finally:
+        stderr.close()
+    assert (status, cancelled) == (130, ["job"])
+
+
 def test_ctrl_c_while_the_pipeline_is_built_stops_the_job_with_one_line_and_exit_130(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

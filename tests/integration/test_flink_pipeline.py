@@ -319,16 +319,18 @@ def test_a_live_job_stopped_with_a_savepoint_says_where_to_go_on_from(flink, kaf
     assert "/savepoint-" in savepoint and Path(savepoint.removeprefix("file:")).exists(), savepoint
 
 
-def test_ctrl_c_on_a_live_loopback_job_cancels_it_on_the_cluster(flink, kafka_broker, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_on_a_live_loopback_job_cancels_it_on_the_cluster(flink, kafka_broker, tmp_path, stop):
     """Before, the client said "interrupted" and exited 130 while Flink restarted the job for ever: its
-    SDK workers had been the client's own threads (LOOPBACK)."""
+    SDK workers had been the client's own threads (LOOPBACK). A SIGTERM (`kill`, `timeout`, a service
+    manager) ended the client at once, with the same result."""
     job_log = tmp_path / "job.log"
     with child(live_job_args(flink, kafka_broker), job_log) as job, ended(flink) as ids:
         ids.append(running_job(flink, job, job_log))
         job_id = ids[0]
         wait_for_a_checkpoint(flink, job_id)
-        job.send_signal(signal.SIGINT)
-        assert job.wait(90) == 130, job_log.read_text()[-4000:]
+        job.send_signal(stop)
+        assert job.wait(90) == 128 + stop, job_log.read_text()[-4000:]
     assert flink.job(job_id)["state"] == "CANCELED"
     said = job_log.read_text()
     name = flink.job(job_id)["name"]
