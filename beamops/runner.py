@@ -398,10 +398,12 @@ def _runner_key(runner: str | None) -> str:
 
 
 def runs_here(pipeline: beam.Pipeline) -> bool:
-    """Whether ``pipeline``'s runner runs it in this process, so its workers reach what this process does."""
-    runner = pipeline.options.get_all_options()["runner"]
+    """Whether ``pipeline``'s workers run in this process (an in-process runner, or a portable runner's
+    ``--environment_type=LOOPBACK`` workers, which Flink calls back), so they reach what this process does."""
+    options = pipeline.options.get_all_options()
+    runner = options["runner"]
     name = runner if runner is None or isinstance(runner, str) else type(runner).__name__
-    return _runner_key(name) in IN_PROCESS_RUNNERS
+    return _runner_key(name) in IN_PROCESS_RUNNERS or str(options.get("environment_type")).upper() == "LOOPBACK"
 
 
 def beam_option_names() -> set[str]:

@@ -258,6 +258,44 @@ def test_the_job_says_in_one_line_that_it_cannot_reach_kafka(
     assert "within 2 s" in line
 
 
+@pytest.mark.parametrize(("environment", "submitted"), [("LOOPBACK", False), ("EXTERNAL", True)])
+def test_a_loopback_flink_job_that_cannot_reach_kafka_is_not_submitted(
+    refusing_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    environment: str,
+    submitted: bool,
+) -> None:
+    """LOOPBACK workers are this process: what it cannot reach, they cannot either. Before, the job was submitted
+    after a warning ("a cluster's workers may reach brokers this machine cannot") and retried for ever."""
+    import apache_beam as beam
+
+    from beamops import runner
+
+    runs = []
+
+    def submit(self: beam.Pipeline) -> None:
+        runs.append(self)
+        raise KeyboardInterrupt  # instead of running it: the client stops there
+
+    monkeypatch.setattr(kafka, "METADATA_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
+    monkeypatch.setattr(beam.Pipeline, "run", submit)
+    args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames", "--output_topic", "maps"]
+    args += ["--dead_letter_topic", "dead", "--runner=FlinkRunner", f"--environment_type={environment}"]
+    args += ["--environment_config=127.0.0.1:1"] if environment == "EXTERNAL" else []
+    status = com_pipeline.main(args)
+    err = capsys.readouterr().err
+    unreachable = f"cannot reach Kafka at 127.0.0.1:{refusing_port} within 1 s"
+    if submitted:  # a cluster's workers may reach brokers this machine cannot: submitted, after a warning
+        assert (status, len(runs)) == (130, 1)
+        assert f"could not check the topics from here: {unreachable}" in caplog.text
+    else:
+        assert (status, runs) == (1, [])
+        assert f"error: {unreachable}" in err
+
+
 def test_ctrl_c_ends_a_wait_for_kafka_at_once(refusing_port: int) -> None:
     # librdkafka holds a call for all of its timeout, and Python raises KeyboardInterrupt only between calls.
     from confluent_kafka import Consumer
