@@ -764,3 +764,20 @@ def test_a_savepoint_path_that_is_not_a_snapshot_is_refused_before_the_job_is_su
     ]:  # fmt: skip
         assert com_pipeline.main([*SMALL_SCAN, *flink, f"--savepoint_path=file:{given}"]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_servers_get_ports_a_client_cannot_take_by_connecting_to_itself() -> None:
+    """A live job's consumer, reconnecting to a stopped broker's port in the ephemeral range, connected to
+    itself on that port: `beamops kafka up` then said only "already in use by another process"."""
+    from beamops.services._local import ephemeral_port_warning, ephemeral_ports, free_port, port_holders
+
+    ephemeral = ephemeral_ports()
+    assert all(free_port() < ephemeral.start for _ in range(5))
+    assert ephemeral_port_warning(ephemeral.start - 1) is None
+    assert f"({ephemeral.start}-{ephemeral.stop - 1})" in str(ephemeral_port_warning(ephemeral.start))
+    with socket.socket() as client:  # TCP's simultaneous open: a socket connected to its own port
+        client.bind(("127.0.0.1", 0))
+        port = client.getsockname()[1]
+        client.connect(("127.0.0.1", port))
+        assert port_holders(port).startswith(f" (held by pid {os.getpid()}, a client connected to itself: ")
+    assert port_holders(port) == ""

@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -96,10 +97,68 @@ def require_java(error: type[Exception], requirement: str) -> Path:
 # Ports
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel gives clients' connections (Linux's ``ip_local_port_range``; IANA's elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """A free port on 127.0.0.1 below the ephemeral range, if one is: a client that keeps reconnecting to a
+    server's port in that range while the server is down can be given that very port and connect to
+    itself, and then holds it until the client stops (the server cannot start again)."""
+    ephemeral = ephemeral_ports()
+    for port in random.sample(range(10000, ephemeral.start), min(64, max(0, ephemeral.start - 10000))):
+        if port_is_free(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def ephemeral_port_warning(port: int) -> str | None:
+    """What to say of a server port in the ephemeral range (see :func:`free_port`), else None."""
+    ephemeral = ephemeral_ports()
+    if port not in ephemeral:
+        return None
+    return (
+        f"port {port} is in the range the kernel gives clients' connections ({ephemeral.start}-{ephemeral.stop - 1}): "
+        "a client that reconnects while this server is down can take the port, connected to itself, and hold it "
+        f"until that client stops; a port below {ephemeral.start} cannot be taken so"
+    )
+
+
+def port_holders(port: int) -> str:
+    """`` (held by pid N: command line)`` for this user's processes with a TCP socket on 127.0.0.1:``port``
+    (Linux's /proc), saying when one is connected to itself; "" if none is found."""
+    inodes: dict[str, bool] = {}  # socket inode -> connected to itself
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == port and inode != "0":
+            inodes[inode] = local == remote
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):  # another user's process, or one that just ended
+            links = set()
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, in this process)
+                    links.add(os.readlink(fd))
+            for inode, to_itself in inodes.items():
+                if f"socket:[{inode}]" in links:
+                    raw = (fd_dir.parent / "cmdline").read_bytes().decode(errors="replace")
+                    command = " ".join(raw.replace("\0", " ").split())
+                    itself = ", a client connected to itself" if to_itself else ""
+                    found.append(f"pid {fd_dir.parent.name}{itself}: {command[:120]}")
+                    break
+    return f" (held by {'; '.join(found)})" if found else ""
 
 
 def port_is_free(port: int) -> bool:

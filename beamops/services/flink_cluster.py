@@ -73,9 +73,11 @@ from beamops.services._local import (
     components_env,
     env_setting,
     environ,
+    ephemeral_port_warning,
     free_port,
     log_tail,
     pid_alive,
+    port_holders,
     port_is_free,
     require_java,
     run_dir,
@@ -730,7 +732,7 @@ class FlinkCluster(LocalServer):
 
     def _launch_cluster(self) -> tuple[dict[str, Any], list[str]]:
         if not port_is_free(self.port):
-            raise FlinkClusterError(f"{HOST}:{self.port} is already in use by another process")
+            raise FlinkClusterError(f"{HOST}:{self.port} is already in use by another process{port_holders(self.port)}")
         home = self.flink_home
         self._check_java()
         old = self._read_state() or {}
@@ -953,6 +955,9 @@ def _print(message: str) -> None:
 def up(port: int = DEFAULT_PORT, timeout: float = 120.0) -> int:
     """Start (or find running) a cluster with its REST API on 127.0.0.1:port; 0 when its slots are up."""
     cluster = FlinkCluster(port, progress=_print)
+    warning = ephemeral_port_warning(port)
+    if warning:
+        _print(f"warning: {warning}")
     try:
         cluster.start(timeout)
     except FlinkClusterError as exc:

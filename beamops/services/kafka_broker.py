@@ -55,8 +55,10 @@ from beamops.services._local import (
     cmdline,
     components_env_file,
     env_setting,
+    ephemeral_port_warning,
     free_port,
     log_tail,
+    port_holders,
     port_is_free,
     read_env_file,
     read_json,
@@ -526,7 +528,7 @@ class KafkaBroker(LocalServer):
     def _launch(self) -> int:
         comps = self.components
         if not port_is_free(self.port):
-            raise KafkaBrokerError(f"{HOST}:{self.port} is already in use by another process")
+            raise KafkaBrokerError(f"{HOST}:{self.port} is already in use by another process{port_holders(self.port)}")
         controller_port = self._choose_controller_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self.server_properties(controller_port)
@@ -666,6 +668,9 @@ def _print(message: str) -> None:
 def up(port: int = DEFAULT_PORT, data_dir: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> int:
     """Start (or find running) a broker on 127.0.0.1:port; 0 when it serves clients."""
     broker = KafkaBroker(port, data_dir=data_dir, progress=_print)
+    warning = ephemeral_port_warning(port)
+    if warning:
+        _print(f"warning: {warning}")
     try:
         broker.start(timeout)
     except KafkaBrokerError as exc:
