@@ -383,11 +383,12 @@ def _flink_unreachable(master: str, timeout: float = 5.0) -> str | None:
 
     if not master or master.startswith("["):
         return None
+    url = rest_base(master)
     try:
-        rest_get(f"{rest_base(master)}/overview", timeout)
+        rest_get(f"{url}/overview", timeout)
     except (OSError, FlinkClusterError) as exc:
         return (
-            f"cannot reach Flink at {master} within {timeout:g} s ({exc}); is it running (`beamops flink up`), "
+            f"cannot reach Flink at {url} within {timeout:g} s ({exc}); is it running (`beamops flink up`), "
             "and is --flink_master its host:port?"
         )
     return None

@@ -482,9 +482,19 @@ def test_an_unreachable_flink_master_is_one_line_within_seconds(
         )  # fmt: skip
     assert status == 1 and time.monotonic() - started < 10
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"python -m jobs.com_pipeline: error: cannot reach Flink at {master} within 5 s")
+    assert err[-1].startswith(f"python -m jobs.com_pipeline: error: cannot reach Flink at http://{master} within 5 s")
     assert err[-1].endswith("is it running (`beamops flink up`), and is --flink_master its host:port?")
     assert "beamops flink up" in err[-1]
+
+
+def test_a_flink_master_without_a_port_is_flinks_rest_port() -> None:
+    """`--flink_master=localhost` was probed on port 80, where Beam's job server reaches Flink on 8081."""
+    from beamops.services.flink_cluster import rest_base
+
+    assert rest_base("localhost") == "http://localhost:8081"
+    assert rest_base("10.0.0.5:18081") == "http://10.0.0.5:18081"
+    assert rest_base("https://flink.example:443/") == "https://flink.example:443"
+    assert rest_base("[auto]") == "http://[auto]"  # the job server starts a Flink of its own
 
 
 def test_a_reader_that_stops_early_gets_no_traceback() -> None:

@@ -50,6 +50,7 @@ import signal
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -339,9 +340,19 @@ def rest_get(url: str, timeout: float = 5.0) -> Any:
         raise FlinkClusterError(f"GET {url}: HTTP {exc.code}: {body}") from exc
 
 
+# The port Flink's REST API listens on when a master is named without one (Flink's rest.port default).
+FLINK_REST_PORT = 8081
+
+
 def rest_base(master: str) -> str:
-    """The REST URL of a Flink master given as Beam's --flink_master takes it (host:port or a URL)."""
-    return (master if "://" in master else f"http://{master}").rstrip("/")
+    """The REST URL of a Flink master given as Beam's --flink_master takes it (host:port or a URL; a host
+    without a port is Flink's, 8081, as Flink's client reads it). Beam's ``[local]`` and ``[auto]`` have none."""
+    if master.startswith("["):
+        return f"http://{master}"  # a Flink the job server starts itself
+    url = urllib.parse.urlsplit(master if "://" in master else f"http://{master}")
+    if url.port is None:
+        url = url._replace(netloc=f"{url.netloc}:{FLINK_REST_PORT}")
+    return url.geturl().rstrip("/")
 
 
 def job_named(rest_url: str, name: str, timeout: float = 5.0) -> dict[str, Any] | None:
