@@ -502,9 +502,18 @@ def dead_letter_counts(result: Any) -> dict[str, int]:
     for counter in counters:
         value = counter.committed if counter.committed is not None else counter.attempted
         if value:
-            step = counter.key.step.split("/")[0]
+            step = step_label(counter.key.step)
             counts[step] = counts.get(step, 0) + int(value)
     return counts
+
+
+def step_label(step: str) -> str:
+    """The top-level label of a metric's step: of ``read_kafka_frames/Read/ParDo(...)`` in process, and of Beam's
+    transform id from a portable runner such as Flink's, ``ref_AppliedPTransform_read_kafka_frames-Read-..._17``
+    (the label's '/', '(' and ')' made '-', a number added)."""
+    if step.startswith("ref_AppliedPTransform_"):
+        return re.split(r"-|_\d+$", step.removeprefix("ref_AppliedPTransform_"))[0]
+    return step.split("/")[0]
 
 
 def setup_logging() -> None:

@@ -791,3 +791,12 @@ def test_servers_get_ports_a_client_cannot_take_by_connecting_to_itself() -> Non
         client.connect(("127.0.0.1", port))
         assert port_holders(port).startswith(f" (held by pid {os.getpid()}, a client connected to itself: ")
     assert port_holders(port) == ""
+
+
+def test_dead_letters_are_counted_by_operator_on_flink_as_in_process() -> None:
+    """On Flink the summary said `(ref_AppliedPTransform_read_kafka_frames-Read-ParDo-_ReadPartitionFn-_17 1)`."""
+    from beamops.runner import step_label
+
+    assert step_label("read_kafka_frames/Read/ParDo(_ReadPartitionFn)") == "read_kafka_frames"
+    assert step_label("ref_AppliedPTransform_read_kafka_frames-Read-ParDo-_ReadPartitionFn-_17") == "read_kafka_frames"
+    assert step_label("ref_AppliedPTransform_com_partial_5") == "com_partial"
