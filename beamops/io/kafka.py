@@ -472,7 +472,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_in")
         self._lost = Metrics.counter(METRICS_NAMESPACE, "offsets_lost")
         self._last_lag_check: dict[tuple[str, int], float] = {}
-        log.info("kafka reader for %r with %r", self._params.topic, self._client)
+        log.debug("kafka reader for %r with %r", self._params.topic, self._client)  # once per worker and stage
 
     def teardown(self) -> None:
         for consumer in [*self._idle, self._committer]:
