@@ -800,3 +800,11 @@ def test_dead_letters_are_counted_by_operator_on_flink_as_in_process() -> None:
     assert step_label("read_kafka_frames/Read/ParDo(_ReadPartitionFn)") == "read_kafka_frames"
     assert step_label("ref_AppliedPTransform_read_kafka_frames-Read-ParDo-_ReadPartitionFn-_17") == "read_kafka_frames"
     assert step_label("ref_AppliedPTransform_com_partial_5") == "com_partial"
+
+
+def test_a_servers_uptime_is_said_for_people() -> None:
+    from beamops.services._local import duration
+
+    assert [duration(s) for s in (0.4, 59, 60, 1247, 3600, 11100, 86400 * 2 + 3600 * 4 + 5)] == [
+        "0 s", "59 s", "1 min 0 s", "20 min 47 s", "1 h 00 min", "3 h 05 min", "2 d 4 h",
+    ]  # fmt: skip

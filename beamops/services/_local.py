@@ -404,12 +404,25 @@ def running_elsewhere(kind: str, port: int, is_running: Callable[[int], bool]) -
     return f" (one runs on port{'s' if len(running) > 1 else ''} {', '.join(map(str, running))}: add {flags})"
 
 
-def cli_status(service: str, status: Any, as_json: bool) -> int:
+def cli_status(service: str, status: Any, as_json: bool, is_running: Callable[[int], bool]) -> int:
     """Print a status dataclass (``describe()``, or its fields as JSON); 0 when running, 3 when not
-    (as LSB init scripts do)."""
+    (as LSB init scripts do). Not running: also the ports ``service`` runs on (``is_running(port)``)."""
     if as_json:
         data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(status).items()}
         print(json.dumps(data, indent=2, default=str))
     else:
-        cli_print(service, status.describe())
+        elsewhere = "" if status.running else running_elsewhere(service, status.port, is_running)
+        cli_print(service, status.describe() + elsewhere)
     return 0 if status.running else 3
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for people: ``45 s``, ``20 min 47 s``, ``3 h 05 min``, ``2 d 4 h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"

@@ -72,6 +72,7 @@ from beamops.services._local import (
     cli_status,
     cmdline,
     components_env,
+    duration,
     env_setting,
     environ,
     ephemeral_port_warning,
@@ -424,7 +425,7 @@ class FlinkStatus:
             )
             return (
                 f"running: Flink {self.flink_version or '?'} at {self.rest_url}, JobManager pid {self.jobmanager_pid}"
-                f" (rpc {HOST}:{self.rpc_port}), TaskManager pid(s) {tms}, up {self.uptime:.0f}s; {rest}; "
+                f" (rpc {HOST}:{self.rpc_port}), TaskManager pid(s) {tms}, up {duration(self.uptime or 0)}; {rest}; "
                 f"logs {self.log_dir}"
             )
         stale = f" (stale state file {self.state_file} names pid {self.jobmanager_pid})" if self.stale else ""
@@ -994,4 +995,4 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
 
 def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
     """Print the cluster's status; 0 when running, 3 when not (as LSB init scripts do)."""
-    return cli_status("flink", FlinkCluster(port).status(), as_json)
+    return cli_status("flink", FlinkCluster(port).status(), as_json, lambda p: FlinkCluster(p).status().running)

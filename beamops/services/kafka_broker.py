@@ -54,6 +54,7 @@ from beamops.services._local import (
     cli_status,
     cmdline,
     components_env_file,
+    duration,
     env_setting,
     ephemeral_port_warning,
     free_port,
@@ -291,7 +292,7 @@ class KafkaStatus:
         if self.running:
             return (
                 f"running: pid {self.pid}, bootstrap {self.bootstrap}, controller {HOST}:{self.controller_port}, "
-                f"up {self.uptime:.0f}s, data {self.data_dir}, log {self.log_path}"
+                f"up {duration(self.uptime or 0)}, data {self.data_dir}, log {self.log_path}"
             )
         stale = f" (stale state file {self.state_file} names pid {self.pid})" if self.stale else ""
         return f"not running on {self.bootstrap}{stale}"
@@ -698,4 +699,4 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
 
 def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
     """Print the broker's status; 0 when running, 3 when not (as LSB init scripts do)."""
-    return cli_status("kafka", KafkaBroker(port).status(), as_json)
+    return cli_status("kafka", KafkaBroker(port).status(), as_json, lambda p: KafkaBroker(p).status().running)

@@ -172,6 +172,10 @@ def test_cli_functions_up_status_down(tmp_path, monkeypatch, capsys):
 
         assert kb.status(port) == 0
         assert f"running: pid {KafkaBroker(port).pid}, bootstrap 127.0.0.1:{port}" in capsys.readouterr().out
+        other = kb.free_port()
+        assert kb.status(other) == 3  # the status of another port names this one, as `down` does
+        said = f"not running on 127.0.0.1:{other} (one runs on port {port}: add --port {port})"
+        assert said in capsys.readouterr().out
         assert kb.up(port) == 0
         data = tmp_path / f"kafka-{port}" / "data"
         assert (
