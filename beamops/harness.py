@@ -29,6 +29,7 @@ from apache_beam.transforms import core, userstate
 # Long enough that the sampler thread costs nothing measurable (100 wake-ups a second while a
 # bundle runs), short enough that ending a bundle waits at most this long for it.
 STATE_SAMPLING_PERIOD_MS = 10
+LOOPBACK_HOST = "127.0.0.1"  # where LOOPBACK's worker pool listens (serve_loopback_workers_on_127_0_0_1)
 log = logging.getLogger("beamops.harness")
 
 
@@ -225,7 +226,47 @@ def _arguments_read_once(
     return get_function_args_defaults
 
 
+def serve_loopback_workers_on_127_0_0_1() -> None:
+    """LOOPBACK's worker pool listens on 127.0.0.1, not on every interface.
+
+    With ``--environment_type=LOOPBACK`` Beam's portable runner starts a worker pool in the submitting
+    process (``BeamFnExternalWorkerPoolServicer.start``, apache_beam/runners/worker/worker_pool_main.py),
+    bound to ``[::]`` whatever the host: whoever reaches that port can have the process start an SDK worker
+    against a control service of theirs, which runs the code it is sent. It takes no bind option; this
+    starts the same servicer on 127.0.0.1, which is where the runner's TaskManager, on this machine or
+    reached through it, calls it.
+    """
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+
+    def wrap(beams: Callable[..., Any]) -> Callable[..., Any]:
+        def start(
+            use_process: bool = False,
+            port: int = 0,
+            state_cache_size: int = 0,
+            data_buffer_time_limit_ms: int = -1,
+            container_executable: str | None = None,
+        ) -> tuple[str, Any]:
+            from beamops.services.worker_pool import serve
+
+            servicer = BeamFnExternalWorkerPoolServicer(
+                use_process=use_process,
+                container_executable=container_executable,
+                state_cache_size=state_cache_size,
+                data_buffer_time_limit_ms=data_buffer_time_limit_ms,
+            )
+            server, bound = serve(servicer, port, LOOPBACK_HOST)
+            return f"{LOOPBACK_HOST}:{bound}", server
+
+        return start
+
+    parameters = ["use_process", "port", "state_cache_size", "data_buffer_time_limit_ms", "container_executable"]
+    _wrap_once(
+        BeamFnExternalWorkerPoolServicer, "start", parameters, wrap, "LOOPBACK's workers listen on every interface"
+    )
+
+
 end_bundles_promptly()
 inspect_each_dofn_once()
 parse_each_list_of_flags_once()
 inspect_each_function_once()
+serve_loopback_workers_on_127_0_0_1()

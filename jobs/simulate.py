@@ -40,7 +40,8 @@ from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
 BEHIND = 0.5  # a run with more of its frames late than this says it could not keep up with --rate
-SLOW = 0.8  # a run whose frames went out slower than this part of --rate (the broker's doing) says so
+SLOW = 0.8  # a run whose frames went out slower than this part of --rate (the broker's doing) says so,
+SLOW_AFTER_S = 1.0  # if it lasted this long: a shorter one's rate is mostly the wait for its last acknowledgement
 log = logging.getLogger("jobs.simulate")
 _UNSET = object()  # marks a simulated-scan option the command line did not give
 
@@ -354,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{f' (target {args.rate:,.0f})' if args.rate else ''}",
         flush=True,
     )
-    if args.rate and stats.late_frames <= BEHIND * stats.frames and stats.frames_per_s < SLOW * args.rate:
+    slow = stats.elapsed_s >= SLOW_AFTER_S and stats.frames_per_s < SLOW * args.rate
+    if args.rate and stats.late_frames <= BEHIND * stats.frames and slow:
         log.warning(
             "the frames went out at %s frames/s, below --rate %s: the broker acknowledged them more slowly "
             "(a new broker's first publish also waits for its producer id)",

@@ -9,6 +9,7 @@ import gc
 import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -258,3 +259,31 @@ def test_a_beam_function_is_wrapped_once_and_left_alone_if_its_parameters_change
     assert wrapper is not beams and wrapper.__wrapped__ is beams and wrapper(1, 2) == 3
     _wrap_once(owner, "fn", ["a", "b"], _wrapped, "left as it is")
     assert owner.fn is wrapper  # not wrapped twice
+
+
+def _listeners(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on ``port`` (Linux's /proc/net/tcp and tcp6, hex)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if int(hex_port, 16) == port and state == "0A":  # LISTEN
+                found.add(address)
+    return found
+
+
+def test_loopback_workers_listen_on_127_0_0_1_only() -> None:
+    """Beam's LOOPBACK worker pool bound '[::]': anyone reaching the submitting machine could have it start an
+    SDK worker against a control service of theirs, which runs the code it is sent."""
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+
+    address, server = BeamFnExternalWorkerPoolServicer.start(state_cache_size=0, data_buffer_time_limit_ms=0)
+    try:
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1"
+        # 127.0.0.1, as IPv4 or as IPv6's ::ffff:127.0.0.1 (gRPC's choice); Beam's own: '::', every interface
+        listening = _listeners(int(port))
+        assert listening and listening <= {"0100007F", "0000000000000000FFFF00000100007F"}, listening
+    finally:
+        server.stop(0)

@@ -31,26 +31,20 @@ from apache_beam.utils import thread_pool_executor
 log = logging.getLogger("beamops.worker_pool")
 
 
-def serve(
-    port: int, bind: str = "127.0.0.1", state_cache_mb: int = 100, sdk_worker: str | None = None
-) -> tuple[grpc.Server, int, BeamFnExternalWorkerPoolServicer]:
-    """Start the pool's gRPC service on ``bind:port`` (port 0: a free one); return it, the port and
-    the servicer. ``sdk_worker``: an executable of Beam's container contract to run each worker as a
-    process of its own (the state cache is then the job's option, not ``state_cache_mb``)."""
+def serve(servicer: BeamFnExternalWorkerPoolServicer, port: int, bind: str = "127.0.0.1") -> tuple[grpc.Server, int]:
+    """Start a gRPC service of ``servicer`` (Beam's worker pool) on ``bind:port`` (port 0: a free one); return
+    it and its port."""
     server = grpc.server(
         thread_pool_executor.shared_unbounded_instance(),
         # The TaskManager keeps the connection open between jobs without traffic.
         options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)],
-    )
-    servicer = BeamFnExternalWorkerPoolServicer(
-        use_process=sdk_worker is not None, container_executable=sdk_worker, state_cache_size=state_cache_mb << 20
     )
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{bind}:{port}")
     if not bound:
         raise OSError(f"cannot listen on {bind}:{port}")
     server.start()
-    return server, bound, servicer
+    return server, bound
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server, port, servicer = serve(args.port, args.bind, args.state_cache_mb, args.sdk_worker)
+        # With --sdk_worker, each worker process takes the job's state cache option instead.
+        servicer = BeamFnExternalWorkerPoolServicer(
+            use_process=args.sdk_worker is not None,
+            container_executable=args.sdk_worker,
+            state_cache_size=args.state_cache_mb << 20,
+        )
+        server, port = serve(servicer, args.port, args.bind)
     except (OSError, RuntimeError) as exc:
         print(f"worker_pool: error: {exc}", file=sys.stderr)
         return 2
