@@ -326,8 +326,9 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextmanager
 def _noting_interrupts() -> Iterator[Callable[[], int]]:
     """Within: SIGINT and SIGTERM raise KeyboardInterrupt, a function says which of them came (0: none),
-    and Beam's error logs are quiet once one did. A SIGTERM would otherwise end the process at once, and a
-    Flink job whose workers were this process (LOOPBACK) would be restarted by Flink for ever.
+    and Beam's error logs, its job server's output and its threads' dying words are quiet once one did.
+    A SIGTERM would otherwise end the process at once, and a Flink job whose workers were this process
+    (LOOPBACK) would be restarted by Flink for ever.
 
     A KeyboardInterrupt raised inside a DoFn reaches the caller of an in-process runner as a
     RuntimeError ("KeyboardInterrupt [while running ...]"), after Beam logged its traceback as an
@@ -342,7 +343,20 @@ def _noting_interrupts() -> Iterator[Callable[[], int]]:
         raise KeyboardInterrupt
 
     def quiet_after_interrupt(record: logging.LogRecord) -> bool:
-        return not (came and record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
+        # Once stopped, the job's shutdown is what Beam reports: its SDK workers' "Channel closed prematurely",
+        # the job server's JobCancellationException (as Java's stack trace, line by line, at INFO), each
+        # with its traceback, 80-90 lines of them for a cancelled LOOPBACK job.
+        if not came:
+            return True
+        if record.name == FLINK_JOB_SERVER_LOGGER:
+            return False
+        return not (record.name.startswith("apache_beam") or record.name == "root") or record.levelno < logging.ERROR
+
+    def quiet_threads_after_interrupt(args: threading.ExceptHookArgs) -> None:
+        if came:  # Beam's threads that read the job server's or the runner's streams, which the stop closed
+            log.debug("after the stop, thread %s: %r", args.thread.name if args.thread else "?", args.exc_value)
+        else:
+            threads_hook(args)
 
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     main = threading.current_thread() is threading.main_thread()
@@ -352,9 +366,11 @@ def _noting_interrupts() -> Iterator[Callable[[], int]]:
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(quiet_after_interrupt)
+    threads_hook, threading.excepthook = threading.excepthook, quiet_threads_after_interrupt
     try:
         yield lambda: came[0] if came else 0
     finally:
+        threading.excepthook = threads_hook
         for handler in handlers:
             handler.removeFilter(quiet_after_interrupt)
         for signum in ours:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -808,3 +809,42 @@ def test_a_servers_uptime_is_said_for_people() -> None:
     assert [duration(s) for s in (0.4, 59, 60, 1247, 3600, 11100, 86400 * 2 + 3600 * 4 + 5)] == [
         "0 s", "59 s", "1 min 0 s", "20 min 47 s", "1 h 00 min", "3 h 05 min", "2 d 4 h",
     ]  # fmt: skip
+
+
+def test_once_stopped_beams_shutdown_noise_is_quiet_and_before_it_nothing_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled LOOPBACK job printed 80-90 lines after Ctrl-C: its threads' "Exception in thread ...", the job
+    server's Java stack trace (at INFO) and Beam's ERROR records with tracebacks."""
+    from beamops.runner import FLINK_JOB_SERVER_LOGGER, _noting_interrupts
+
+    said: list[str] = []  # what Python's hook would print, by thread
+    monkeypatch.setattr(threading, "excepthook", lambda args: said.append(args.thread.name))
+
+    def dying_thread() -> None:
+        def fail() -> None:
+            raise RuntimeError("Channel closed prematurely.")
+
+        thread = threading.Thread(target=fail, name="read_grpc_client_inputs")
+        thread.start()
+        thread.join()
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        with _noting_interrupts() as stopped_by:
+            dying_thread()  # before a stop: said as Python says it
+            assert said == ["read_grpc_client_inputs"]
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C
+            assert stopped_by() == signal.SIGINT
+            dying_thread()
+            logging.getLogger().error("org.apache.flink.runtime.client.JobCancellationException: Job was cancelled.")
+            logging.getLogger(FLINK_JOB_SERVER_LOGGER).info("\tat org.apache.flink.client.ClusterClient.run")
+            logging.getLogger("apache_beam.runners.worker.sdk_worker").error("Error processing instruction")
+            logging.getLogger("beamops.io.kafka").error("ours: still said")
+        dying_thread()  # after the run: Python's hook again
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert said == ["read_grpc_client_inputs"] * 2
+    assert capsys.readouterr().err == "ours: still said\n"
