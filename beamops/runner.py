@@ -185,6 +185,13 @@ def run(
                 )
                 return 1
             print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
+            if flink is not None and not bounded:  # a live job goes on from its last checkpoint, if it has one
+                resume = flink.resume_hint("completed")
+                print(
+                    f"{prog}: to go on from where it stopped, submit it again with "
+                    f"{resume or '--savepoint_path=<its last checkpoint> (`beamops flink down` names it)'}",
+                    file=sys.stderr,
+                )
             return 1
     log.info("done in %.1f s", time.monotonic() - started)
     if flink is not None and not bounded:  # a live job ends only when stopped, with a savepoint

@@ -295,6 +295,30 @@ def test_a_job_cancelled_on_flink_says_so_and_how_to_resume(
     assert line.endswith("submit it again with --savepoint_path=<its last checkpoint> (README: Run on Flink)")
 
 
+def test_a_live_flink_job_that_fails_says_how_to_go_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flink stopped under a live job: the client said only "the pipeline failed ... Connection refused"."""
+    import apache_beam as beam
+
+    from beamops import runner
+
+    def flink_went_away(self: beam.Pipeline) -> None:
+        raise RuntimeError("Pipeline BeamApp-x failed in state FAILED: java.net.ConnectException: Connection refused")
+
+    monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
+    monkeypatch.setattr(runner._FlinkJob, "resume_hint", lambda self, kind, wait_s=0.0: None)  # its REST API is gone
+    monkeypatch.setattr(beam.Pipeline, "run", flink_went_away)
+    status = runner.run({}, ["--runner=FlinkRunner"], lambda pipeline, values: None, "job", bounded=False)
+    assert status == 1
+    failed, hint = capsys.readouterr().err.strip().splitlines()
+    assert failed.startswith("job: error: the pipeline failed after ") and "ConnectException" in failed
+    assert hint == (
+        "job: to go on from where it stopped, submit it again with --savepoint_path=<its last checkpoint> "
+        "(`beamops flink down` names it)"
+    )
+
+
 def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -848,3 +872,48 @@ def test_once_stopped_beams_shutdown_noise_is_quiet_and_before_it_nothing_is(
         logging.getLogger().removeHandler(handler)
     assert said == ["read_grpc_client_inputs"] * 2
     assert capsys.readouterr().err == "ours: still said\n"
+
+
+def test_flink_down_names_the_jobs_it_stops_and_where_each_goes_on_from() -> None:
+    """`beamops flink down` under a live job stopped it without a word; its last checkpoint had to be found by hand."""
+    import http.server
+    import json as json_
+
+    from beamops.services.flink_cluster import _jobs_stopped_with
+
+    answers = {
+        "/jobs/overview": {
+            "jobs": [
+                {"jid": "aa11", "name": "com-pipeline-1", "state": "RUNNING"},
+                {"jid": "bb22", "name": "com-pipeline-2", "state": "RESTARTING"},
+                {"jid": "cc33", "name": "old", "state": "FINISHED"},
+            ]
+        },
+        "/jobs/aa11/checkpoints": {"latest": {"completed": {"external_path": "file:/cp/aa11/chk-45"}}},
+        "/jobs/bb22/checkpoints": {"latest": {"completed": None}},
+    }
+
+    class Rest(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json_.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Rest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        said = _jobs_stopped_with(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert said == [
+        "job com-pipeline-1 (aa11, RUNNING) stops with the cluster; submit it again with "
+        "--savepoint_path=file:/cp/aa11/chk-45 to go on from its last checkpoint",
+        "job com-pipeline-2 (bb22, RESTARTING) stops with the cluster; it has no checkpoint to go on from",
+    ]
+    assert _jobs_stopped_with("http://127.0.0.1:1") == []  # no answer: nothing to say, and down goes on

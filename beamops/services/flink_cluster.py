@@ -984,6 +984,9 @@ def up(port: int = DEFAULT_PORT, timeout: float = 120.0) -> int:
 def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
     """Stop the cluster on 127.0.0.1:port (by its recorded PIDs); 0 also when none was running."""
     cluster = FlinkCluster(port, progress=_print)
+    if cluster.is_running():
+        for line in _jobs_stopped_with(cluster.rest_url):
+            _print(line)
     try:
         if not cluster.stop(timeout):
             elsewhere = running_elsewhere("flink", port, lambda p: FlinkCluster(p).status().running)
@@ -991,6 +994,30 @@ def down(port: int = DEFAULT_PORT, timeout: float = 30.0) -> int:
     except FlinkClusterError as exc:
         return cli_error("flink", exc)
     return 0
+
+
+def _jobs_stopped_with(rest_url: str) -> list[str]:
+    """What stopping the cluster does to its jobs that have not ended, each with its last checkpoint: a
+    live job stops with the cluster, and goes on later from there."""
+    try:
+        jobs = rest_get(f"{rest_url}/jobs/overview", 5.0)["jobs"]
+    except (OSError, FlinkClusterError, KeyError, ValueError):
+        return []
+    said = []
+    for job in jobs:
+        if job.get("state") in ("FINISHED", "CANCELED", "FAILED"):
+            continue
+        try:
+            checkpoint = latest_snapshot(rest_url, job["jid"])
+        except (OSError, FlinkClusterError, KeyError, ValueError):
+            checkpoint = None
+        again = (
+            f"submit it again with --savepoint_path={checkpoint} to go on from its last checkpoint"
+            if checkpoint
+            else "it has no checkpoint to go on from"
+        )
+        said.append(f"job {job.get('name')} ({job['jid']}, {job.get('state')}) stops with the cluster; {again}")
+    return said
 
 
 def status(port: int = DEFAULT_PORT, as_json: bool = False) -> int:
