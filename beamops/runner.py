@@ -162,8 +162,11 @@ def run(
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
         log.info("running on %s", pipeline.options.get_all_options()["runner"])
+        watch = _RestartWatch(flink) if flink is not None else None
         try:
             result = pipeline.run()
+            if watch is not None:
+                watch.start()
             result.wait_until_finish()
         except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
             if flink is not None:  # first: what is said next may go to a reader that is gone (| tee)
@@ -193,6 +196,9 @@ def run(
                     file=sys.stderr,
                 )
             return 1
+        finally:
+            if watch is not None:
+                watch.stopped.set()
     log.info("done in %.1f s", time.monotonic() - started)
     if flink is not None and not bounded:  # a live job ends only when stopped, with a savepoint
         resume = flink.resume_hint("savepoint", wait_s=10.0)
@@ -254,7 +260,7 @@ class _FlinkJob:
         master = _given(beam_args, "flink_master") or "localhost:8081"
         return cls(rest_base(master), _given(beam_args, "job_name") or "", environment == "LOOPBACK")
 
-    def _job_id(self) -> str | None:
+    def job_id(self) -> str | None:
         from beamops.services.flink_cluster import FlinkClusterError, job_named
 
         try:
@@ -268,7 +274,7 @@ class _FlinkJob:
         (within ``wait_s``: the JobManager's statistics name a snapshot a moment after it completed)."""
         from beamops.services.flink_cluster import FlinkClusterError, latest_snapshot
 
-        job_id = self._job_id()
+        job_id = self.job_id()
         deadline = time.monotonic() + wait_s
         while job_id is not None:
             try:
@@ -287,7 +293,7 @@ class _FlinkJob:
         for ever); any other job goes on by itself on the cluster, which is said, with how to stop it."""
         from beamops.services.flink_cluster import FlinkClusterError, cancel_job
 
-        job_id = self._job_id()
+        job_id = self.job_id()
         if job_id is None:
             return
         if not self.loopback:
@@ -307,6 +313,36 @@ class _FlinkJob:
             f"{prog}: cancelled the Flink job {self.name} ({job_id}): its workers ran in this process "
             f"(--environment_type=LOOPBACK){again}"
         )
+
+
+class _RestartWatch(threading.Thread):
+    """While a Flink job runs, says each time Flink restarts it and why: Flink restarts a failing job for ever
+    (a message that sends it to a directory its workers cannot write, a broker gone), and the client would
+    otherwise wait without a word."""
+
+    def __init__(self, job: _FlinkJob, every_s: float = 5.0) -> None:
+        super().__init__(name="flink-restart-watch", daemon=True)
+        self.job, self.every_s = job, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from beamops.services.flink_cluster import FlinkClusterError, job_restarts
+
+        job_id, said = None, 0
+        while not self.stopped.wait(self.every_s):
+            job_id = job_id or self.job.job_id()
+            if job_id is None:
+                continue
+            try:
+                restarts, cause = job_restarts(self.job.rest_url, job_id)
+            except (OSError, FlinkClusterError, KeyError, ValueError):
+                continue  # Flink not answering is the job's own failure to report, when it comes
+            if restarts > said:
+                log.warning(
+                    "Flink restarted the job %s (%s) after a failure, %d time%s so far: %s",
+                    self.job.name, job_id, restarts, "" if restarts == 1 else "s", cause or "(no exception kept)",
+                )  # fmt: skip
+                said = restarts
 
 
 def _tell(message: str) -> None:

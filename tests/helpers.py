@@ -152,3 +152,34 @@ def run_bench(module: str, *args: str, timeout: float = 300.0) -> str:
         f"bench.{module} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
     return done.stdout
+
+
+@contextmanager
+def fake_flink_rest(answers: dict[str, Any]) -> Iterator[str]:
+    """A REST API on 127.0.0.1 that answers GET ``path`` (with its query) with ``answers[path]`` as JSON, and
+    404 otherwise; yields its base URL."""
+    import http.server
+    import json
+
+    class Rest(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path not in answers:
+                self.send_error(404)
+                return
+            body = json.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Rest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,9 +14,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from helpers import fake_flink_rest
 
 from beamops.cli import main as beamops_main
 from beamops.io.hdf5 import write_stempy_hdf5
@@ -876,9 +878,6 @@ def test_once_stopped_beams_shutdown_noise_is_quiet_and_before_it_nothing_is(
 
 def test_flink_down_names_the_jobs_it_stops_and_where_each_goes_on_from() -> None:
     """`beamops flink down` under a live job stopped it without a word; its last checkpoint had to be found by hand."""
-    import http.server
-    import json as json_
-
     from beamops.services.flink_cluster import _jobs_stopped_with
 
     answers = {
@@ -892,28 +891,38 @@ def test_flink_down_names_the_jobs_it_stops_and_where_each_goes_on_from() -> Non
         "/jobs/aa11/checkpoints": {"latest": {"completed": {"external_path": "file:/cp/aa11/chk-45"}}},
         "/jobs/bb22/checkpoints": {"latest": {"completed": None}},
     }
-
-    class Rest(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json_.dumps(answers[self.path]).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Rest)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        said = _jobs_stopped_with(f"http://127.0.0.1:{server.server_port}")
-    finally:
-        server.shutdown()
+    with fake_flink_rest(answers) as url:
+        said = _jobs_stopped_with(url)
     assert said == [
         "job com-pipeline-1 (aa11, RUNNING) stops with the cluster; submit it again with "
         "--savepoint_path=file:/cp/aa11/chk-45 to go on from its last checkpoint",
         "job com-pipeline-2 (bb22, RESTARTING) stops with the cluster; it has no checkpoint to go on from",
     ]
     assert _jobs_stopped_with("http://127.0.0.1:1") == []  # no answer: nothing to say, and down goes on
+
+
+def test_a_flink_job_that_keeps_restarting_is_said_once_per_restart_with_its_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An EXTERNAL job that failed on every attempt (its workers could not write the dead letters) restarted for
+    ever while its client waited without a word."""
+    from beamops import runner
+
+    cause = "beamops.operator.WorkerEnvironmentError: cannot make the output directory 'out/dead_letters'"
+    answers: dict[str, Any] = {
+        "/jobs/overview": {"jobs": [{"jid": "aa11", "name": "com-pipeline-x", "state": "RESTARTING"}]},
+        "/jobs/aa11/metrics?get=numRestarts": [{"id": "numRestarts", "value": "0"}],
+        "/jobs/aa11/exceptions?maxExceptions=1": {"exceptionHistory": {"entries": [{"stacktrace": cause + "\n\tat"}]}},
+    }
+    caplog.set_level(logging.WARNING, logger="beamops.runner")
+    with fake_flink_rest(answers) as url:
+        watch = runner._RestartWatch(runner._FlinkJob(url, "com-pipeline-x", loopback=False), every_s=0.05)
+        watch.start()
+        time.sleep(0.3)  # no restart yet: nothing said
+        answers["/jobs/aa11/metrics?get=numRestarts"] = [{"id": "numRestarts", "value": "2"}]
+        time.sleep(0.5)  # several polls, one line
+        watch.stopped.set()
+        watch.join(5)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Flink restarted the job com-pipeline-x (aa11) after a failure, 2 times so far: {cause}"
+    ]

@@ -384,6 +384,19 @@ def latest_snapshot(rest_url: str, job_id: str, kind: str = "completed", timeout
     return path if path and path != "<checkpoint-not-externally-addressable>" else None
 
 
+def job_restarts(rest_url: str, job_id: str, timeout: float = 5.0) -> tuple[int, str | None]:
+    """How many times Flink has restarted the job (its ``numRestarts`` metric), and the first line of the
+    exception that caused the latest restart (GET /jobs/<id>/exceptions), if Flink keeps one."""
+    values = rest_get(f"{rest_url}/jobs/{job_id}/metrics?get=numRestarts", timeout)
+    restarts = int(next((v["value"] for v in values if v.get("id") == "numRestarts"), 0))
+    if not restarts:
+        return 0, None
+    history = rest_get(f"{rest_url}/jobs/{job_id}/exceptions?maxExceptions=1", timeout)
+    entries = (history.get("exceptionHistory") or {}).get("entries") or []
+    trace = (entries[0].get("stacktrace") if entries else None) or history.get("root-exception") or ""
+    return restarts, trace.strip().splitlines()[0] if trace.strip() else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # The cluster
 

@@ -17,6 +17,7 @@ beamops.services.worker_pool --sdk_worker ...``: docker/entrypoint-worker-pool.s
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -384,10 +385,18 @@ def test_a_killed_taskmanager_resumes_from_the_last_checkpoint_with_an_exact_map
         publisher.flush()
         collect_maps(maps, {1}, MAPS_S, arrived, finals)
         restarts = flink.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {}).get("entries", [])
+        # The client says so (it polls every 5 s): before, a job Flink restarted was silence on the client.
+        deadline = time.monotonic() + 20
+        while "Flink restarted the job" not in job_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
         flink.cancel_job(job_id)
         assert job.wait(60) is not None
     assert killed.pid not in [tm.pid for tm in flink.taskmanagers]
     assert restarts, f"the job did not fail over (state after the kill: {restarted['state']})"
+    said = re.search(
+        r"Flink restarted the job \S+ \((\w+)\) after a failure, (\d+) times? so far: (.+)", job_log.read_text()
+    )
+    assert said and said[1] == job_id and int(said[2]) >= 1, job_log.read_text()[-3000:]
 
     expected = direct_runner_finals(kafka_broker, frames_in, {1})
     got = ComMap.from_bytes(finals[1])
