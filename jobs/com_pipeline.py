@@ -164,6 +164,14 @@ def build(pipeline: beam.Pipeline, values: dict[str, Any]) -> None:
         folder = writable_dir(out_dir)
         if maps_to_files:
             warn_earlier_maps(folder)
+    elif not letters_to_kafka and not Path(out_dir).is_absolute():
+        # A worker that cannot write it fails its bundle on the first dead letter, and Flink restarts the job
+        # on the same message for ever.
+        log.warning(
+            "dead letters go to %r, relative to each worker's working directory: give --dead_letter_topic, or an "
+            "absolute --out_dir the workers can write",
+            str(Path(out_dir) / "dead_letters"),
+        )
     frames = pipeline | source
     maps = frames | partial | reduce
     dead_letters = [maps.dead_letter]

@@ -926,3 +926,29 @@ def test_a_flink_job_that_keeps_restarting_is_said_once_per_restart_with_its_cau
     assert [r.getMessage() for r in caplog.records] == [
         f"Flink restarted the job com-pipeline-x (aa11) after a failure, 2 times so far: {cause}"
     ]
+
+
+def test_dead_letters_to_a_relative_folder_on_a_clusters_workers_are_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docker/README's submit command had no --dead_letter_topic: the worker-pool image's workers could not write
+    out/dead_letters, and Flink restarted the job for ever on the first message that did not decode."""
+    import apache_beam as beam
+
+    from beamops import runner
+
+    def submitted(self: beam.Pipeline) -> None:
+        raise KeyboardInterrupt  # instead of running it
+
+    monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
+    monkeypatch.setattr(beam.Pipeline, "run", submitted)
+    cluster = ["--runner=FlinkRunner", "--environment_type=EXTERNAL", "--environment_config=127.0.0.1:1"]
+    caplog.set_level(logging.WARNING, logger="jobs.com_pipeline")
+    assert com_pipeline.main([*SMALL_SCAN, *cluster]) == 130
+    assert [r.getMessage() for r in caplog.records if r.name == "jobs.com_pipeline"] == [
+        "dead letters go to 'out/dead_letters', relative to each worker's working directory: give "
+        "--dead_letter_topic, or an absolute --out_dir the workers can write"
+    ]
+    caplog.clear()
+    assert com_pipeline.main([*SMALL_SCAN, *cluster, "--out_dir", "/shared/maps"]) == 130
+    assert not [r for r in caplog.records if r.name == "jobs.com_pipeline"]
