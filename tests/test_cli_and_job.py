@@ -952,3 +952,13 @@ def test_dead_letters_to_a_relative_folder_on_a_clusters_workers_are_warned_abou
     caplog.clear()
     assert com_pipeline.main([*SMALL_SCAN, *cluster, "--out_dir", "/shared/maps"]) == 130
     assert not [r for r in caplog.records if r.name == "jobs.com_pipeline"]
+
+
+def test_down_where_nothing_ever_ran_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`beamops kafka down --port N` (or flink) with nothing there left an empty run/<service>-N/.lock behind."""
+    from beamops.services import flink_cluster, kafka_broker
+
+    monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
+    assert kafka_broker.down(19999) == 0
+    assert flink_cluster.down(19998) == 0
+    assert list(tmp_path.iterdir()) == []
