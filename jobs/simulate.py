@@ -287,8 +287,6 @@ def _error(message: str, status: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Connection failures while a broker restarts come once through the error callback instead.
-    logging.getLogger("beamops.io.publish.rdkafka").setLevel(logging.CRITICAL)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         client = KafkaClientConfig.load(args.bootstrap_servers, args.kafka_config_file, args.kafka_config)
