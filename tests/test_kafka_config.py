@@ -313,6 +313,24 @@ def test_ctrl_c_ends_a_wait_for_kafka_at_once(refusing_port: int) -> None:
     assert time.monotonic() - started < 2.0
 
 
+def test_a_broker_slower_than_the_first_wait_is_still_heard() -> None:
+    """A call that times out drops its reply: in 0.25 s calls, a broker answering in 0.8 s (TLS, SASL, a large
+    cluster) never got through, and the job said it could not reach Kafka."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    asked: list[float] = []
+
+    class SlowBroker:
+        def list_topics(self, topic: str | None, timeout: float) -> str:
+            asked.append(timeout)
+            if timeout < 0.8:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Failed to get metadata"))
+            return "metadata"
+
+    assert list_topics(SlowBroker(), "frames", 30.0) == "metadata"
+    assert asked == [0.25, 0.5, 1.0]
+
+
 def test_a_broker_on_this_machine_is_named_with_how_to_start_it() -> None:
     from confluent_kafka import KafkaError, KafkaException
 

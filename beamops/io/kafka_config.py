@@ -151,24 +151,29 @@ def unreachable(bootstrap_servers: str, timeout_s: float, exc: Any) -> str:
     return f"cannot reach Kafka at {bootstrap_servers} within {timeout_s:g} s: {exc.args[0].str()}{hint}"
 
 
-# How long one metadata call may hold the thread: Ctrl-C (KeyboardInterrupt) is raised only between
-# calls into librdkafka, so a 30 s wait made of one call ignores it for 30 s.
-_METADATA_SLICE_S = 0.25
+# The first metadata call's wait, doubled for each call after it up to the last: Ctrl-C (KeyboardInterrupt) is
+# raised only between calls into librdkafka, so a 30 s wait made of one call ignores it for 30 s; and a call
+# that times out drops its reply, so a broker slower than the first wait (TLS, SASL, a large cluster) gets
+# a longer one.
+_METADATA_WAITS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def list_topics(client: Any, topic: str | None, timeout_s: float) -> Any:
     """``client.list_topics(topic)`` (any confluent-kafka client), waiting up to ``timeout_s`` for an
-    answer in short calls, so that Ctrl-C ends the wait at once. Raises the last call's KafkaException
-    once ``timeout_s`` passed."""
+    answer in calls of 0.25 s, then 0.5, 1, 2 and 4 s each, so that Ctrl-C ends the wait within a few
+    seconds. Raises the last call's KafkaException once ``timeout_s`` passed."""
     from confluent_kafka import KafkaException
 
     deadline = time.monotonic() + timeout_s
+    waits = iter(_METADATA_WAITS_S)
+    wait = next(waits)
     while True:
         try:
-            return client.list_topics(topic, timeout=max(0.001, min(_METADATA_SLICE_S, deadline - time.monotonic())))
+            return client.list_topics(topic, timeout=max(0.001, min(wait, deadline - time.monotonic())))
         except KafkaException:
             if time.monotonic() >= deadline:
                 raise
+        wait = next(waits, wait)
 
 
 @dataclass(frozen=True)
