@@ -962,3 +962,20 @@ def test_down_where_nothing_ever_ran_leaves_no_directory(tmp_path: Path, monkeyp
     assert kafka_broker.down(19999) == 0
     assert flink_cluster.down(19998) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_local_cluster_named_without_a_port_gives_its_checkpoint_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--flink_master=localhost` is the cluster on 8081: without its profile (--flink_conf_dir) a cancel deletes the
+    checkpoint the client just named to resume from."""
+    from beamops.services.flink_cluster import FlinkCluster, local_conf_dir
+
+    monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
+    cluster = FlinkCluster(8081)  # as `beamops flink up` leaves it: a state file and the rendered profile
+    cluster.conf_dir.mkdir(parents=True)
+    (cluster.conf_dir / "config.yaml").write_text("rest.port: 8081\n")
+    cluster.state_path.write_text("{}")
+    for master in ("localhost", "localhost:8081", "http://127.0.0.1:8081/"):
+        assert local_conf_dir(master) == cluster.conf_dir, master
+    assert local_conf_dir("localhost:8082") is None and local_conf_dir("[auto]") is None

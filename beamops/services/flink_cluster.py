@@ -258,10 +258,12 @@ def local_conf_dir(flink_master: str) -> Path | None:
     failures, min pause) from the config it reads, not from the cluster's: without it a job gets
     Flink's defaults, whatever the profile says.
     """
-    host, _, port = flink_master.split("://")[-1].rstrip("/").rpartition(":")
-    if host not in (HOST, "localhost") or not port.isdigit():
+    if flink_master.startswith("["):  # [local], [auto]: a Flink the job server starts itself
         return None
-    cluster = FlinkCluster(int(port))
+    url = urllib.parse.urlsplit(rest_base(flink_master))
+    if url.hostname not in (HOST, "localhost") or url.port is None:
+        return None
+    cluster = FlinkCluster(url.port)
     if cluster.state_path.is_file() and (cluster.conf_dir / "config.yaml").is_file():
         return cluster.conf_dir
     return None
