@@ -207,7 +207,7 @@ def run(
                 f"{prog}: the job was stopped with a savepoint; to go on, submit it again with {resume}",
                 file=sys.stderr,
             )
-    dead = dead_letter_counts(result)
+    dead = dead_letter_counts(result, [part.full_label for part in pipeline.transforms_stack[0].parts])
     if dead:
         counts = ", ".join(f"{step} {n}" for step, n in sorted(dead.items()))
         total = sum(dead.values())
@@ -547,8 +547,9 @@ def _masked(arg: str, is_a_secret: bool) -> str:
     return arg
 
 
-def dead_letter_counts(result: Any) -> dict[str, int]:
-    """Per operator step, how many elements the finished pipeline sent to dead letters (the errors counter)."""
+def dead_letter_counts(result: Any, labels: Iterable[str] = ()) -> dict[str, int]:
+    """Per operator step, how many elements the finished pipeline sent to dead letters (the errors counter);
+    ``labels``: the pipeline's top-level ones (see :func:`step_label`)."""
     from apache_beam.metrics.metric import MetricsFilter
 
     query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name("errors")
@@ -561,18 +562,28 @@ def dead_letter_counts(result: Any) -> dict[str, int]:
     for counter in counters:
         value = counter.committed if counter.committed is not None else counter.attempted
         if value:
-            step = step_label(counter.key.step)
+            step = step_label(counter.key.step, labels)
             counts[step] = counts.get(step, 0) + int(value)
     return counts
 
 
-def step_label(step: str) -> str:
+# How Beam's pipeline context names an applied transform (apache_beam/pipeline.py, _unique_ref).
+_TRANSFORM_ID = "ref_AppliedPTransform_"
+
+
+def step_label(step: str, labels: Iterable[str] = ()) -> str:
     """The top-level label of a metric's step: of ``read_kafka_frames/Read/ParDo(...)`` in process, and of Beam's
     transform id from a portable runner such as Flink's, ``ref_AppliedPTransform_read_kafka_frames-Read-..._17``
-    (the label's '/', '(' and ')' made '-', a number added)."""
-    if step.startswith("ref_AppliedPTransform_"):
-        return re.split(r"-|_\d+$", step.removeprefix("ref_AppliedPTransform_"))[0]
-    return step.split("/")[0]
+    (the label with each run of characters other than letters, digits, '-' and '_' made '-', cut at 100 and a
+    number added). ``labels``, the pipeline's top-level ones, tell where a label with '-' in it ends."""
+    if not step.startswith(_TRANSFORM_ID):
+        return step.split("/")[0]
+    rest = step.removeprefix(_TRANSFORM_ID)
+    for label in sorted(labels, key=len, reverse=True):
+        normal = re.sub(r"[^a-zA-Z0-9-_]+", "-", label)
+        if rest.startswith(normal) and re.match(r"(-|_\d+$|$)", rest[len(normal) :]):
+            return label
+    return re.split(r"-|_\d+$", rest)[0]
 
 
 def setup_logging() -> None:

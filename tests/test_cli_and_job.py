@@ -827,6 +827,11 @@ def test_dead_letters_are_counted_by_operator_on_flink_as_in_process() -> None:
     assert step_label("read_kafka_frames/Read/ParDo(_ReadPartitionFn)") == "read_kafka_frames"
     assert step_label("ref_AppliedPTransform_read_kafka_frames-Read-ParDo-_ReadPartitionFn-_17") == "read_kafka_frames"
     assert step_label("ref_AppliedPTransform_com_partial_5") == "com_partial"
+    # a pipeline definition's ids may hold '-': the pipeline's own labels say where one ends
+    labels = ["source", "phase", "phase-png", "maps"]
+    assert step_label("ref_AppliedPTransform_phase-png-ParDo-_WriteFn-_31", labels) == "phase-png"
+    assert step_label("ref_AppliedPTransform_phase-Map-kernel-_29", labels) == "phase"
+    assert step_label("ref_AppliedPTransform_phase_28", labels) == "phase"
 
 
 def test_a_servers_uptime_is_said_for_people() -> None:
