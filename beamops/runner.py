@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -189,10 +190,10 @@ def run(
                 return 1
             print(f"{prog}: error: the pipeline failed after {took:.1f} s: {exc}", file=sys.stderr)
             if flink is not None and not bounded:  # a live job goes on from its last checkpoint, if it has one
-                resume = flink.resume_hint("completed")
+                resume = flink.resume_hint("completed") or flink.checkpoint_on_disk()
                 print(
                     f"{prog}: to go on from where it stopped, submit it again with "
-                    f"{resume or '--savepoint_path=<its last checkpoint> (`beamops flink down` names it)'}",
+                    f"{resume or '--savepoint_path=<its last checkpoint> (README: Run on Flink)'}",
                     file=sys.stderr,
                 )
             return 1
@@ -229,9 +230,8 @@ def _savepoint_problem(path: str | None, rest_url: str) -> str | None:
     if not local.exists():
         return f"--savepoint_path {path} does not exist"
     if local.is_dir() and not (local / "_metadata").exists():
-        numbered = [d for d in local.glob("chk-*") if d.name[4:].isdigit() and (d / "_metadata").exists()]
-        snapshots = sorted(numbered, key=lambda d: int(d.name[4:]))
-        newest = f"; its newest checkpoint is {snapshots[-1]}" if snapshots else ""
+        checkpoint = newest_checkpoint(local)
+        newest = f"; its newest checkpoint is {checkpoint}" if checkpoint else ""
         return (
             f"--savepoint_path {path} is not a checkpoint or savepoint (it holds no _metadata): give a chk-N "
             f"directory or a savepoint-... directory{newest}"
@@ -239,18 +239,25 @@ def _savepoint_problem(path: str | None, rest_url: str) -> str | None:
     return None
 
 
+def newest_checkpoint(job_dir: Path) -> Path | None:
+    """The newest complete ``chk-N`` (one with Flink's ``_metadata``) of a job's checkpoint directory, or None."""
+    numbered = [d for d in job_dir.glob("chk-*") if d.name[4:].isdigit() and (d / "_metadata").exists()]
+    return max(numbered, key=lambda d: int(d.name[4:]), default=None)
+
+
 def _job_name_of(text: str) -> str:
     """The start of a Flink job's name: ``jobs.com_pipeline`` -> ``com-pipeline``, ``COM dpc`` -> ``com-dpc``."""
     return re.sub(r"[^a-z0-9]+", "-", text.rsplit(".", 1)[-1].lower()).strip("-") or "beamops"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _FlinkJob:
     """The Flink job a run submits, found on the cluster by its name (flink_defaults gives every run one)."""
 
     rest_url: str
     name: str
     loopback: bool  # its SDK workers run in this process: it cannot go on without it
+    known_id: str | None = None  # its id, once found
 
     @classmethod
     def of(cls, beam_args: list[str]) -> _FlinkJob:
@@ -263,11 +270,24 @@ class _FlinkJob:
     def job_id(self) -> str | None:
         from beamops.services.flink_cluster import FlinkClusterError, job_named
 
-        try:
-            job = job_named(self.rest_url, self.name)
-        except (OSError, FlinkClusterError, KeyError, ValueError):
+        if self.known_id is None:
+            try:
+                job = job_named(self.rest_url, self.name)
+            except (OSError, FlinkClusterError, KeyError, ValueError):
+                return None
+            self.known_id = job["jid"] if job else None
+        return self.known_id
+
+    def checkpoint_on_disk(self) -> str | None:
+        """``--savepoint_path=<its newest chk-N>`` from the checkpoint directory of the ``beamops flink up``
+        cluster it runs on (which the client sees, whether or not Flink still answers), if its id is known."""
+        from beamops.services.flink_cluster import FlinkCluster
+
+        url = urllib.parse.urlsplit(self.rest_url)
+        if self.known_id is None or url.hostname not in ("localhost", "127.0.0.1") or url.port is None:
             return None
-        return job["jid"] if job else None
+        checkpoint = newest_checkpoint(FlinkCluster(url.port).checkpoint_dir / self.known_id)
+        return f"--savepoint_path={checkpoint}" if checkpoint else None
 
     def resume_hint(self, kind: str, wait_s: float = 0.0) -> str | None:
         """``--savepoint_path=<path>`` of the job's latest ``kind`` snapshot, if the cluster names one

@@ -297,28 +297,40 @@ def test_a_job_cancelled_on_flink_says_so_and_how_to_resume(
     assert line.endswith("submit it again with --savepoint_path=<its last checkpoint> (README: Run on Flink)")
 
 
+@pytest.mark.parametrize("known", [True, False], ids=["its-checkpoint-on-disk", "no-id-known"])
 def test_a_live_flink_job_that_fails_says_how_to_go_on(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], known: bool
 ) -> None:
-    """Flink stopped under a live job: the client said only "the pipeline failed ... Connection refused"."""
+    """Flink stopped under a live job: the client said only "the pipeline failed ... Connection refused", and the
+    job's last checkpoint, still on disk, had to be found by hand."""
     import apache_beam as beam
 
     from beamops import runner
+    from beamops.services.flink_cluster import FlinkCluster
+
+    monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
+    job_dir = FlinkCluster(28081).checkpoint_dir / "aa11"
+    for n in (3, 45, 46):  # chk-46 was being written: no _metadata yet
+        (job_dir / f"chk-{n}").mkdir(parents=True)
+        if n != 46:
+            (job_dir / f"chk-{n}" / "_metadata").write_bytes(b"")
 
     def flink_went_away(self: beam.Pipeline) -> None:
+        if known:
+            submitted.known_id = "aa11"  # what the restart watch found while the job ran
         raise RuntimeError("Pipeline BeamApp-x failed in state FAILED: java.net.ConnectException: Connection refused")
 
+    submitted = runner._FlinkJob("http://localhost:28081", "com-pipeline-x", loopback=True)
+    monkeypatch.setattr(runner._FlinkJob, "of", classmethod(lambda cls, args: submitted))
     monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
-    monkeypatch.setattr(runner._FlinkJob, "resume_hint", lambda self, kind, wait_s=0.0: None)  # its REST API is gone
     monkeypatch.setattr(beam.Pipeline, "run", flink_went_away)
-    status = runner.run({}, ["--runner=FlinkRunner"], lambda pipeline, values: None, "job", bounded=False)
+    args = ["--runner=FlinkRunner", "--flink_job_server_jar=/not/needed.jar"]
+    status = runner.run({}, args, lambda pipeline, values: None, "job", bounded=False)
     assert status == 1
     failed, hint = capsys.readouterr().err.strip().splitlines()
     assert failed.startswith("job: error: the pipeline failed after ") and "ConnectException" in failed
-    assert hint == (
-        "job: to go on from where it stopped, submit it again with --savepoint_path=<its last checkpoint> "
-        "(`beamops flink down` names it)"
-    )
+    resume = f"--savepoint_path={job_dir / 'chk-45'}" if known else "--savepoint_path=<its last checkpoint> (README"
+    assert hint.startswith(f"job: to go on from where it stopped, submit it again with {resume}")
 
 
 def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
