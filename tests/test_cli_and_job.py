@@ -978,6 +978,7 @@ def test_down_where_nothing_ever_ran_leaves_no_directory(tmp_path: Path, monkeyp
     monkeypatch.setenv("BEAMOPS_RUN_DIR", str(tmp_path))
     assert kafka_broker.down(19999) == 0
     assert flink_cluster.down(19998) == 0
+    assert kafka_broker.status(19999) == flink_cluster.status(19998) == 3
     assert list(tmp_path.iterdir()) == []
 
 

@@ -356,17 +356,13 @@ class LocalServer:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Serialise start/stop on one state dir across processes (two `up`s at once). A state dir made only for
-        the lock (`down` or `status` on a port where nothing ever ran) is removed again."""
-        made = not self.state_dir.exists()
+        """Serialise start/stop on one state dir across processes (two `up`s at once)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                if made and [p.name for p in self.state_dir.iterdir()] == [".lock"]:
-                    shutil.rmtree(self.state_dir, ignore_errors=True)
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def __enter__(self) -> Self:

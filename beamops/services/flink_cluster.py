@@ -936,6 +936,8 @@ class FlinkCluster(LocalServer):
         job's jars, 160 MB for a Beam job, which Flink's TaskManager would keep across restarts).
         Checkpoints, savepoints and logs stay in the state dir. Returns whether anything was running.
         """
+        if not self.state_dir.exists():  # nothing ever ran here: no state dir to make just for the lock
+            return False
         t0 = time.monotonic()
         with self._locked():
             state = self._read_state()

@@ -607,6 +607,8 @@ class KafkaBroker(LocalServer):
         ``remove_data`` (default: ``ephemeral``) then deletes the data dir, and for an ephemeral broker
         its whole temp dir. Returns whether a running broker was stopped.
         """
+        if not self.state_dir.exists():  # nothing ever ran here: no state dir to make just for the lock
+            return False
         stopped = False
         t0 = time.monotonic()
         with self._locked():
