@@ -170,13 +170,10 @@ def run(
                 watch.start()
             result.wait_until_finish()
         except KeyboardInterrupt:  # how a live (--stop never) run on an in-process runner is stopped
-            if flink is not None:  # first: what is said next may go to a reader that is gone (| tee)
-                with _not_interrupted():
-                    flink.after_interrupt(prog)
-            return _interrupted(prog, started, stopped_by() or signal.SIGINT)
+            return _stopped(prog, started, stopped_by() or signal.SIGINT, flink)
         except Exception as exc:
             if stopped_by():  # Ctrl-C inside a DoFn: Beam's in-process runners hand it back as a RuntimeError
-                return _interrupted(prog, started, stopped_by())
+                return _stopped(prog, started, stopped_by(), flink)
             log.debug("pipeline failed", exc_info=True)  # the worker's traceback is in the runner's log
             took = time.monotonic() - started
             if "JobCancellationException" in str(exc):  # Beam's Flink runner reports a cancel as FAILED
@@ -371,7 +368,21 @@ def _tell(message: str) -> None:
     try:
         print(message, file=sys.stderr, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, sys.stderr.fileno())
+        os.close(nowhere)
+
+
+def _stopped(prog: str, started: float, signum: int, flink: _FlinkJob | None) -> int:
+    """The end of a run a signal stopped while it ran: a LOOPBACK Flink job is cancelled first (what is said
+    next may go to a reader that is gone, ``| tee``), then it is said; a second signal meanwhile is held."""
+    with _not_interrupted():
+        if flink is not None:
+            try:
+                flink.after_interrupt(prog)
+            except KeyboardInterrupt:  # asked twice more: left as it is
+                _tell(f"{prog}: did not wait for the Flink job {flink.name} to be cancelled")
+        return _interrupted(prog, started, signum)
 
 
 def _interrupted(prog: str, started: float, signum: int) -> int:
@@ -429,25 +440,36 @@ def _noting_interrupts() -> Iterator[Callable[[], int]]:
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(quiet_after_interrupt)
-    threads_hook, threading.excepthook = threading.excepthook, quiet_threads_after_interrupt
+    threads_hook = threading.excepthook
+    if ours:  # only where the signals are ours to note: else nothing here can tell a stop from a failure
+        threading.excepthook = quiet_threads_after_interrupt
     try:
         yield lambda: came[0] if came else 0
     finally:
+        for signum in ours:  # first: a signal now must not reach `handle` after the run
+            signal.signal(signum, defaults[signum])
         threading.excepthook = threads_hook
         for handler in handlers:
             handler.removeFilter(quiet_after_interrupt)
-        for signum in ours:
-            signal.signal(signum, defaults[signum])
 
 
 @contextmanager
 def _not_interrupted() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are dropped (in the main thread), so a second Ctrl-C cannot stop
-    the clean-up of the first."""
+    """Within (in the main thread): the first SIGINT or SIGTERM is held, so that a second Ctrl-C does not cut
+    short the clean-up of the first; one more gets through (a JobManager that does not answer holds the
+    clean-up up to 45 s)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {signum: signal.signal(signum, lambda signum, frame: None) for signum in _STOP_SIGNALS}
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        _tell("still cleaning up: once more to stop at once")
+
+    before = {signum: signal.signal(signum, hold) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:

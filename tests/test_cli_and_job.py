@@ -997,3 +997,18 @@ def test_a_local_cluster_named_without_a_port_gives_its_checkpoint_settings(
     for master in ("localhost", "localhost:8081", "http://127.0.0.1:8081/"):
         assert local_conf_dir(master) == cluster.conf_dir, master
     assert local_conf_dir("localhost:8082") is None and local_conf_dir("[auto]") is None
+
+
+def test_during_clean_up_one_more_signal_is_held_and_the_next_gets_through(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C twice in a row cut the cancel of a LOOPBACK Flink job short; three times must still stop the client."""
+    from beamops.runner import _not_interrupted
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with _not_interrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # held: the clean-up goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert capsys.readouterr().err == "still cleaning up: once more to stop at once\n"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
