@@ -117,7 +117,8 @@ def run(
     name: str | None = None,
 ) -> int:
     """Build and run the pipeline: 0 when it finished; a bad option is a one-line error (exit 2) before
-    anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it. ``prog``
+    anything runs; a pipeline that fails is one too (exit 1), after the runner's own log of it; Ctrl-C is
+    130 and SIGTERM 143 (a LOOPBACK Flink job is cancelled first). ``prog``
     (``python -m jobs.com_pipeline``) starts the error lines; ``bounded``: the input ends (see
     flink_defaults); a live read (not ``bounded``) is refused on an in-process runner. ``name`` starts a
     Flink job's name (default: the job's module, ``com-pipeline``)."""
