@@ -12,6 +12,7 @@ sampler exists.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import inspect
 import logging
@@ -65,8 +66,9 @@ def _wrap_once(owner: Any, name: str, parameters: list[str], wrap: Callable[[Any
         log.warning("Beam's %s.%s has changed: %s", getattr(owner, "__name__", owner), name, otherwise)
         return
     wrapper = wrap(beams)
-    wrapper.__wrapped__ = beams
-    wrapper.__doc__ = beams.__doc__
+    function = getattr(wrapper, "__func__", wrapper)  # a classmethod's function
+    function.__wrapped__ = beams
+    function.__doc__ = beams.__doc__
     setattr(owner, name, wrapper)
 
 
@@ -236,10 +238,11 @@ def serve_loopback_workers_on_127_0_0_1() -> None:
     starts the same servicer on 127.0.0.1, which is where the runner's TaskManager, on this machine or
     reached through it, calls it.
     """
-    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer, kill_process_gracefully
 
-    def wrap(beams: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(beams: Callable[..., Any]) -> Any:
         def start(
+            cls: type[BeamFnExternalWorkerPoolServicer],
             use_process: bool = False,
             port: int = 0,
             state_cache_size: int = 0,
@@ -248,16 +251,18 @@ def serve_loopback_workers_on_127_0_0_1() -> None:
         ) -> tuple[str, Any]:
             from beamops.services.worker_pool import serve
 
-            servicer = BeamFnExternalWorkerPoolServicer(
+            servicer = cls(
                 use_process=use_process,
                 container_executable=container_executable,
                 state_cache_size=state_cache_size,
                 data_buffer_time_limit_ms=data_buffer_time_limit_ms,
             )
             server, bound = serve(servicer, port, LOOPBACK_HOST)
+            if use_process:  # as Beam's: the worker processes do not outlive this one
+                atexit.register(lambda: [kill_process_gracefully(p) for p in list(servicer._worker_processes.values())])
             return f"{LOOPBACK_HOST}:{bound}", server
 
-        return start
+        return classmethod(start)
 
     parameters = ["use_process", "port", "state_cache_size", "data_buffer_time_limit_ms", "container_executable"]
     _wrap_once(
