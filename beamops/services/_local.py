@@ -135,14 +135,14 @@ def port_holders(port: int) -> str:
     """`` (held by pid N: command line)`` for this user's processes with a TCP socket on 127.0.0.1:``port``
     (Linux's /proc), saying when one is connected to itself; "" if none is found."""
     inodes: dict[str, bool] = {}  # socket inode -> connected to itself
-    try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return ""
+    lines = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # a JVM's sockets are IPv6 ones, also for 127.0.0.1
+        with contextlib.suppress(OSError):
+            lines += Path(table).read_text().splitlines()[1:]
     for line in lines:
         fields = line.split()
         local, remote, inode = fields[1], fields[2], fields[9]
-        if int(local.split(":")[1], 16) == port and inode != "0":
+        if int(local.rsplit(":", 1)[1], 16) == port and inode != "0":
             inodes[inode] = local == remote
     found = []
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
