@@ -134,7 +134,7 @@ def run(
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
     started = time.monotonic()
     flink: _FlinkJob | None = None
-    with _noting_interrupts() as stopped_by:
+    with stop_signals() as stopped_by:
         try:
             if _runner_key(runner) == "flink":
                 beam_args = flink_defaults(beam_args, bounded, _job_name_of(name or prog.split()[-1]))
@@ -399,7 +399,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _noting_interrupts() -> Iterator[Callable[[], int]]:
+def stop_signals() -> Iterator[Callable[[], int]]:
     """Within: SIGINT and SIGTERM raise KeyboardInterrupt, a function says which of them came (0: none),
     and Beam's error logs, its job server's output and its threads' dying words are quiet once one did.
     A SIGTERM would otherwise end the process at once, and a Flink job whose workers were this process

@@ -15,7 +15,8 @@ scan number it has reduced as frames delivered twice, so a second run must not r
 
 Progress goes to stderr (a bar on a terminal, else a log line every few seconds); the summary
 goes to stdout. Exit status: 0 when every message was delivered, 1 when delivery failed, 2 for bad
-arguments (a topic that does not exist among them) or a bad input file, 130 when interrupted.
+arguments (a topic that does not exist among them) or a bad input file, 130 when interrupted (143 for
+SIGTERM, which also delivers what is queued first).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +37,7 @@ from beamops.io.kafka import closest_topic, ensure_topic, newest_scan_number, to
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
 from beamops.options import add_kafka_client_arguments
-from beamops.runner import describe_unknown
+from beamops.runner import describe_unknown, stop_signals
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
@@ -295,11 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # StempyFormatError is a ValueError
         return _error(str(exc), 2)
 
-    total = scans.frames_each * args.n_scans
-    progress = Progress(total, mode=args.progress)
-    publisher: FramePublisher | None = None
-    publishing: SparseFrameBatch | None = None  # the batch the run came to, and whether the publisher took it
-    queued = False
+    progress = Progress(scans.frames_each * args.n_scans, mode=args.progress)
     if args.create_topic:
         try:
             ensure_topic(client, args.topic, args.partitions, args.replication_factor)
@@ -307,6 +305,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(str(exc), 1)
     # Said first: an unreachable broker is otherwise silence until the timeout.
     log.info("asking Kafka at %s for topic %r's partitions", args.bootstrap_servers, args.topic)
+    with stop_signals() as stopped_by:  # SIGTERM as Ctrl-C: what is queued is still delivered
+        return _publish(args, client, scans, progress, stopped_by)
+
+
+def _publish(
+    args: argparse.Namespace,
+    client: KafkaClientConfig,
+    scans: _Scans,
+    progress: Progress,
+    stopped_by: Callable[[], int],
+) -> int:
+    """Publish the scans; the exit status."""
+    publisher: FramePublisher | None = None
+    publishing: SparseFrameBatch | None = None  # the batch the run came to, and whether the publisher took it
+    queued = False
+    total = scans.frames_each * args.n_scans
     try:
         # Leaving the block flushes: on success it waits for every delivery and raises on a failure; after an
         # error or Ctrl-C it still delivers what is queued (for up to 10 s).
@@ -334,11 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if publisher is not None:  # else nothing was published: no progress to show
             progress.close(stopped_at)
         if isinstance(exc, KeyboardInterrupt):
+            signum = stopped_by() or signal.SIGINT
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
             if stopped_at is None:
-                log.error("interrupted before publishing anything")
+                log.error("%s before publishing anything", how)
             else:
-                log.error("interrupted after %s%s", stopped_at.describe(), _not_in_full(publishing, queued))
-            return 130
+                log.error("%s after %s%s", how, stopped_at.describe(), _not_in_full(publishing, queued))
+            return 128 + signum
         if isinstance(exc, StempyFormatError):
             return _error(str(exc), 2)
         if isinstance(exc, TopicNotFoundError):  # a bad --topic, as for the jobs

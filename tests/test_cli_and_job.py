@@ -864,7 +864,7 @@ def test_once_stopped_beams_shutdown_noise_is_quiet_and_before_it_nothing_is(
 ) -> None:
     """A cancelled LOOPBACK job printed 80-90 lines after Ctrl-C: its threads' "Exception in thread ...", the job
     server's Java stack trace (at INFO) and Beam's ERROR records with tracebacks."""
-    from beamops.runner import FLINK_JOB_SERVER_LOGGER, _noting_interrupts
+    from beamops.runner import FLINK_JOB_SERVER_LOGGER, stop_signals
 
     said: list[str] = []  # what Python's hook would print, by thread
     monkeypatch.setattr(threading, "excepthook", lambda args: said.append(args.thread.name))
@@ -880,7 +880,7 @@ def test_once_stopped_beams_shutdown_noise_is_quiet_and_before_it_nothing_is(
     handler = logging.StreamHandler(sys.stderr)
     logging.getLogger().addHandler(handler)
     try:
-        with _noting_interrupts() as stopped_by:
+        with stop_signals() as stopped_by:
             dying_thread()  # before a stop: said as Python says it
             assert said == ["read_grpc_client_inputs"]
             with pytest.raises(KeyboardInterrupt):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import _thread
 import logging
+import os
 import re
-import threading
+import signal
 import time
 import uuid
 from dataclasses import replace
@@ -129,17 +129,27 @@ def test_a_second_run_publishes_the_next_scan_number(kafka_broker, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_ctrl_c_names_the_scan_left_unfinished(kafka_broker, caplog):
+@pytest.mark.parametrize(("stop", "said"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_a_stop_names_the_scan_left_unfinished(kafka_broker, caplog, monkeypatch, stop, said):
+    """Ctrl-C said "interrupted after N frames" without naming the scan left half in the topic; SIGTERM ended the
+    simulator at once, its queued messages lost."""
+
+    class StoppedAtTheFifthBatch(simulate.FramePublisher):
+        def publish(self, batch):
+            if self.stats().batches == 4:
+                os.kill(os.getpid(), stop)
+                time.sleep(5)  # stopped long before
+            super().publish(batch)
+
+    monkeypatch.setattr(simulate, "FramePublisher", StoppedAtTheFifthBatch)
     topic = kafka_broker.new_topic(partitions=1)
     caplog.set_level(logging.INFO, logger="jobs.simulate")
-    timer = threading.Timer(1.0, _thread.interrupt_main)
-    timer.start()
-    try:  # 160 frames at 100 frames/s: about 1.6 s
-        assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=10", "--rate=100") == 130
-    finally:
-        timer.cancel()
-    (said,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert re.fullmatch(r"interrupted after \d+ frames in \d+ batches .*; scan 1 was not published in full", said)
+    assert run(kafka_broker, topic, *SIM_ARGS, "--batch_size=10") == 128 + stop
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert re.fullmatch(
+        rf"{said} after 40 frames in 4 batches \(40 delivered\).*; scan 1 was not published in full", line
+    )
+    assert len(read_topic(kafka_broker.bootstrap_servers, topic)) == 4  # what was queued is delivered
 
 
 def test_a_stempy_file_is_published_event_for_event(kafka_broker, tmp_path):
