@@ -386,6 +386,8 @@ class PipelineDefinition:
             self._create_topics()
         if runs_here(pipeline):  # a cluster's workers write into their own file systems
             self._warn_earlier_files()
+        else:
+            self._warn_relative_folders()
         outputs: dict[str, OperatorOutputs] = {}
         sources = {}
         for inst in self.instances.values():
@@ -406,6 +408,23 @@ class PipelineDefinition:
             if hasattr(source, "commit_after"):  # a source that commits its reads (Kafka) once they are written
                 source.commit_after(*self._results_of(name, outputs))
         return outputs
+
+    def _warn_relative_folders(self) -> None:
+        """Name the folders, written on a cluster's workers, that each worker finds in its own working
+        directory: one it cannot write fails its bundle (the dead letters' on the first element that goes
+        there), and Flink restarts the job on the same input for ever."""
+        for inst in [*self.instances.values(), self.dead_letters]:
+            params = list(output_files(inst.operator.Params))
+            if not params and hasattr(inst.params, "out_dir"):  # write_dead_letters' folder
+                params = ["out_dir"]
+            for param in params:
+                folder = str(getattr(inst.params, param))
+                if not Path(folder).expanduser().is_absolute():
+                    log.warning(
+                        "%s writes to %r, relative to each worker's working directory: give %s.%s an absolute "
+                        "folder the workers can write",
+                        inst.id, folder, inst.id, param,
+                    )  # fmt: skip
 
     def _warn_earlier_files(self) -> None:
         """Name the files an earlier run left where a writer writes: this run replaces those of the scans it

@@ -662,3 +662,21 @@ def test_a_file_source_the_pipeline_cannot_read_or_reduce_is_refused_before_it_r
             parse_pipeline(text.format(path=path, mb=mb), "offline.yaml")
         (error,) = info.value.errors
         assert str(error).startswith(f"offline.yaml:3: {says}"), str(error)
+
+
+def test_on_a_clusters_workers_a_relative_folder_is_named_before_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    """Each worker finds a relative folder in its own working directory: one it cannot write failed the job on the
+    first element that went there, and Flink restarted it on the same input for ever."""
+    definition = load_pipeline(COM_DPC, ["phase_png.out_dir=/shared/phase"])
+    cluster = ["--runner=FlinkRunner", "--environment_type=EXTERNAL", "--environment_config=127.0.0.1:1"]
+    caplog.set_level(logging.WARNING, logger="beamops.pipeline")
+    definition.build(beam.Pipeline(options=PipelineOptions(cluster)))
+    warned = sorted(r.getMessage() for r in caplog.records)
+    assert warned == [
+        f"{inst} writes to 'out/com_dpc', relative to each worker's working directory: give {inst}.out_dir an "
+        "absolute folder the workers can write"
+        for inst in ("dead_letters", "maps")
+    ]
+    caplog.clear()
+    definition.build(beam.Pipeline())  # in process: the folders are checked here, not warned about
+    assert not [r for r in caplog.records if "relative to each worker" in r.getMessage()]
