@@ -406,7 +406,8 @@ def test_ctrl_c_through_tee_still_cancels_a_loopback_flink_job(monkeypatch: pyte
     stderr = os.fdopen(write_end, "w")
     monkeypatch.setattr(sys, "stderr", stderr)
     try:
-        status = runner.run({}, ["--runner=FlinkRunner"], lambda pipeline, values: None, "job")
+        args = ["--runner=FlinkRunner", "--flink_job_server_jar=/not/needed.jar"]
+        status = runner.run({}, args, lambda pipeline, values: None, "job")
     finally:
         stderr.close()
     assert (status, cancelled) == (130, ["job"])
@@ -942,7 +943,10 @@ def test_a_flink_job_that_keeps_restarting_is_said_once_per_restart_with_its_cau
         watch.start()
         time.sleep(0.3)  # no restart yet: nothing said
         answers["/jobs/aa11/metrics?get=numRestarts"] = [{"id": "numRestarts", "value": "2"}]
-        time.sleep(0.5)  # several polls, one line
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # several more polls: still one line
         watch.stopped.set()
         watch.join(5)
     assert [r.getMessage() for r in caplog.records] == [
@@ -965,6 +969,7 @@ def test_dead_letters_to_a_relative_folder_on_a_clusters_workers_are_warned_abou
     monkeypatch.setattr(runner, "_flink_unreachable", lambda master: None)
     monkeypatch.setattr(beam.Pipeline, "run", submitted)
     cluster = ["--runner=FlinkRunner", "--environment_type=EXTERNAL", "--environment_config=127.0.0.1:1"]
+    cluster += ["--flink_job_server_jar=/not/needed.jar"]
     caplog.set_level(logging.WARNING, logger="jobs.com_pipeline")
     assert com_pipeline.main([*SMALL_SCAN, *cluster]) == 130
     assert [r.getMessage() for r in caplog.records if r.name == "jobs.com_pipeline"] == [

@@ -284,6 +284,7 @@ def test_a_loopback_flink_job_that_cannot_reach_kafka_is_not_submitted(
     monkeypatch.setattr(beam.Pipeline, "run", submit)
     args = ["--bootstrap_servers", f"127.0.0.1:{refusing_port}", "--input_topic", "frames", "--output_topic", "maps"]
     args += ["--dead_letter_topic", "dead", "--runner=FlinkRunner", f"--environment_type={environment}"]
+    args += ["--flink_job_server_jar=/not/needed.jar"]
     args += ["--environment_config=127.0.0.1:1"] if environment == "EXTERNAL" else []
     status = com_pipeline.main(args)
     err = capsys.readouterr().err
