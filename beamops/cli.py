@@ -7,6 +7,7 @@ beamops operator new NAME [--dir DIR]
 beamops pipeline validate FILE [--set ID.PARAM=VALUE]...
 beamops pipeline run FILE [--set ID.PARAM=VALUE]... [BEAM_OPTION]...
 beamops provenance FILE... [--json]
+beamops maps [FOLDER_OR_NPZ...] [--bootstrap_servers B --topic T] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from beamops import __version__
 from beamops.operator import Operator
+from beamops.options import add_kafka_client_arguments
 from beamops.registry import (
     BUILTIN_DIR,
     BUILTIN_PACKAGE,
@@ -246,6 +248,70 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_maps(args: argparse.Namespace) -> int:
+    """The newest COM map of each scan in folders (or .npz files) and/or an output topic, with its counters."""
+    from transforms.write_com_map import map_counters
+
+    if bool(args.bootstrap_servers) != bool(args.topic):
+        print("beamops: maps: --bootstrap_servers and --topic go together", file=sys.stderr)
+        return 2
+    if not args.paths and not args.topic:
+        print("beamops: maps: give folders or .npz files, or --bootstrap_servers and --topic", file=sys.stderr)
+        return 2
+    found: list[dict[str, Any]] = []
+    status = 0
+    for given in map(Path, args.paths):
+        if not given.exists():
+            print(f"beamops: maps: {given}: no such file or folder", file=sys.stderr)
+            status = 2
+            continue
+        files = sorted(given.glob("scan_*_com*.npz")) if given.is_dir() else [given]
+        if not files:
+            print(f"beamops: maps: no COM maps (scan_*_com*.npz) in {given}", file=sys.stderr)
+            status = 2
+        for path in files:
+            try:
+                found.append({**map_counters(path), "where": str(path)})
+            except ValueError as exc:
+                print(f"beamops: maps: {exc}", file=sys.stderr)
+                status = 2
+    if args.topic:
+        try:
+            found += _maps_in_topic(args)
+        except (ValueError, RuntimeError) as exc:  # no such topic, no answer, bad settings
+            print(f"beamops: maps: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ValueError) else 1
+    for counters in sorted(found, key=lambda c: (c["scan"], c["where"])):
+        print(json.dumps(counters, sort_keys=True) if args.json else _describe_map(counters))
+    return status
+
+
+def _maps_in_topic(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The newest map of each scan in ``args.topic`` (maps of a scan share a key, so a partition, in order)."""
+    from beamops import ComMap
+    from beamops.io.kafka import messages_in
+    from beamops.io.kafka_config import KafkaClientConfig
+
+    client = KafkaClientConfig.load(args.bootstrap_servers, args.kafka_config_file, args.kafka_config)
+    client.check()
+    newest: dict[int, dict[str, Any]] = {}
+    for msg in messages_in(client, args.topic):
+        try:
+            counters = ComMap.from_bytes(msg.value()).counters()
+        except ValueError:  # not a map (a topic shared with other messages): not ours to describe
+            continue
+        newest[counters["scan"]] = {**counters, "where": f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"}
+    return list(newest.values())
+
+
+def _describe_map(c: dict[str, Any]) -> str:
+    state = ("final" if c["complete"] else "final, INCOMPLETE") if c["final"] else "progressive"
+    return (
+        f"scan {c['scan']}: {state}, {c['frames_seen']} frames, {c['positions_seen']}/{c['positions']} positions"
+        f"  {c['where']}"
+    )
+
+
 def _pipeline_parser(sub: Any) -> None:
     """``beamops pipeline validate|run FILE``: pipeline definitions in YAML (see beamops.pipeline)."""
     actions = sub.add_parser("pipeline", help="pipeline definitions (YAML): check and run them").add_subparsers(
@@ -320,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     made.add_argument("files", nargs="+", metavar="FILE")
     made.add_argument("--json", action="store_true", help='one line of JSON per file: {"path": ..., "provenance": ...}')
     made.set_defaults(func=cmd_provenance)
+
+    maps = sub.add_parser(
+        "maps",
+        help="the newest COM map of each scan, with its counters, in folders or .npz files and/or an output topic",
+    )
+    maps.add_argument("paths", nargs="*", metavar="FOLDER_OR_NPZ", help="folders of write_com_map, or its .npz files")
+    maps.add_argument("--bootstrap_servers", help="Kafka brokers of --topic")
+    maps.add_argument("--topic", help="an output topic of write_com_maps_kafka, read from its start; joins no group")
+    add_kafka_client_arguments(maps)
+    maps.add_argument("--json", action="store_true", help="one line of JSON per map")
+    maps.set_defaults(func=cmd_maps)
 
     single = sub.add_parser("operator", help="write a new operator").add_subparsers(dest="action", required=True)
     new = single.add_parser("new", help="a working operator module, its operator.json and its test")

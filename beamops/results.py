@@ -128,6 +128,17 @@ class ComMap:
     def stacked(self) -> np.ndarray:
         return np.stack([self.x, self.y])
 
+    def counters(self) -> dict[str, Any]:
+        """Scan number, ``final``, ``complete``, ``frames_seen``, ``positions_seen`` and the scan's ``positions``."""
+        return {
+            "scan": self.scan_number,
+            "final": self.final,
+            "complete": self.complete,
+            "frames_seen": self.frames_seen,
+            "positions_seen": self.positions_seen,
+            "positions": self.header.n_positions,
+        }
+
     def to_bytes(self) -> bytes:
         """Arrow IPC: columns ``x`` and ``y`` (float32, row-major scan order).
 

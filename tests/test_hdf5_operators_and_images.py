@@ -441,3 +441,33 @@ def test_an_interrupted_write_leaves_the_file_as_it_was_and_no_temporary_file(tm
     assert path.read_bytes() == b"earlier"
     atomic_write(path, lambda fh: fh.write(b"new"))
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == b"new"
+
+
+def test_beamops_maps_lists_each_scans_map_with_its_counters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whether every scan got a complete final map was a matter of numpy by hand."""
+    import json
+
+    from beamops.cli import main as beamops_main
+    from transforms.write_com_map import write_com_map
+
+    sims = [ScanSimulation(scan_shape=(4, 5), frame_shape=(64, 64), disc_radius=8, shift_amplitude=2, scan_number=n)
+            for n in (1, 2)]  # fmt: skip
+    batches = [*sims[0].batches(7), *list(sims[1].batches(7))[:2]]  # scan 2 is cut: flushed incomplete
+    run_operator(lambda f: f | com_partial() | com_reduce() | write_com_map(out_dir=str(tmp_path)), batches)
+    assert beamops_main(["maps", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"scan 1: final, 20 frames, 20/20 positions  {tmp_path}/scan_000001_com.npz",
+        f"scan 2: final, INCOMPLETE, 14 frames, 14/20 positions  {tmp_path}/scan_000002_com.npz",
+    ]
+    assert beamops_main(["maps", "--json", str(tmp_path / "scan_000002_com.npz")]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "scan": 2, "final": True, "complete": False, "frames_seen": 14, "positions_seen": 14, "positions": 20,
+        "where": str(tmp_path / "scan_000002_com.npz"),
+    }  # fmt: skip
+    (tmp_path / "notes.npz").write_bytes(b"not a map")
+    assert beamops_main(["maps", str(tmp_path / "notes.npz"), str(tmp_path / "gone")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'notes.npz'}: not a COM map written by write_com_map" in err
+    assert f"{tmp_path / 'gone'}: no such file or folder" in err

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -60,6 +60,17 @@ def map_provenances(folder: Path, newest: int = 16) -> list[Provenance]:
         with contextlib.suppress(ValueError):  # read_provenance's error for a file without one, or unreadable
             found.append(read_provenance(path))
     return found
+
+
+def map_counters(path: Path) -> dict[str, Any]:
+    """The counters of a map this operator wrote (as :meth:`ComMap.counters`), from its .npz; ValueError for a
+    file that is not one."""
+    try:
+        with np.load(path) as npz:
+            counters = {key: npz[key].item() for key in ("frames_seen", "positions_seen", "final", "complete")}
+            return {"scan": int(npz["scan_number"]), **counters, "positions": int(npz["x"].size)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a COM map written by write_com_map ({exc})") from None
 
 
 def _modified(path: Path) -> float:

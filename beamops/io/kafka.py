@@ -959,46 +959,71 @@ def _no_such_topics(client: KafkaClientConfig, missing: list[str]) -> str:
     return f"Kafka topic{'s' if len(missing) > 1 else ''} {names} {verb} on {client.bootstrap_servers}"
 
 
+def _partition_ends(client: KafkaClientConfig, consumer: Any, topic: str) -> dict[int, tuple[int, int]] | None:
+    """Each partition's (first offset, end) of ``topic``, None if it does not exist; KafkaUnavailableError if
+    Kafka does not answer."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    try:
+        meta = list_topics(consumer, topic, METADATA_TIMEOUT_S).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return None
+        return {
+            partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
+            for partition in meta.partitions
+        }
+    except KafkaException as exc:
+        raise _unreachable(client, exc) from exc
+
+
+def _read(consumer: Any, topic: str, ranges: dict[int, tuple[int, int]]) -> Iterator[Any]:
+    """The messages of ``topic`` in ``ranges`` (partition -> (start, end), end exclusive), in offset order per
+    partition. A partition whose messages stop coming for the metadata timeout is left, with a warning."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    ends = {p: end for p, (_, end) in ranges.items()}
+    waiting = {p for p, (start, end) in ranges.items() if end > start}
+    consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in sorted(waiting)])
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while waiting and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.partition() not in waiting:
+            continue
+        deadline = time.monotonic() + METADATA_TIMEOUT_S
+        if msg.error() is not None:
+            if msg.error().code() == KafkaError._PARTITION_EOF:  # the last offsets held no message (markers)
+                waiting.discard(msg.partition())
+            continue
+        yield msg
+        if msg.offset() + 1 >= ends[msg.partition()]:
+            waiting.discard(msg.partition())
+    if waiting:
+        log.warning(
+            "could not read %r partition(s) %s to their end within %g s", topic, sorted(waiting), METADATA_TIMEOUT_S
+        )
+
+
 def newest_messages(client: KafkaClientConfig, topic: str) -> list[Any]:
     """The newest message of each partition of ``topic`` (none for a topic that does not exist, or an empty
     partition); joins no group. A partition whose newest message does not come within the metadata timeout
     is left out, with a warning. KafkaUnavailableError if Kafka does not answer."""
-    from confluent_kafka import KafkaError, KafkaException, TopicPartition
-
     consumer = _consumer(client, None)
     try:
-        try:
-            meta = list_topics(consumer, topic, METADATA_TIMEOUT_S).topics.get(topic)
-            if meta is None or meta.error is not None:
-                return []
-            newest = []
-            for partition in meta.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
-                if high > low:
-                    newest.append(TopicPartition(topic, partition, high - 1))
-        except KafkaException as exc:
-            raise _unreachable(client, exc) from exc
-        consumer.assign(newest)
-        waiting, found = {tp.partition for tp in newest}, []
-        deadline = time.monotonic() + METADATA_TIMEOUT_S
-        while waiting and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.partition() not in waiting:
-                continue
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:  # the last offset held no message (a marker)
-                    waiting.discard(msg.partition())
-                continue
-            waiting.discard(msg.partition())
-            found.append(msg)
-        if waiting:
-            log.warning(
-                "could not read the newest message of %r partition(s) %s within %g s",
-                topic,
-                sorted(waiting),
-                METADATA_TIMEOUT_S,
-            )
-        return found
+        ends = _partition_ends(client, consumer, topic) or {}
+        return list(_read(consumer, topic, {p: (max(low, high - 1), high) for p, (low, high) in ends.items()}))
+    finally:
+        consumer.close()
+
+
+def messages_in(client: KafkaClientConfig, topic: str) -> Iterator[Any]:
+    """Every message ``topic`` holds when called, in offset order per partition; joins no group. ValueError for
+    a topic that does not exist, KafkaUnavailableError if Kafka does not answer."""
+    consumer = _consumer(client, None)
+    try:
+        ends = _partition_ends(client, consumer, topic)
+        if ends is None:
+            raise ValueError(_no_such_topics(client, [topic]))
+        yield from _read(consumer, topic, ends)
     finally:
         consumer.close()
 

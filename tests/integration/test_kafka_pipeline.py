@@ -1320,3 +1320,28 @@ def test_a_missing_input_topic_is_refused_before_the_job_runs(
         f"(did you mean {meant!r}?); check --input_topic (the topic the frames are published to)"
     ]
     assert missing_topics(client_of(kafka_broker), [out]) == [out]  # not made
+
+
+def test_beamops_maps_lists_the_newest_map_of_each_scan_in_an_output_topic(kafka_broker, capsys):
+    """On call, checking that every scan got a complete final map took a consumer script by hand."""
+    from beamops.cli import main as beamops_main
+
+    topic = kafka_broker.new_topic(partitions=2, prefix="maps")
+    header_of = {n: replace(ScanSimulation(scan_shape=(3, 4), scan_number=n).header) for n in (1, 2)}
+
+    def com_map(scan: int, frames: int, final: bool) -> bytes:
+        zeros = np.zeros((3, 4), np.float32)
+        return ComMap(header_of[scan], zeros, zeros, frames, min(frames, 12), final, final and frames == 12).to_bytes()
+
+    with FramePublisher(KafkaClientConfig(kafka_broker.bootstrap_servers), topic) as publisher:
+        for scan, frames, final in [(1, 6, False), (2, 4, False), (1, 12, True), (2, 9, True)]:
+            publisher.publish_raw(com_map(scan, frames, final), key=str(scan), partition=scan - 1)
+        publisher.publish_raw(b"not a map", key="x", partition=0)  # a topic others write to as well
+    assert beamops_main(["maps", "--bootstrap_servers", kafka_broker.bootstrap_servers, "--topic", topic]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"scan 1: final, 12 frames, 12/12 positions  {topic}[0]@1",
+        f"scan 2: final, INCOMPLETE, 9 frames, 9/12 positions  {topic}[1]@1",
+    ]
+    missing = f"{topic}-gone"
+    assert beamops_main(["maps", "--bootstrap_servers", kafka_broker.bootstrap_servers, "--topic", missing]) == 2
+    assert f"Kafka topic {missing!r} does not exist on {kafka_broker.bootstrap_servers}" in capsys.readouterr().err
