@@ -776,17 +776,16 @@ class _Checker:
     def check_output_dirs(self, instances: Mapping[str, Instance]) -> None:
         """Two writers of one kind into one directory would overwrite each other's files, silently: refused.
         Writers whose file names follow the input image's name (write_image) collide only when their
-        upstreams make images of a same name (their parameters' ``image_names``)."""
+        upstreams make images of a same name (their parameters' ``image_names``); an upstream that does not
+        declare them (a plugin's) may make any name, so its writer shares a directory with no other."""
         writers: dict[tuple[Any, ...], list[tuple[str, set[str] | None]]] = {}
         for inst in instances.values():
             for param, files in output_files(inst.operator.Params).items():
                 folder = Path(getattr(inst.params, param)).expanduser().resolve()
-                names: set[str] | None = None
+                names: set[str] | None = None  # None: every file name may be the other's
                 if files.named_by_image and inst.input is not None:
                     made = getattr(instances[inst.input[0]].params, "image_names", None)
-                    if made is None:
-                        continue  # names the check cannot know
-                    names = set(made)
+                    names = None if made is None else set(made)
                 # One operator per key: its writers all name their files by image (sets) or none do (None).
                 earlier = writers.setdefault((inst.operator.name, param, folder), [])
                 for first, first_names in earlier:

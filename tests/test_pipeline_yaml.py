@@ -680,3 +680,24 @@ def test_on_a_clusters_workers_a_relative_folder_is_named_before_the_run(caplog:
     caplog.clear()
     definition.build(beam.Pipeline())  # in process: the folders are checked here, not warned about
     assert not [r for r in caplog.records if "relative to each worker" in r.getMessage()]
+
+
+def test_an_image_writer_whose_upstream_does_not_name_its_images_shares_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin's image operator declares no image_names: two of its writers into one directory overwrote each
+    other's files without a word (the check skipped what it could not know)."""
+    from transforms.dpc_phase import DpcPhaseParams
+
+    monkeypatch.setattr(DpcPhaseParams, "image_names", property(lambda self: None))  # as a plugin's would
+    text = (
+        _SOURCE + "  partial: {operator: com_partial, input: source.frames}\n"
+        "  reduce: {operator: com_reduce, input: partial.com_partial}\n"
+        "  phase: {operator: dpc_phase, input: reduce.com_map}\n"
+        "  magnitude: {operator: com_magnitude, input: reduce.com_map}\n"
+        "  magnitude_png: {operator: write_image, input: magnitude.image, params: {out_dir: out}}\n"
+        "  phase_png: {operator: write_image, input: phase.image, params: {out_dir: out}}\n"
+    )
+    (error,) = _errors(_write(tmp_path, text))
+    assert "phase_png: writes <image name>_scan_<N>.png and .npy into " in error and "as magnitude_png does" in error
+    load_pipeline(_write(tmp_path, text.replace("{out_dir: out}}\n", "{out_dir: out/magnitude}}\n", 1)))  # apart
