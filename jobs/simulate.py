@@ -161,7 +161,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         scan.add_argument("--frames_per_position", type=int, default=1, help="Frames recorded at each scan position."),
         scan.add_argument("--disc_radius", type=float, default=20.0, help="Bright-field disc radius, px."),
         scan.add_argument("--shift_amplitude", type=float, default=8.0, help="Largest COM shift, px."),
-        scan.add_argument("--seed", type=int, default=0, help="Random seed: the same seed publishes the same frames."),
+        scan.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="Random seed: the same seed and --batch_size publish the same frames (each batch has its own).",
+        ),
     ]
     scan.add_argument(
         "--hdf5",

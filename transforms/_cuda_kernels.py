@@ -87,7 +87,7 @@ def cuda_available() -> bool:
         return False
 
 
-_logged_cpu_fallback = False
+_logged_cpu_fallback = _logged_simulator = False
 
 
 def resolve_device(device: str) -> str:
@@ -99,7 +99,7 @@ def resolve_device(device: str) -> str:
     ``cuda`` without a usable device raises WorkerEnvironmentError: the job fails, saying so,
     instead of sending every batch to dead letters.
     """
-    global _logged_cpu_fallback
+    global _logged_cpu_fallback, _logged_simulator
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     if device == "cpu":
@@ -110,6 +110,12 @@ def resolve_device(device: str) -> str:
             raise WorkerEnvironmentError(
                 f"device='cuda' was requested but numba sees no CUDA GPU ({_cuda_error()}); "
                 "use device='cpu' or device='auto'"
+            )
+        if cuda_simulated() and not _logged_simulator:
+            _logged_simulator = True  # a 32x32 scan took minutes, and nothing said why
+            _log.warning(
+                "device='cuda' runs in numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): each thread in Python, "
+                "about a thousand times slower than the CPU kernels; for tests, not for data"
             )
         return "cuda"
     if available and not cuda_simulated():

@@ -32,7 +32,9 @@ class SimulatedScanParams(OperatorParams):
     batch_size: int = Field(1000, ge=1, description="Frames per emitted batch.")
     n_scans: int = Field(1, ge=1, description="Number of scans, numbered from first_scan_number.")
     first_scan_number: int = Field(1, ge=0, description="Scan number of the first scan.")
-    seed: int = Field(0, ge=0, description="Random seed; the same seed gives the same events.")
+    seed: int = Field(
+        0, ge=0, description="Random seed; the same seed and batch_size give the same events (each batch has its own)."
+    )
     frame_rate_hz: float = Field(87_000.0, gt=0, description="Frame rate used for event timestamps (frames/s).")
 
     def simulation(self, scan_number: int) -> ScanSimulation:
