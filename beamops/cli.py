@@ -250,7 +250,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
 
 def cmd_maps(args: argparse.Namespace) -> int:
     """The newest COM map of each scan in folders (or .npz files) and/or an output topic, with its counters."""
-    from transforms.write_com_map import map_counters
+    from transforms.write_com_map import MAP_FILES, describe_map, map_counters
 
     if bool(args.bootstrap_servers) != bool(args.topic):
         print("beamops: maps: --bootstrap_servers and --topic go together", file=sys.stderr)
@@ -265,9 +265,9 @@ def cmd_maps(args: argparse.Namespace) -> int:
             print(f"beamops: maps: {given}: no such file or folder", file=sys.stderr)
             status = 2
             continue
-        files = sorted(given.glob("scan_*_com*.npz")) if given.is_dir() else [given]
+        files = sorted(given.glob(MAP_FILES)) if given.is_dir() else [given]
         if not files:
-            print(f"beamops: maps: no COM maps (scan_*_com*.npz) in {given}", file=sys.stderr)
+            print(f"beamops: maps: no COM maps ({MAP_FILES}) in {given}", file=sys.stderr)
             status = 2
         for path in files:
             try:
@@ -282,7 +282,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
             print(f"beamops: maps: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, ValueError) else 1
     for counters in sorted(found, key=lambda c: (c["scan"], c["where"])):
-        print(json.dumps(counters, sort_keys=True) if args.json else _describe_map(counters))
+        print(json.dumps(counters, sort_keys=True) if args.json else describe_map(counters))
     return status
 
 
@@ -302,14 +302,6 @@ def _maps_in_topic(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         newest[counters["scan"]] = {**counters, "where": f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"}
     return list(newest.values())
-
-
-def _describe_map(c: dict[str, Any]) -> str:
-    state = ("final" if c["complete"] else "final, INCOMPLETE") if c["final"] else "progressive"
-    return (
-        f"scan {c['scan']}: {state}, {c['frames_seen']} frames, {c['positions_seen']}/{c['positions']} positions"
-        f"  {c['where']}"
-    )
 
 
 def _pipeline_parser(sub: Any) -> None:

@@ -386,11 +386,15 @@ def _stopped(prog: str, started: float, signum: int, flink: _FlinkJob | None) ->
         return _interrupted(prog, started, signum)
 
 
+def stopped_by_words(signum: int) -> str:
+    """How a stop by ``signum`` is said: ``interrupted`` (Ctrl-C), ``stopped by SIGTERM``."""
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 def _interrupted(prog: str, started: float, signum: int) -> int:
     """The exit status of a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM), said in one line."""
     log.debug("interrupted", exc_info=True)
-    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    _tell(f"{prog}: {how} after {time.monotonic() - started:.1f} s")
+    _tell(f"{prog}: {stopped_by_words(signum)} after {time.monotonic() - started:.1f} s")
     return 128 + signum
 
 

@@ -37,7 +37,7 @@ from beamops.io.kafka import closest_topic, ensure_topic, newest_scan_number, to
 from beamops.io.kafka_config import KafkaClientConfig, KafkaUnavailableError
 from beamops.io.publish import PARTITIONERS, FramePublisher, PublishError, PublishStats, TopicNotFoundError
 from beamops.options import add_kafka_client_arguments
-from beamops.runner import describe_unknown, stop_signals
+from beamops.runner import describe_unknown, stop_signals, stopped_by_words
 from beamops.simulate import ScanSimulation
 
 PROG = "python -m jobs.simulate"
@@ -354,7 +354,7 @@ def _publish(
             progress.close(stopped_at)
         if isinstance(exc, KeyboardInterrupt):
             signum = stopped_by() or signal.SIGINT
-            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            how = stopped_by_words(signum)
             if stopped_at is None:
                 log.error("%s before publishing anything", how)
             else:

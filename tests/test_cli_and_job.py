@@ -333,50 +333,44 @@ def test_a_live_flink_job_that_fails_says_how_to_go_on(
     assert hint.startswith(f"job: to go on from where it stopped, submit it again with {resume}")
 
 
-def test_ctrl_c_while_a_dofn_runs_stops_the_job_with_one_line_and_exit_130(
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("stop", "status", "said", "default"),
+    [
+        (signal.SIGINT, 130, "job: interrupted after", signal.default_int_handler),
+        (signal.SIGTERM, 143, "job: stopped by SIGTERM after", signal.SIG_DFL),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_while_a_dofn_runs_stops_the_job_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    stop: int,
+    status: int,
+    said: str,
+    default: Any,
 ) -> None:
     """Beam's in-process runner hands a KeyboardInterrupt raised in a DoFn back as a RuntimeError, after
-    logging its traceback: before, that was "the pipeline failed", exit 1."""
+    logging its traceback: before, that was "the pipeline failed", exit 1. `kill`, `timeout` and service
+    managers send SIGTERM: before, it ended the process on the spot (a LOOPBACK Flink job, whose workers were
+    the process, was then restarted by Flink for ever)."""
     import apache_beam as beam
 
     from beamops.runner import run
 
-    def press_ctrl_c(element: int) -> int:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(10)  # interrupted long before
-        return element
-
-    def build(pipeline: beam.Pipeline, values: dict[str, object]) -> None:
-        _ = pipeline | beam.Create([1]) | beam.Map(press_ctrl_c)
-
-    with caplog.at_level(logging.ERROR):
-        assert run({}, [], build, "job") == 130
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("job: interrupted after")
-    assert not [r.getMessage() for r in caplog.records if r.name.startswith("apache_beam")]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_sigterm_stops_a_job_as_ctrl_c_does_with_exit_143(capsys: pytest.CaptureFixture[str]) -> None:
-    """`kill`, `timeout` and service managers send SIGTERM: before, it ended the process on the spot (a LOOPBACK
-    Flink job, whose workers were the process, was then restarted by Flink for ever)."""
-    import apache_beam as beam
-
-    from beamops.runner import run
-
-    def terminate(element: int) -> int:
-        os.kill(os.getpid(), signal.SIGTERM)
+    def send_the_signal(element: int) -> int:
+        os.kill(os.getpid(), stop)
         time.sleep(10)  # stopped long before
         return element
 
     def build(pipeline: beam.Pipeline, values: dict[str, object]) -> None:
-        _ = pipeline | beam.Create([1]) | beam.Map(terminate)
+        _ = pipeline | beam.Create([1]) | beam.Map(send_the_signal)
 
-    assert run({}, [], build, "job") == 143
+    with caplog.at_level(logging.ERROR):
+        assert run({}, [], build, "job") == status
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("job: stopped by SIGTERM after")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert line.startswith(said)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("apache_beam")]
+    assert signal.getsignal(stop) is default
 
 
 def test_ctrl_c_through_tee_still_cancels_a_loopback_flink_job(monkeypatch: pytest.MonkeyPatch) -> None:

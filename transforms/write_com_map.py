@@ -51,10 +51,14 @@ class WriteComMapParams(OperatorParams):
     )
 
 
+# The .npz files of the maps this operator writes, final (scan_<N>_com.npz) and progressive (..._latest).
+MAP_FILES = "scan_*_com*.npz"
+
+
 def map_provenances(folder: Path, newest: int = 16) -> list[Provenance]:
     """The provenance of the ``newest`` maps (by modification time, final or progressive) this operator
     wrote in ``folder``; files without one, or that cannot be read, are skipped."""
-    paths = sorted(folder.glob("scan_*_com*.npz"), key=_modified, reverse=True)[:newest]
+    paths = sorted(folder.glob(MAP_FILES), key=_modified, reverse=True)[:newest]
     found = []
     for path in paths:
         with contextlib.suppress(ValueError):  # read_provenance's error for a file without one, or unreadable
@@ -71,6 +75,13 @@ def map_counters(path: Path) -> dict[str, Any]:
             return {"scan": int(npz["scan_number"]), **counters, "positions": int(npz["x"].size)}
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a COM map written by write_com_map ({exc})") from None
+
+
+def describe_map(counters: dict[str, Any]) -> str:
+    """One line for a map's counters (:func:`map_counters`, :meth:`ComMap.counters`) and ``where`` it is."""
+    state = output_state(counters["final"], counters["complete"])
+    seen = f"{counters['positions_seen']}/{counters['positions']}"
+    return f"scan {counters['scan']}: {state}, {counters['frames_seen']} frames, {seen} positions  {counters['where']}"
 
 
 def _modified(path: Path) -> float:
